@@ -40,10 +40,12 @@ from utils.data import BUILTIN_PROMPT_SETS, load_prompts
 from utils.models import LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
+from utils.toyworld import parse_prompt, prompt_accuracy
 from utils.training import compute_dtype, parse_name_paths, run_main, save_args, save_image_grid
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
+TOYWORLD_ACC = "toyworld_acc"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -76,6 +78,9 @@ def parse_args(argv=None):
     g.add_argument("--diversity", default="lpips", choices=["lpips", "pixel", "none"],
                    help="lpips: mean pairwise LPIPS (AlexNet) of a prompt's images (the DRaFT+ measure); pixel: mean "
                         "pairwise RMS pixel difference (no weights needed); none: skip")
+    g.add_argument("--toyworld_accuracy", action="store_true",
+                   help="also judge each image against its toy-world prompt from its pixels (utils/toyworld.py: count, "
+                        "colour, shape, region, background; 1 if all that the prompt names is right): column toyworld_acc")
     g.add_argument("--lpips_weights", default=None, metavar="PATH",
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")
     g = parser.add_argument_group("sampling")
@@ -117,6 +122,12 @@ def check_args(args):
         output_kind(path)  # a missing or unrecognised folder fails here
     if args.prompts.endswith((".txt", ".jsonl")):
         load_prompts(args.prompts, args.prompt_column)  # a missing or empty file fails here
+    if args.toyworld_accuracy:
+        not_toy = [p for p in load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
+                   if parse_prompt(p)["shape"] is None]
+        if not_toy:
+            raise UsageError(f"--toyworld_accuracy judges toy-world prompts (a count, colour and shape, e.g. 'two red "
+                             f"circles'); {len(not_toy)} of --prompts {args.prompts} name no shape, e.g. {not_toy[0]!r}")
 
 
 def output_kind(path: str) -> str:
@@ -312,11 +323,13 @@ def main(args):
                 pils = [Image.fromarray(im) for im in images]
                 texts = [prompts[i] for i, _ in batch]
                 scores = {spec: scorer.score(pils, texts) for spec, scorer in scorers.items()}
+                if args.toyworld_accuracy:
+                    scores[TOYWORLD_ACC] = [prompt_accuracy(im, text)["all"] for im, text in zip(images, texts)]
                 for k, ((i, seed), pil) in enumerate(zip(batch, pils)):
                     rel = os.path.join("images", name, f"p{i:04d}_s{seed}.png")
                     pil.save(os.path.join(args.output_dir, rel))
                     records.append({"model": name, "prompt_index": i, "prompt": prompts[i], "seed": seed, "image": rel,
-                                    **{spec: scores[spec][k] for spec in scorers}})
+                                    **{column: values[k] for column, values in scores.items()}})
                     pending.setdefault(i, []).append(images[k])
                     if len(pending[i]) == len(seeds) and args.diversity != "none":
                         diversities.append({"model": name, "prompt_index": i,
@@ -333,7 +346,8 @@ def main(args):
         records.sort(key=lambda r: (order[r["model"]], r["prompt_index"], r["seed"]))
         with open(os.path.join(args.output_dir, "scores.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        rows = summarize(records, diversities, list(models), args.reward_models, args)
+        columns = args.reward_models + ([TOYWORLD_ACC] if args.toyworld_accuracy else [])
+        rows = summarize(records, diversities, list(models), columns, args)
         write_tables(rows, args)
         plot_reward_vs_diversity(rows, args)
         write_grids(records, list(models), args)

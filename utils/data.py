@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import UsageError
+from . import UsageError, toyworld
 from .training import step_generator
 
 # Simple animal prompts, as the DRaFT and DDPO papers train on; written for this project.
@@ -21,6 +21,7 @@ BUILTIN_PROMPT_SETS = {
     "animals": [f"a photo of a {a}" for a in ANIMALS],
     "animal_activities": [f"a {a} {act}" for a in ANIMALS for act in ANIMAL_ACTIVITIES],
     "colored_animals": [f"a {c} {a}" for c in COLORS for a in ANIMALS],
+    "toyworld": toyworld.prompt_set(),  # the toy world's 54 count x colour x shape prompts (utils/toyworld.py)
 }
 
 

@@ -13,6 +13,7 @@ import torch
 
 from . import UsageError
 from .tiny import TINY_NAMES, tiny_pipeline_path
+from .toyworld_models import TOY_NAMES
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -43,7 +44,10 @@ class PipelineParts:
 
 # --------------------------------------------------------------------------- loading
 def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-sd` / `tiny-sdxl` become the folder of the built tiny pipeline; anything else is kept."""
+    """`tiny-sd` / `tiny-sdxl` become the folder of the built tiny pipeline, `toy-sd` the committed toy-world
+    pipeline (utils/assets/toy-sd); anything else is kept."""
+    if name_or_path in TOY_NAMES:
+        return str(TOY_NAMES[name_or_path])
     return tiny_pipeline_path(name_or_path) if name_or_path in TINY_NAMES else name_or_path
 
 
@@ -60,7 +64,7 @@ def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.splitext(name_or_path)[1]
     if looks_local:
         raise UsageError(f"{flag} {name_or_path!r} does not exist; expected a diffusers pipeline folder, a hub id "
-                         f"such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join(TINY_NAMES)}")
+                         f"such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join([*TINY_NAMES, *TOY_NAMES])}")
     from huggingface_hub import hf_hub_download
 
     try:

@@ -24,6 +24,9 @@ Names (``list_rewards()``):
   HPS_v2.1_compressed.pt of hub repo xswu/HPSv2 on an open_clip ViT-H-14, loaded through open-clip-torch (not the
   ``hpsv2`` package). Score = ``image_features . text_features`` (both normalised), as HPSv2's ``img_score.py``;
   its processor resizes the longest side and pads with black (HPSv2 scores with ``light_augmentation=True``).
+- ``toyclip``: the toy world's scorer (``utils/toyworld_models.py``): a small CLIP trained contrastively on the toy
+  world's captioned images, committed in ``utils/assets/toyclip``; scored as PickScore (``logit_scale.exp() * cos``).
+  It rates how well a 64 px image fits a toy-world prompt ("two red circles on the left").
 - weight-free, no download, any image size, differentiable: ``brightness`` (mean Rec.601 luma, in [0,1]),
   ``saturation`` (mean chroma max(R,G,B) - min(R,G,B), in [0,1]) and ``color_match`` (prompt-aware: 1 minus
   the mean distance of the pixels to the RGB prototype of the first colour word in the prompt, in [0,1];
@@ -564,6 +567,13 @@ def _build_clip(name, path):
     return ClipScore(name, *_load_clip(name, path or "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"))
 
 
+def _build_toyclip(name, path):
+    from utils.toyworld_models import TOYCLIP_PATH
+
+    path = path or str(TOYCLIP_PATH)
+    return PickScore(name, *_load_clip(name, path, path))
+
+
 def _build_aesthetic(name, path):
     clip_id = "openai/clip-vit-large-patch14"
     if path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
@@ -581,6 +591,7 @@ _REGISTRY: Dict[str, _Entry] = {
     "aesthetic": _Entry(_build_aesthetic, True),
     "hpsv2": _Entry(lambda name, path: load_hps(name, path), True),
     "hpsv2.1": _Entry(lambda name, path: load_hps(name, path), True),
+    "toyclip": _Entry(_build_toyclip, True),
     "brightness": _Entry(lambda name, path: Brightness(name), False),
     "saturation": _Entry(lambda name, path: Saturation(name), False),
     "color_match": _Entry(lambda name, path: ColorMatch(name), False),

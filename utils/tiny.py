@@ -137,15 +137,17 @@ def procedural_images(n: int, generator: torch.Generator, size: int = TINY_RESOL
     return images
 
 
-def train_tiny_vae(steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, device: str = "cpu", seed: int = 0):
-    """Train the tiny VAE as an autoencoder (MSE + a small KL, as SD's VAE) on procedural images."""
+def train_tiny_vae(steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, device: str = "cpu", seed: int = 0,
+                   sample_images=procedural_images):
+    """Train the tiny VAE as an autoencoder (MSE + a small KL, as SD's VAE) on `sample_images(n, generator)`,
+    (n, 3, 64, 64) in [0, 1]: procedural shapes by default (the toy world passes its own images)."""
     torch.manual_seed(seed)
     vae = _vae(pretrained=False).to(device).train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
-        x = procedural_images(batch_size, generator).to(device) * 2 - 1
+        x = sample_images(batch_size, generator).to(device) * 2 - 1
         posterior = vae.encode(x).latent_dist
         loss = (vae.decode(posterior.sample()).sample - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -156,7 +158,7 @@ def train_tiny_vae(steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, de
             print(f"step {step} loss {loss.item():.5f}", flush=True)
     vae.eval()
     with torch.no_grad():
-        x = procedural_images(256, torch.Generator().manual_seed(seed + 1)).to(device) * 2 - 1
+        x = sample_images(256, torch.Generator().manual_seed(seed + 1)).to(device) * 2 - 1
         latents = vae.encode(x).latent_dist.mode()
         mse = (vae.decode(latents).sample - x).pow(2).mean().item()
     return vae.cpu(), 1.0 / latents.std().item(), mse

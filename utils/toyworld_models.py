@@ -1,0 +1,307 @@
+"""The toy world's models: a small SD1.5-layout pipeline (`toy-sd`) and a small CLIP scorer (`toyclip`).
+
+Both are trained here, offline, on the captioned images of `utils/toyworld.py`, and committed under
+`utils/assets/` (a few MB each). How they were made (`launchers/toyworld_pretrain.sh` runs all of it):
+
+1. data:     python -m utils.toyworld --output_dir DATA --num_images 50000 --seed 0
+2. VAE:      python -m utils.toyworld_models train-vae --data DATA --out VAE_DIR           (autoencoder, MSE + KL)
+3. CLIPs:    python -m utils.toyworld_models train-clip --data DATA --seed 0 --out TEXT_CLIP  (its text tower
+             becomes the pipeline's text encoder, as SD1.5 uses CLIP ViT-L's)
+             python -m utils.toyworld_models train-clip --data DATA --seed 1 --out utils/assets/toyclip
+             (an independent CLIP: the scorer, so the reward is not the generator's own text encoder)
+4. pipeline: python -m utils.toyworld_models init-pipeline --vae VAE_DIR --text_clip TEXT_CLIP --out INIT
+             (random UNet), then the UNet is trained by the project's own SFT:
+             train_dpo.py --sft --pretrained_model_name_or_path INIT --dataset_name DATA --image_column image
+             --caption_column text --no_hflip ... --output_dir SFT
+             python -m utils.toyworld_models finish-pipeline --init INIT --unet SFT --out utils/assets/toy-sd
+
+The tokenizer is CLIP's own byte-level BPE restricted to the merges that the toy world's words use (plus
+every single byte), so any English text still tokenizes (unknown words fall apart into characters) while the
+embedding table has ~800 rows instead of 49408: that is what keeps the text models at a few MB.
+"""
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import toyworld
+
+ASSETS = Path(__file__).parent / "assets"
+TOY_SD_PATH = ASSETS / "toy-sd"
+TOYCLIP_PATH = ASSETS / "toyclip"
+TOY_NAMES = {"toy-sd": TOY_SD_PATH}
+TEXT_WIDTH = 128  # text encoder width = the UNet's cross_attention_dim
+IMAGE_SIZE = toyworld.RESOLUTION
+
+
+# --------------------------------------------------------------------------- tokenizer
+def toy_words():
+    """Every word the toy world's captions and prompt sets use."""
+    words = {"a", "an", "one", "on", "the", "background", "of", "photo", "image", "drawing", "picture", "and"}
+    words.update(toyworld.COUNT_WORDS.values())
+    words.update(toyworld.COLORS, toyworld.BACKGROUNDS)
+    words.update(toyworld.SHAPES, (s + "s" for s in toyworld.SHAPES))
+    for phrase in toyworld.REGION_WORDS.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def _bpe_merges_used(word: str, ranks: dict) -> list:
+    """The merges CLIP's BPE applies to `word` (lower-case, no spaces), in the order it applies them."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    used = []
+    while len(parts) > 1:
+        pairs = {(parts[i], parts[i + 1]) for i in range(len(parts) - 1)}
+        best = min(pairs, key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        used.append(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+def save_toy_tokenizer(folder):
+    """A CLIPTokenizer (max length 77) over the byte alphabet plus the merges of `toy_words()`, saved in `folder`.
+
+    BPE with a subset of the merge list gives the same tokens as the full list on any word whose merges are all
+    in the subset (it always applies the lowest-ranked merge present, and ranks keep their order), so the toy
+    words tokenize exactly as CLIP tokenizes them.
+    """
+    from transformers import CLIPTokenizer
+
+    from .tiny import _bytes_to_unicode, _clip_vocab_and_merges
+
+    _, merges = _clip_vocab_and_merges()
+    ranks = {m: i for i, m in enumerate(merges)}
+    used = {m for w in toy_words() for m in _bpe_merges_used(w, ranks)}
+    kept = [m for m in merges if m in used]  # original order = original ranks
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in kept] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in kept) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- CLIP (text encoder and scorer)
+def clip_config(tokenizer):
+    from transformers import CLIPConfig
+
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77)
+    text = dict(hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=3, num_attention_heads=4, **special)
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
+
+
+def load_dataset_tensors(data_dir: str):
+    """(images uint8 (N, 3, 64, 64), captions list[str]) of a toy-world datasets folder."""
+    import datasets
+
+    ds = datasets.load_from_disk(data_dir).with_format("numpy", columns=["image"], output_all_columns=True)
+    images = torch.from_numpy(np.stack(ds["image"])).permute(0, 3, 1, 2).contiguous()
+    return images, list(ds["text"])
+
+
+def clip_processor(tokenizer):
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    # 64 px in, 64 px to the vision tower: generated images go through with no resize at all
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def train_clip(images, captions, tokenizer, steps=4000, batch_size=512, lr=5e-4, device="cpu", seed=0, log_every=500):
+    """Contrastive (InfoNCE, both directions) training of a small CLIP on image-caption pairs.
+
+    Images get a little Gaussian pixel noise (sigma up to 0.04 in [0, 1]) so that the scorer also reads the
+    slightly soft images a diffusion model makes, not only clean renders."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(clip_config(tokenizer)).to(device).train()
+    processor = clip_processor(tokenizer)
+    mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
+    tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    images, tokens = images.to(device), tokens.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=generator).to(device)
+        x = images[idx].float() / 255
+        x = (x + torch.rand(batch_size, 1, 1, 1, device=device) * 0.04 * torch.randn_like(x)).clamp(0, 1)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+            out = model(input_ids=tokens[idx], pixel_values=(x - mean) / std)
+        logits = out.logits_per_image.float()  # (B, B): logit_scale * cos
+        # several rows can share a caption: every matching caption counts as a positive
+        same = (tokens[idx][:, None, :] == tokens[idx][None, :, :]).all(-1).float()
+        loss = 0.5 * (soft_ce(logits, same) + soft_ce(logits.t(), same))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % log_every == 0 or step == steps - 1:
+            acc = (logits.argmax(1) == torch.arange(batch_size, device=device)).float().mean().item()
+            print(f"clip step {step} loss {loss.item():.4f} top1 {acc:.3f} scale {model.logit_scale.exp().item():.1f}", flush=True)
+    return model.eval().cpu(), processor
+
+
+def soft_ce(logits, targets):
+    """Cross-entropy against the rows of `targets` normalised to sum 1."""
+    return -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, processor, images, captions, n=1000, device="cpu"):
+    """Held-out check: for each of n images, is its own caption (or an identical one) the best of the n?"""
+    model = model.to(device)
+    x = images[:n].float().div(255).to(device)
+    mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
+    tok = processor.tokenizer(captions[:n], padding="max_length", max_length=77, return_tensors="pt")["input_ids"].to(device)
+    logits = model(input_ids=tok, pixel_values=(x - mean) / std).logits_per_image
+    best = logits.argmax(1)
+    return sum(captions[int(b)] == captions[i] for i, b in enumerate(best)) / len(best)
+
+
+# --------------------------------------------------------------------------- the pipeline
+def toy_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,  # 4.2 M parameters
+        block_out_channels=(32, 64, 128), norm_num_groups=16, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def build_toy_pipeline(vae_dir: str, text_clip_dir: str, unet=None, seed: int = 0):
+    """StableDiffusionPipeline: the trained VAE, the text tower of a trained CLIP, a UNet (random if None)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTextModel
+
+    from .tiny import _scheduler
+
+    torch.manual_seed(seed)
+    clip = CLIPModel.from_pretrained(text_clip_dir)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5: CLIPModel.text_model is a CLIPTextModel; 4.x: both hold a CLIPTextTransformer as text_model
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = save_toy_tokenizer(tmp)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet if unet is not None else toy_unet(), scheduler=_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def finish_pipeline(init_dir: str, sft_dir: str, out_dir: str):
+    """Copy the initial pipeline to `out_dir` with the SFT-trained UNet (sft_dir/unet) in place of the random one.
+
+    The UNet is stored in float16 (half the size to commit); diffusers' from_pretrained loads it back as float32.
+    The text encoder stays float32: transformers 5 would load float16 weights as float16."""
+    from diffusers import UNet2DConditionModel
+
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-sd-", dir=Path(out_dir).parent))
+    shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
+    shutil.rmtree(tmp / "unet")
+    UNet2DConditionModel.from_pretrained(sft_dir, subfolder="unet").half().save_pretrained(tmp / "unet")
+    if Path(out_dir).exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="train the toy world's VAE and CLIPs, and assemble its pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = sub.add_parser("train-vae", help="the VAE (utils.tiny's architecture) on the toy world's images")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="folder for AutoencoderKL.save_pretrained")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-clip", help="a small CLIP, contrastively, on the toy world's image-caption pairs")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="folder for CLIPModel + CLIPProcessor save_pretrained")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held_out", type=int, default=2000, help="last N rows kept out of training, for the retrieval check")
+    p = sub.add_parser("init-pipeline", help="a pipeline folder with the trained VAE and text encoder, random UNet")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--text_clip", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("finish-pipeline", help="the initial pipeline with the SFT-trained UNet")
+    p.add_argument("--init", required=True)
+    p.add_argument("--unet", required=True, help="output_dir of train_dpo.py --sft (holds unet/)")
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "train-vae":
+        from .tiny import train_tiny_vae
+
+        images, _ = load_dataset_tensors(args.data)
+        images = images.to(device)
+
+        def sample_images(n, generator):
+            return images[torch.randint(len(images), (n,), generator=generator).to(device)].float() / 255
+
+        vae, scaling_factor, mse = train_tiny_vae(args.steps, args.batch_size, device=device, seed=args.seed,
+                                                  sample_images=sample_images)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        vae.save_pretrained(args.out)
+        print(f"saved {args.out}: scaling_factor {scaling_factor:.4f}, reconstruction MSE {mse:.5f} (in [-1,1])")
+    elif args.command == "train-clip":
+        images, captions = load_dataset_tensors(args.data)
+        n = len(images) - min(args.held_out, len(images) // 10)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = save_toy_tokenizer(tmp)
+        model, processor = train_clip(images[:n], captions[:n], tokenizer, args.steps, args.batch_size, args.lr,
+                                      device=device, seed=args.seed)
+        acc = retrieval_accuracy(model, processor, images[n:], captions[n:], device=device)
+        model.save_pretrained(args.out)
+        processor.save_pretrained(args.out)
+        print(f"saved {args.out}: held-out retrieval top-1 {acc:.3f} among {min(1000, len(images) - n)} captions")
+    elif args.command == "init-pipeline":
+        build_toy_pipeline(args.vae, args.text_clip, seed=args.seed).save_pretrained(args.out)
+        print(f"saved {args.out}")
+    else:
+        finish_pipeline(args.init, args.unet, args.out)
+        print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
