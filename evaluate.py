@@ -158,7 +158,8 @@ class ModelSwitcher:
         if path is None:
             return self.parts.unet
         if output_kind(path) == "lora":
-            self.pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+            # peft refuses '.' in adapter names, which our model names allow (draftp-0.1)
+            self.pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name.replace(".", "_"))
             self.pipe.unet.to(self.device, self.dtype)
             return self.pipe.unet
         from diffusers import UNet2DConditionModel
