@@ -138,11 +138,12 @@ def procedural_images(n: int, generator: torch.Generator, size: int = TINY_RESOL
 
 
 def train_tiny_vae(steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, device: str = "cpu", seed: int = 0,
-                   sample_images=procedural_images):
+                   sample_images=procedural_images, from_pretrained: bool = False):
     """Train the tiny VAE as an autoencoder (MSE + a small KL, as SD's VAE) on `sample_images(n, generator)`,
-    (n, 3, 64, 64) in [0, 1]: procedural shapes by default (the toy world passes its own images)."""
+    (n, 3, 64, 64) in [0, 1]: procedural shapes by default (the toy world passes its own images).
+    `from_pretrained`: start from the committed tiny VAE's weights (fine-tuning) instead of a random init."""
     torch.manual_seed(seed)
-    vae = _vae(pretrained=False).to(device).train()
+    vae = _vae(pretrained=from_pretrained).to(device).train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)

@@ -250,6 +250,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for AutoencoderKL.save_pretrained")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--from_tiny_vae", action="store_true",
+                   help="fine-tune the committed tiny VAE (utils/assets/tiny_vae.safetensors) instead of a random init")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train-clip", help="a small CLIP, contrastively, on the toy world's image-caption pairs")
     p.add_argument("--data", required=True)
@@ -279,8 +282,8 @@ def main(argv=None):
         def sample_images(n, generator):
             return images[torch.randint(len(images), (n,), generator=generator).to(device)].float() / 255
 
-        vae, scaling_factor, mse = train_tiny_vae(args.steps, args.batch_size, device=device, seed=args.seed,
-                                                  sample_images=sample_images)
+        vae, scaling_factor, mse = train_tiny_vae(args.steps, args.batch_size, args.lr, device=device, seed=args.seed,
+                                                  sample_images=sample_images, from_pretrained=args.from_tiny_vae)
         vae.register_to_config(scaling_factor=scaling_factor)
         vae.save_pretrained(args.out)
         print(f"saved {args.out}: scaling_factor {scaling_factor:.4f}, reconstruction MSE {mse:.5f} (in [-1,1])")
