@@ -1,14 +1,14 @@
 """The toy world's models: a small SD1.5-layout pipeline (`toy-sd`) and a small CLIP scorer (`toyclip`).
 
 Both are trained here, offline, on the captioned images of `utils/toyworld.py`, and committed under
-`utils/assets/` (a few MB each). How they were made (`launchers/toyworld_pretrain.sh` runs all of it):
+`utils/assets/` (a few MB each). `experiments/toyworld_pretrain.sh` runs the whole chain:
 
-1. data:     python -m utils.toyworld --output_dir DATA --num_images 50000 --seed 0
-2. VAE:      python -m utils.toyworld_models train-vae --data DATA --out VAE_DIR           (autoencoder, MSE + KL)
-3. CLIPs:    python -m utils.toyworld_models train-clip --data DATA --seed 0 --out TEXT_CLIP  (its text tower
-             becomes the pipeline's text encoder, as SD1.5 uses CLIP ViT-L's)
+1. data:     python -m utils.toyworld --output_dir DATA --num_images N --seed 0
+2. CLIPs:    python -m utils.toyworld_models train-clip --data DATA --seed 0 --out TEXT_CLIP
+             (its text tower becomes the pipeline's text encoder, as SD1.5 uses CLIP ViT-L's)
              python -m utils.toyworld_models train-clip --data DATA --seed 1 --out utils/assets/toyclip
              (an independent CLIP: the scorer, so the reward is not the generator's own text encoder)
+3. VAE:      python -m utils.toyworld_models train-vae --data DATA --from_tiny_vae --out VAE_DIR
 4. pipeline: python -m utils.toyworld_models init-pipeline --vae VAE_DIR --text_clip TEXT_CLIP --out INIT
              (random UNet), then the UNet is trained by the project's own SFT:
              train_dpo.py --sft --pretrained_model_name_or_path INIT --dataset_name DATA --image_column image
