@@ -1,0 +1,95 @@
+"""experiments/toyworld_trends.py end to end on tiny-sd with a weight-free reward (the toy-world prompts, so the
+prompt-accuracy judge runs too): every file of the summary, each run's own output, and a re-run that keeps them."""
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SCRIPT = "experiments/toyworld_trends.py"
+METHODS = ["draft", "dpo"]  # SFT runs the same script as DPO; two runs keep the test near a minute
+FLAGS = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--prompts", "toyworld",
+         "--max_prompts", 3, "--methods", *METHODS, "--seeds", 0, "--max_train_steps", 2, "--train_batch_size", 1,
+         "--num_inference_steps", 3, "--num_pairs", 3, "--num_heldout_pairs", 4, "--implicit_acc_draws", 2,
+         "--eval_seeds", 2, "--batch_size", 8, "--jobs", 2]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tiny_sd_path):
+    from tests.conftest import run_script
+
+    out = tmp_path_factory.mktemp("trends") / "out"
+    run_script([SCRIPT, *FLAGS, "--output_dir", out])
+    return out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_file_is_written(experiment):
+    for name in ["trends.md", "trends.csv", "trends.json", "reward_vs_diversity.png", "prompts.txt", "args.json",
+                 "seed0/eval/results.csv", "seed0/eval/scores.jsonl", "seed0/pairs/state.json", "seed0/heldout/state.json"]:
+        assert (experiment / name).is_file(), name
+    for method in METHODS:  # each run through its own script, into its own folder, with its wall time
+        run = experiment / "seed0" / method
+        assert (run / "metrics.jsonl").read_text().count("\n") == 2, method
+        assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "train.log").is_file(), method
+        assert json.loads((run / "wall_time.json").read_text())["wall_seconds"] > 0, method
+    dpo_args = json.loads((experiment / "seed0" / "dpo" / "args.json").read_text())
+    assert dpo_args["choice_model"] == "color_match" and dpo_args["use_lora"] and not dpo_args["sft"]  # AI feedback
+
+
+def test_one_row_per_method_in_every_table(experiment):
+    rows = read_csv(experiment / "trends.csv")
+    assert [r["method"] for r in rows] == ["base", *METHODS]
+    for r in rows:
+        assert 0 <= float(r["reward_mean"]) <= 1 and float(r["diversity_mean"]) > 0, r
+        assert 0 <= float(r["prompt_acc_all_mean"]) <= 1 and "prompt_acc_color_mean" in r, r  # toy-world prompts
+    markdown = (experiment / "trends.md").read_text()
+    table = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[1:] == ["base", *METHODS]
+    summary = json.loads((experiment / "trends.json").read_text())
+    assert [r["method"] for r in summary["summary"]] == ["base", *METHODS]
+    assert set(summary["per_seed"]["0"]) == {"base", *METHODS}
+    assert len(summary["trend_check"]) == 4 and "## Trend check" in markdown
+
+
+def test_implicit_accuracy_is_measured_for_dpo(experiment):
+    rows = {r["method"]: r for r in read_csv(experiment / "trends.csv")}
+    assert float(rows["base"]["implicit_acc_mean"]) == 0.5
+    assert 0 <= float(rows["dpo"]["implicit_acc_mean"]) <= 1
+    assert rows["draft"]["implicit_acc_mean"] == ""
+    per_seed = json.loads((experiment / "trends.json").read_text())["per_seed"]["0"]
+    assert per_seed["dpo"]["heldout_pairs"] >= 1
+
+
+def test_a_rerun_keeps_finished_runs_and_evaluations(experiment, run_script):
+    kept = [experiment / "seed0" / m / "pytorch_lora_weights.safetensors" for m in METHODS]
+    kept += [experiment / "seed0" / "eval" / "results.csv", experiment / "seed0" / "pairs" / "state.json"]
+    before = [os.path.getmtime(p) for p in kept]
+    old_csv = (experiment / "trends.csv").read_text()
+    run_script([SCRIPT, *FLAGS, "--output_dir", experiment])
+    assert [os.path.getmtime(p) for p in kept] == before
+    assert (experiment / "trends.csv").read_text() == old_csv
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kl_coeffs", "0"], "--kl_coeffs must be distinct and > 0"),
+    (["--eval_seeds", "1"], "--eval_seeds must be >= 2"),
+    (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--methods", "dpo", "--num_pairs", "2", "--train_batch_size", "4"], "--num_pairs"),
+    (["--reward_model", "no_such_reward"], "unknown reward"),
+])
+def test_bad_flags_are_usage_errors(flags, message):
+    from utils import UsageError
+
+    spec = importlib.util.spec_from_file_location("toyworld_trends", REPO_ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(UsageError, match=message):
+        module.parse_args(flags)
