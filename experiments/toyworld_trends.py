@@ -52,7 +52,7 @@ METHODS = {
 }
 SCRIPT_FLAGS = {
     "train_draftp.py": ["--reward_model", "{reward_model}", "--prompts", "{prompts}",
-                        "--learning_rate", "{draft_learning_rate}"],
+                        "--learning_rate", "{draft_learning_rate}", "--truncation_steps", "{truncation_steps}"],
     "train_dpo.py": ["--learning_rate", "{dpo_learning_rate}", "--beta_dpo", "{beta_dpo}"],
 }
 # One budget for all. Constant lr, no warmup: train_dpo.py's default (500 warmup steps, made for the paper's
@@ -104,6 +104,9 @@ def parse_args(argv=None):
     g.add_argument("--lora_rank", type=int, default=8)
     g.add_argument("--draft_learning_rate", type=float, default=3e-4, help="DRaFT, DRaFT+, DRaFT-LV")
     g.add_argument("--dpo_learning_rate", type=float, default=1e-4, help="DPO and SFT")
+    g.add_argument("--truncation_steps", type=int, default=1,
+                   help="K of the DRaFT family: with few DDIM steps, K = 1 back-propagates only through the last, "
+                        "nearly noise-free step, which can change little of an image in a short run")
     g.add_argument("--beta_dpo", type=float, default=5000.0, help="DPO temperature (the paper's)")
     g.add_argument("--num_pairs", type=int, default=1024, help="pairs sampled from the base model for DPO / SFT, per seed")
     g.add_argument("--num_heldout_pairs", type=int, default=256, help="held-out pairs (other image seeds), per seed")
