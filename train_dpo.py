@@ -51,8 +51,8 @@ from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_pr
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
-                            build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, ignore_stop_signals,
-                            log_step, log_validation, make_accelerator, parse_name_paths, reduce_step_metrics,
+                            build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
+                            log_validation, make_accelerator, parse_name_paths, reduce_step_metrics,
                             register_checkpoint_hooks, resume_from_checkpoint, run_main, save_outputs,
                             scaled_learning_rate, step_generator)
 
@@ -316,7 +316,7 @@ def main(args):
     sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
-                                              num_workers=args.dataloader_num_workers, worker_init_fn=ignore_stop_signals))
+                                              num_workers=args.dataloader_num_workers))
 
     def reference_unet(*a, **kw):
         """The frozen reference: LoRA adapters off, or the frozen copy of the full UNet."""

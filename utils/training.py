@@ -399,14 +399,6 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def ignore_stop_signals(worker_id: int = 0):
-    """DataLoader `worker_init_fn`: workers leave SIGTERM / Ctrl-C to the main process. A scheduler (SLURM,
-    `timeout`, Kubernetes) signals the whole process group; a worker killed by it would crash the main process
-    in the middle of a step instead of letting it save a checkpoint and shut the workers down."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class NonFiniteGuard:
     """Skip updates whose loss is not finite on any process; stop after `patience` in a row."""
 
