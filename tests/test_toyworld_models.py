@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from utils import toyworld
+from utils.rewards import ImagePrep, prepare_pixels
 from utils.toyworld_models import (TOY_SD_PATH, TOYCLIP_PATH, build_toy_pipeline, clip_config, finish_pipeline,
                                    save_toy_tokenizer, toy_words, train_clip)
 
@@ -36,14 +37,10 @@ def test_clip_training_learns_to_rank_captions(toy_tokenizer):
     torch.manual_seed(0)
     model, processor = train_clip(images, captions, toy_tokenizer, steps=120, batch_size=32, lr=1e-3, seed=0, log_every=1000)
 
-    def logits_per_image():
-        with torch.no_grad():
-            x = (images.float() / 255 - torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)) \
-                / torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
-            tokens = toy_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
-            return model(input_ids=tokens, pixel_values=x).logits_per_image.float()
-
-    logits = logits_per_image()
+    with torch.no_grad():
+        x = prepare_pixels(images.float() / 255, ImagePrep.from_clip_processor(processor.image_processor))
+        tokens = toy_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        logits = model(input_ids=tokens, pixel_values=x).logits_per_image.float()
     same = torch.tensor([[a == b for b in captions] for a in captions]).float()
     match = (logits * same).sum(1) / same.sum(1)
     other = (logits * (1 - same)).sum(1) / (1 - same).sum(1).clamp(min=1)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import toyworld
+from .rewards import ImagePrep, prepare_pixels
 
 ASSETS = Path(__file__).parent / "assets"
 TOY_SD_PATH = ASSETS / "toy-sd"
@@ -141,8 +142,7 @@ def train_clip(images, captions, tokenizer, steps=4000, batch_size=512, lr=5e-4,
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(tokenizer)).to(device).train()
     processor = clip_processor(tokenizer)
-    mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
+    prep = ImagePrep.from_clip_processor(processor.image_processor)  # what the toyclip scorer does to a tensor
     tokens = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     images, tokens = images.to(device), tokens.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
@@ -155,7 +155,7 @@ def train_clip(images, captions, tokenizer, steps=4000, batch_size=512, lr=5e-4,
         x = images[idx].float() / 255
         x = (x + torch.rand(batch_size, 1, 1, 1, device=device) * 0.04 * torch.randn_like(x)).clamp(0, 1)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            out = model(input_ids=tokens[idx], pixel_values=(x - mean) / std)
+            out = model(input_ids=tokens[idx], pixel_values=prepare_pixels(x, prep))
         logits = out.logits_per_image.float()  # (B, B): logit_scale * cos
         # several rows can share a caption: every matching caption counts as a positive
         same = (tokens[idx][:, None, :] == tokens[idx][None, :, :]).all(-1).float()
@@ -181,11 +181,9 @@ def soft_ce(logits, targets):
 def retrieval_accuracy(model, processor, images, captions, n=1000, device="cpu"):
     """Held-out check: for each of n images, is its own caption (or an identical one) the best of the n?"""
     model = model.to(device)
-    x = images[:n].float().div(255).to(device)
-    mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
+    pixels = prepare_pixels(images[:n].float().div(255).to(device), ImagePrep.from_clip_processor(processor.image_processor))
     tok = processor.tokenizer(captions[:n], padding="max_length", max_length=77, return_tensors="pt")["input_ids"].to(device)
-    logits = model(input_ids=tok, pixel_values=(x - mean) / std).logits_per_image
+    logits = model(input_ids=tok, pixel_values=pixels).logits_per_image
     best = logits.argmax(1)
     return sum(captions[int(b)] == captions[i] for i, b in enumerate(best)) / len(best)
 
@@ -245,22 +243,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="train the toy world's VAE and CLIPs, and assemble its pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = sub.add_parser("train-vae", help="the VAE (utils.tiny's architecture) on the toy world's images")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="folder for AutoencoderKL.save_pretrained")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+
+    def trainer(name, help, out_help, steps, batch_size, lr):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--data", required=True, help="a toy-world datasets folder (python -m utils.toyworld)")
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch_size", type=int, default=batch_size)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        return p
+
+    p = trainer("train-vae", "the VAE (utils.tiny's architecture) on the toy world's images",
+                "folder for AutoencoderKL.save_pretrained", 6000, 128, 1e-3)
     p.add_argument("--from_tiny_vae", action="store_true",
                    help="fine-tune the committed tiny VAE (utils/assets/tiny_vae.safetensors) instead of a random init")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("train-clip", help="a small CLIP, contrastively, on the toy world's image-caption pairs")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="folder for CLIPModel + CLIPProcessor save_pretrained")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p = trainer("train-clip", "a small CLIP, contrastively, on the toy world's image-caption pairs",
+                "folder for CLIPModel + CLIPProcessor save_pretrained", 4000, 512, 5e-4)
     p.add_argument("--held_out", type=int, default=2000, help="last N rows kept out of training, for the retrieval check")
     p = sub.add_parser("init-pipeline", help="a pipeline folder with the trained VAE and text encoder, random UNet")
     p.add_argument("--vae", required=True)
