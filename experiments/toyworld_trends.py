@@ -76,11 +76,6 @@ def run_names(args):
             for n in ([f"draftp-{kl:g}" for kl in sorted(args.kl_coeffs)] if family == "draftp" else [family])]
 
 
-def eval_name(name):
-    """evaluate.py loads a LoRA under its model name, and a peft adapter name may not hold a '.'."""
-    return name.replace(".", "_")
-
-
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,9 +155,9 @@ def evaluation_task(args, seed):
     out = os.path.join(args.output_dir, f"seed{seed}", "eval")
     if os.path.isfile(os.path.join(out, "results.csv")):
         with open(os.path.join(out, "results.csv")) as f:
-            if [r["model"] for r in csv.DictReader(f)] == ["base", *map(eval_name, run_names(args))]:
+            if [r["model"] for r in csv.DictReader(f)] == ["base", *run_names(args)]:
                 return None
-    models = [f"{eval_name(n)}={os.path.join(args.output_dir, f'seed{seed}', n)}" for n in run_names(args)]
+    models = [f"{n}={os.path.join(args.output_dir, f'seed{seed}', n)}" for n in run_names(args)]
     cmd = command(args, "evaluate.py", EVAL_FLAGS, output_dir=out) + ["--models", *models]
     return f"seed {seed} evaluation", cmd, f"{out}/eval.log"
 
@@ -280,17 +275,17 @@ def seed_results(args, base, seed):
     from PIL import Image
 
     seed_dir = os.path.join(args.output_dir, f"seed{seed}")
-    eval_dir, names = os.path.join(seed_dir, "eval"), {eval_name(n): n for n in ["base", *run_names(args)]}
+    eval_dir = os.path.join(seed_dir, "eval")
     with open(os.path.join(eval_dir, "results.csv")) as f:
-        results = {names[r["model"]]: {"reward": float(r[f"{args.reward_model}_mean"]),
-                                       "diversity": float(r[f"diversity_{args.diversity}"])} for r in csv.DictReader(f)}
+        results = {r["model"]: {"reward": float(r[f"{args.reward_model}_mean"]),
+                                "diversity": float(r[f"diversity_{args.diversity}"])} for r in csv.DictReader(f)}
     if all(parse_prompt(p)["shape"] is not None for p in args.prompt_list):  # toy-world prompts: the judge applies
         accuracy = {}
         with open(os.path.join(eval_dir, "scores.jsonl")) as f:
             for r in map(json.loads, f):
                 image = np.asarray(Image.open(os.path.join(eval_dir, r["image"])).convert("RGB"))
                 for key, value in prompt_accuracy(image, r["prompt"]).items():
-                    accuracy.setdefault(names[r["model"]], {}).setdefault(key, []).append(value)
+                    accuracy.setdefault(r["model"], {}).setdefault(key, []).append(value)
         for name, by_key in accuracy.items():
             results[name]["prompt_accuracy"] = {k: float(np.mean(v)) for k, v in by_key.items()}
     results["base"]["implicit_acc"] = 0.5  # the reference against itself: every pair a tie
