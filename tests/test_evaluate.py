@@ -26,6 +26,9 @@ def train(out, prompts_file, extra):
     return out
 
 
+LORA = "lora.r16"  # a '.' in a model name: peft refuses it in adapter names, evaluate.py must not pass it on
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_sd_path):
     """Two trained outputs (LoRA, full UNet), the prompt files and a small LPIPS trunk file, built once."""
@@ -45,7 +48,7 @@ def eval_flags(work, out, models=True, extra=()):
     root, lora, full = work
     return ["evaluate.py", "--pretrained_model_name_or_path", "tiny-sd", "--prompts", root / "eval.txt",
             "--num_seeds", SEEDS, "--num_inference_steps", STEPS, "--output_dir", out,
-            *(["--models", f"lora={lora}", f"full={full}"] if models else []), *extra]
+            *(["--models", f"{LORA}={lora}", f"full={full}"] if models else []), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -66,27 +69,27 @@ def read_rows(out):
 
 def test_every_file_is_written(evaluation):
     for name in ["results.csv", "results.md", "reward_vs_diversity.png", "scores.jsonl", "args.json",
-                 "grids/base.png", "grids/lora.png", "grids/full.png"]:
+                 "grids/base.png", f"grids/{LORA}.png", "grids/full.png"]:
         assert (evaluation / name).is_file(), name
     # a grid: rows = prompts, columns = seeds (64 px tiles, torchvision's 2 px padding)
     assert Image.open(evaluation / "grids" / "base.png").size == (2 + SEEDS * 66, 2 + len(EVAL_PROMPTS) * 66)
     records = [json.loads(line) for line in open(evaluation / "scores.jsonl")]
     assert len(records) == 3 * len(EVAL_PROMPTS) * SEEDS
     assert {(r["model"], r["prompt"], r["seed"]) for r in records} == {
-        (m, p, s) for m in ["base", "lora", "full"] for p in EVAL_PROMPTS for s in range(SEEDS)}
+        (m, p, s) for m in ["base", LORA, "full"] for p in EVAL_PROMPTS for s in range(SEEDS)}
     assert all({"color_match", "brightness", "image"} <= set(r) for r in records)
     assert all((evaluation / r["image"]).is_file() for r in records)
 
 
 def test_one_table_row_per_model(evaluation):
     rows = read_rows(evaluation)
-    assert [r["model"] for r in rows] == ["base", "lora", "full"]
+    assert [r["model"] for r in rows] == ["base", LORA, "full"]
     for row in rows:
         assert int(row["images"]) == len(EVAL_PROMPTS) * SEEDS
         assert {"color_match_mean", "color_match_std", "brightness_mean", "brightness_std", "diversity_lpips"} <= set(row)
         assert float(row["diversity_lpips"]) > 0
     table = [line for line in (evaluation / "results.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 3 and [line.split("|")[1].strip() for line in table[1:]] == ["base", "lora", "full"]
+    assert len(table) == 1 + 3 and [line.split("|")[1].strip() for line in table[1:]] == ["base", LORA, "full"]
 
 
 def test_model_trained_toward_a_reward_scores_higher_on_it(evaluation):
@@ -98,7 +101,7 @@ def test_model_trained_toward_a_reward_scores_higher_on_it(evaluation):
 
 def test_lora_output_was_applied(evaluation):
     base = np.asarray(Image.open(evaluation / "images" / "base" / "p0000_s0.png"), dtype=np.int16)
-    lora = np.asarray(Image.open(evaluation / "images" / "lora" / "p0000_s0.png"), dtype=np.int16)
+    lora = np.asarray(Image.open(evaluation / "images" / LORA / "p0000_s0.png"), dtype=np.int16)
     assert np.abs(base - lora).max() > 0
 
 
@@ -142,11 +145,30 @@ def test_same_seed_same_base_image_with_other_batch_size_and_two_processes(evalu
     (["--reward_models", "no_such_reward"], "unknown reward 'no_such_reward'"),
     (["--num_seeds", "1"], "--num_seeds must be >= 2"),
     (["--models", "novalue"], "NAME=PATH"),
+    (["--toyworld_accuracy", "--prompts", "animals"], "toyworld_accuracy judges toy-world prompts"),
 ])
 def test_bad_input_is_a_usage_error(flags, message, tmp_path):
     flags = [f.replace("EMPTY", str(tmp_path)) for f in flags]  # an existing folder without weights
     with pytest.raises(UsageError, match=message):
         evaluate.parse_args(["--pretrained_model_name_or_path", "tiny-sd", "--reward_models", "brightness", *flags])
+
+
+def test_toyworld_accuracy_is_the_judge_of_each_saved_image(run_script, tmp_path):
+    from utils.toyworld import prompt_accuracy
+
+    out, prompts = tmp_path / "eval", tmp_path / "prompts.txt"
+    prompts.write_text("two red circles\ntwo blue circles\nthree yellow circles\ntwo orange squares\n"
+                       "three purple circles\ntwo green circles\n")
+    run_script(["evaluate.py", "--pretrained_model_name_or_path", "toy-sd", "--prompts", prompts,
+                "--num_seeds", 4, "--num_inference_steps", 20, "--reward_models", "toyclip", "--diversity", "pixel",
+                "--toyworld_accuracy", "--output_dir", out])
+    records = [json.loads(line) for line in open(out / "scores.jsonl")]
+    assert len(records) == 24 and {r["toyworld_acc"] for r in records} == {0.0, 1.0}  # toy-sd gets some right
+    for r in records:
+        image = np.asarray(Image.open(out / r["image"]).convert("RGB"))
+        assert r["toyworld_acc"] == prompt_accuracy(image, r["prompt"])["all"]
+    row = read_rows(out)[0]
+    assert float(row["toyworld_acc_mean"]) == pytest.approx(np.mean([r["toyworld_acc"] for r in records]))
 
 
 def test_one_seed_is_fine_without_diversity():
