@@ -511,6 +511,85 @@ def section_sd15_tradeoffs(R, args, peak_tflops):
         torch._dynamo.reset()
 
 
+def kernel_breakdown(prof, wall_s):
+    """GPU kernel seconds of a profiled region by kind, the busy share of its wall time, and the top kernels."""
+    import re
+
+    kinds = [("attention", r"flash|fmha|sdpa|attention"), ("convolution", r"conv|fprop|dgrad|wgrad|implicit|nhwc"),
+             ("matmul", r"gemm|nvjet|cutlass|matmul"), ("inductor fused (norms, elementwise)", r"^triton")]
+    by_kind, kernels = {}, []
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+            continue
+        seconds = e.self_device_time_total / 1e6
+        kind = next((k for k, pattern in kinds if re.search(pattern, e.key, re.I)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+        kernels.append((seconds, e.count, kind, e.key[:120]))
+    busy = sum(by_kind.values())
+    return {"wall_s": round(wall_s, 4), "gpu_busy_s": round(busy, 4), "busy_pct": round(100 * busy / wall_s, 1),
+            "by_kind_s": {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [dict(s=round(t, 4), calls=n, kind=k, name=name) for t, n, k, name in sorted(kernels, reverse=True)[:25]]}
+
+
+def profile_step(fn):
+    """One call of `fn` under the profiler (after the caller's warm-up): its kernel_breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.time()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.time() - started
+    return kernel_breakdown(prof, wall)
+
+
+def section_sd15_kernels(R, args, peak_tflops):
+    """Where the DRaFT+ step's time goes (profiler, by kernel kind: sampling alone and the whole step, batch 4,
+    the defaults + UNet ckpt), and the sampling UNet under other attention kernels and inductor settings."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512)
+    S.add_lora()
+    f = unet_flops(S, 1)
+    sample_flops, k1 = STEPS * 2 * f["unet_fwd"] + f["decode_fwd"], draftp_flops(f, 1)
+    run = lambda key, fn, flops: rate_row(R, key, *measure(fn, args.device, reps=args.reps), 4, "img/s", flops * 4,
+                                          peak_tflops)
+    mode = "off" if args.smoke else "reduce-overhead"
+    variants = [("flash attention (default)", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], {}),
+                ("cuDNN attention", [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], {}),
+                ("inductor conv_1x1_as_mm + coordinate descent", [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+                 {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False})]
+    reference_out = None
+    for i, (name, backends, inductor_flags) in enumerate(variants):
+        torch._dynamo.reset()
+        saved = {k: getattr(torch._inductor.config, k) for k in inductor_flags}
+        for k, v in inductor_flags.items():
+            setattr(torch._inductor.config, k, v)
+        with sdpa_kernel(backends, set_priority=True):
+            graphed = apply_speed_options(speed_options(args, compile_sampler=mode), S.unet, S.vae, S.device)
+            S.unet.enable_gradient_checkpointing()
+            run(f"sd15 draftp K1 b4 project defaults+unet_ckpt, {name}", lambda: project_draftp_step(S, 4, 1, graphed), k1)
+            run(f"sd15 sampling b4 project, {name}", lambda: project_draftp_step(S, 4, 0, graphed, train=False),
+                sample_flops)
+            S.reset_lora()
+            out = project_draftp_step(S, 4, 1, graphed)
+            if reference_out is None:
+                reference_out = out
+            else:
+                compare(R, f"sd15 b4: {variants[0][0]} vs {name}", reference_out, out)
+            if i == 0 and args.device.type == "cuda":
+                R.data["checks"]["profile sd15 sampling b4"] = profile_step(
+                    lambda: project_draftp_step(S, 4, 0, graphed, train=False))
+                R.data["checks"]["profile sd15 draftp K1 b4"] = profile_step(lambda: project_draftp_step(S, 4, 1, graphed))
+                R.save()
+        for k, v in saved.items():
+            setattr(torch._inductor.config, k, v)
+        del graphed
+    del S
+    torch._dynamo.reset()
+
+
 def section_sdxl(R, args, peak_tflops):
     S = Setup(args, sdxl=True, resolution=64 if args.smoke else 1024)
     S.add_lora()
@@ -628,7 +707,7 @@ def section_dpo(R, args, peak_tflops):
         del S
 
 
-SECTIONS = {"sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sdxl": section_sdxl, "dpo": section_dpo}
+SECTIONS = {"sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():
