@@ -5,7 +5,7 @@ own scripts (subprocesses, --jobs at a time); evaluate them all beside the base 
 accuracy (utils.toyworld; toy-world prompts only) and Diffusion-DPO's implicit accuracy on held-out pairs. Then
 average over seeds and check the published DRaFT+ and Diffusion-DPO trends on the numbers.
 
-    python experiments/toyworld_trends.py --seeds 0 1 2 --jobs 4        # one GPU, toy-sd + toyclip, 4 runs at once
+    python experiments/toyworld_trends.py --seeds 0 1 2 3 4 --jobs 8 --batch_size 64   # one GPU: about 15 minutes
 
     python experiments/toyworld_trends.py --pretrained_model_name_or_path tiny-sd --reward_model color_match \
         --prompts colored_animals --max_prompts 4 --methods draft dpo --seeds 0 --max_train_steps 2 \
@@ -37,6 +37,7 @@ from utils.data import PAIR_COLUMNS, decode_image, load_prompts  # noqa: E402
 from utils.models import LORA_WEIGHT_NAME, encode_prompts, freeze_frozen_parts, load_pipeline_parts  # noqa: E402
 from utils.rewards import load_reward, parse_reward_spec  # noqa: E402
 from utils.synthetic import png_bytes, write_preference_set  # noqa: E402
+from utils.speed import COMPILE_MODES  # noqa: E402
 from utils.toyworld import parse_prompt, prompt_accuracy  # noqa: E402
 from utils.training import list_checkpoints, parse_name_paths, read_metrics, run_main, save_args, step_generator  # noqa: E402
 
@@ -52,7 +53,8 @@ METHODS = {
 }
 SCRIPT_FLAGS = {
     "train_draftp.py": ["--reward_model", "{reward_model}", "--prompts", "{prompts}",
-                        "--learning_rate", "{draft_learning_rate}", "--truncation_steps", "{truncation_steps}"],
+                        "--learning_rate", "{draft_learning_rate}", "--truncation_steps", "{truncation_steps}",
+                        "--compile_sampler", "{compile_sampler}"],
     "train_dpo.py": ["--learning_rate", "{dpo_learning_rate}", "--beta_dpo", "{beta_dpo}"],
 }
 # One budget for all. Constant lr, no warmup: train_dpo.py's default (500 warmup steps, made for the paper's
@@ -91,38 +93,49 @@ def parse_args(argv=None):
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="each seed trains and evaluates every method")
     g.add_argument("--jobs", type=int, default=1, help="training runs (and evaluations) at once, as subprocesses")
     g = parser.add_argument_group("budget: the same for every method")
-    g.add_argument("--max_train_steps", type=int, default=300, help="optimizer steps")
+    g.add_argument("--max_train_steps", type=int, default=200, help="optimizer steps")
     g.add_argument("--train_batch_size", type=int, default=4, help="prompts (DRaFT) or pairs (DPO, SFT) per step")
     # LoRA for all: every method trains the same parameters, and the reference of DRaFT+'s KL and of DPO is the
     # same UNet with its adapters off (no second UNet in memory, so several runs share one GPU), as in the DRaFT+
-    # recipe and diffusers' DPO LoRA example. The learning rates are ours, not yet tuned on toy-sd.
+    # recipe and diffusers' DPO LoRA example. The defaults below are what BENCHMARKS.md's toy-world runs used.
     g.add_argument("--lora_rank", type=int, default=8)
-    g.add_argument("--draft_learning_rate", type=float, default=3e-4, help="DRaFT, DRaFT+, DRaFT-LV")
-    g.add_argument("--dpo_learning_rate", type=float, default=1e-4, help="DPO and SFT")
+    g.add_argument("--draft_learning_rate", type=float, default=1e-3, help="DRaFT, DRaFT+, DRaFT-LV")
+    g.add_argument("--dpo_learning_rate", type=float, default=3e-4, help="DPO and SFT (1e-3 made DPO's images worse)")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K of the DRaFT family: with few DDIM steps, K = 1 back-propagates only through the last, "
                         "nearly noise-free step, which can change little of an image in a short run")
-    g.add_argument("--beta_dpo", type=float, default=5000.0, help="DPO temperature (the paper's)")
+    g.add_argument("--beta_dpo", type=float, default=500.0,
+                   help="DPO temperature; the paper's 5000 (SD1.5, 64x64 latents) overshot on toy-sd's 32x32 latents: "
+                        "training loss above log 2")
     g.add_argument("--num_pairs", type=int, default=1024, help="pairs sampled from the base model for DPO / SFT, per seed")
+    g.add_argument("--pair_candidates", type=int, default=4,
+                   help="images sampled per pair; toyclip's best and worst of them make the pair (2: a random pair)")
     g.add_argument("--num_heldout_pairs", type=int, default=256, help="held-out pairs (other image seeds), per seed")
-    g.add_argument("--implicit_acc_draws", type=int, default=16, help="fixed (timestep, noise) draws per held-out pair")
+    g.add_argument("--implicit_acc_draws", type=int, default=8, help="fixed (timestep, noise) draws per held-out pair")
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps (training, pairs, evaluation)")
+    g.add_argument("--num_inference_steps", type=int, default=10, help="DDIM steps (training, pairs, evaluation)")
     g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--eval_seeds", type=int, default=8, help="images per prompt at evaluation (seeds 0 .. N-1)")
     g.add_argument("--diversity", default="pixel", choices=["pixel", "lpips"], help="lpips needs AlexNet in torch hub's cache")
     g.add_argument("--batch_size", type=int, default=32, help="images per UNet call when sampling and evaluating")
+    g.add_argument("--compile_sampler", default="off", choices=COMPILE_MODES,
+                   help="train_draftp.py's; off: compiling the 4M-parameter toy UNet (about a minute per run on a GPU) "
+                        "costs more than it saves in a short run")
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="of every run and evaluation")
     g.add_argument("--output_dir", default="outputs/toyworld-trends")
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "jobs", "num_pairs", "num_heldout_pairs", "implicit_acc_draws",
-                 "num_inference_steps", "batch_size", "eval_seeds"):  # diversity needs >= 2 eval seeds
-        if getattr(args, name) < 1 + (name == "eval_seeds"):
-            raise UsageError(f"--{name} must be >= {1 + (name == 'eval_seeds')}, got {getattr(args, name)}")
+                 "num_inference_steps", "batch_size", "eval_seeds", "pair_candidates"):
+        least = 2 if name in ("eval_seeds", "pair_candidates") else 1  # diversity needs >= 2 eval seeds
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
     if min(args.kl_coeffs) <= 0 or len({f"{kl:g}" for kl in args.kl_coeffs}) != len(args.kl_coeffs):
         raise UsageError(f"--kl_coeffs must be distinct and > 0 (kl 0 is the draft method), got {args.kl_coeffs}")
+    if max(args.num_pairs, args.num_heldout_pairs) * args.pair_candidates >= HELDOUT_OFFSET:
+        raise UsageError(f"--num_pairs x --pair_candidates must stay under {HELDOUT_OFFSET} (the image seeds of the "
+                         f"training and the held-out pairs would overlap)")
     if {"dpo", "sft"} & set(args.methods) and args.num_pairs < args.train_batch_size:
         raise UsageError(f"--num_pairs ({args.num_pairs}) must be >= --train_batch_size ({args.train_batch_size})")
     parse_reward_spec(args.reward_model)
@@ -202,19 +215,21 @@ class Base:
         self.scorer = load_reward(args.reward_model, paths=parse_name_paths(args.reward_model_paths), device=self.device,
                                   dtype=self.dtype)
 
-    def sample_pairs(self, prompts, first_seed, num_pairs, args):
-        """Pair j: prompt j mod P from image seeds first_seed + 2j and + 2j + 1 (evaluate.py's sampler and noise),
-        both scored. Pick-a-Pic rows; label_0 = 1 / 0 where the first / second image scores higher, 0.5 if equal."""
+    def sample_pairs(self, prompts, first_seed, num_pairs, candidates, args):
+        """Pick-a-Pic rows. Pair j: prompt j mod P, `candidates` images from seeds first_seed + c*j .. + c*j + c - 1
+        (evaluate.py's sampler and noise), all scored; the best and the worst of them make the pair (extreme_pairs).
+        candidates = 2 is a plain random pair."""
         from PIL import Image
 
-        items = [(j % len(prompts), first_seed + 2 * j + k) for j in range(num_pairs) for k in (0, 1)]
+        items = [(j % len(prompts), first_seed + candidates * j + k) for j in range(num_pairs) for k in range(candidates)]
         images, scores = [], []
         for batch, pixels in evaluate.generate(self.parts, self.parts.unet, items, prompts, self.uncond, self.latent_shape,
                                                args, self.device, self.dtype):
             images += list(pixels)
             scores += self.scorer.score([Image.fromarray(p) for p in pixels], [prompts[i] for i, _ in batch])
-        return [{"jpg_0": png_bytes(images[2 * j] / 255), "jpg_1": png_bytes(images[2 * j + 1] / 255), "caption": prompts[i],
-                 "label_0": float(np.sign(scores[2 * j] - scores[2 * j + 1]) / 2 + 0.5)} for j, (i, _) in enumerate(items[::2])]
+        return [{"jpg_0": png_bytes(images[a] / 255), "jpg_1": png_bytes(images[b] / 255),
+                 "caption": prompts[j % len(prompts)], "label_0": label_0}
+                for j, (a, b, label_0) in enumerate(extreme_pairs(scores, candidates))]
 
     @torch.no_grad()
     def pair_errors(self, unet, pixels, captions, draws, seed, batch_size):
@@ -257,14 +272,31 @@ class Base:
         return out
 
 
+def extreme_pairs(scores, candidates):
+    """[(a, b, label_0)] per group of `candidates` consecutive scores: the indices of its best- and worst-scored
+    image in index order, label_0 = 1 / 0 where a / b scores higher, 0.5 if every candidate scored the same."""
+    out = []
+    for start in range(0, len(scores), candidates):
+        group = np.asarray(scores[start:start + candidates])
+        a, b = sorted([int(group.argmax()), int(group.argmin())])
+        if a == b:  # all equal: two of them, a tie
+            a, b = 0, 1
+        out.append((start + a, start + b, float(np.sign(group[a] - group[b]) / 2 + 0.5)))
+    return out
+
+
 def write_pairs(base, args, seed):
-    """seed<k>/pairs to train on (ties kept: --choice_model orders every pair) and seed<k>/heldout (ties dropped)."""
+    """seed<k>/pairs to train on (ties kept: --choice_model orders every pair), sampled only while a DPO or SFT run
+    of the seed still needs them, and seed<k>/heldout (ties dropped)."""
     first = PAIR_SEED_BASE * (seed + 1)
+    to_train = any(training_task(args, name, seed) for name in ("dpo", "sft") if name in run_names(args))
     for name, num_pairs, start in (("pairs", args.num_pairs, first),
                                    ("heldout", args.num_heldout_pairs, first + HELDOUT_OFFSET)):
         folder = os.path.join(args.output_dir, f"seed{seed}", name)
+        if name == "pairs" and not to_train:
+            continue
         if not os.path.isfile(os.path.join(folder, "state.json")):  # save_to_disk writes state.json last
-            rows = base.sample_pairs(args.prompt_list, start, num_pairs, args)
+            rows = base.sample_pairs(args.prompt_list, start, num_pairs, args.pair_candidates, args)
             write_preference_set([r for r in rows if name == "pairs" or r["label_0"] != 0.5], folder)
             print(f"seed {seed}: {num_pairs} {name} sampled from the base model into {folder}", flush=True)
 
@@ -382,7 +414,10 @@ def write_outputs(args, rows, per_seed, checks):
     lines = [f"# Toy-world trends: {args.pretrained_model_name_or_path}, reward {args.reward_model}", "",
              f"Seeds {', '.join(map(str, args.seeds))}; {args.max_train_steps} steps x batch {args.train_batch_size}, LoRA rank "
              f"{args.lora_rank}; {args.num_inference_steps} DDIM steps, guidance {args.guidance_scale}; evaluated on "
-             f"{len(args.prompt_list)} prompts x {args.eval_seeds} seeds. The base's implicit accuracy is 0.5 by definition.",
+             f"{len(args.prompt_list)} prompts x {args.eval_seeds} seeds. DPO / SFT: {args.num_pairs} pairs per seed, each the "
+             f"best and worst of {args.pair_candidates} base samples by {args.reward_model}, beta {args.beta_dpo:g}, lr "
+             f"{args.dpo_learning_rate:g} (DRaFT family: lr {args.draft_learning_rate:g}). The base's implicit accuracy "
+             f"is 0.5 by definition.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([r["method"], fmt(r, "reward"), fmt(r, "diversity"), fmt(r, "prompt_acc_all"),
                                  fmt(r, "implicit_acc"), fmt(r, "train_seconds", False)]) + " |" for r in rows]

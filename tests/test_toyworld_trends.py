@@ -13,7 +13,7 @@ SCRIPT = "experiments/toyworld_trends.py"
 METHODS = ["draft", "dpo"]  # SFT runs the same script as DPO; two runs keep the test near a minute
 FLAGS = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--prompts", "toyworld",
          "--max_prompts", 3, "--methods", *METHODS, "--seeds", 0, "--max_train_steps", 2, "--train_batch_size", 1,
-         "--num_inference_steps", 3, "--num_pairs", 3, "--num_heldout_pairs", 4, "--implicit_acc_draws", 2,
+         "--num_inference_steps", 3, "--num_pairs", 3, "--pair_candidates", 3, "--num_heldout_pairs", 4, "--implicit_acc_draws", 2,
          "--eval_seeds", 2, "--batch_size", 8, "--jobs", 2]
 
 
@@ -24,6 +24,13 @@ def experiment(tmp_path_factory, tiny_sd_path):
     out = tmp_path_factory.mktemp("trends") / "out"
     run_script([SCRIPT, *FLAGS, "--output_dir", out])
     return out
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("toyworld_trends", REPO_ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_csv(path):
@@ -84,12 +91,18 @@ def test_a_rerun_keeps_finished_runs_and_evaluations(experiment, run_script):
     (["--seeds", "1", "1"], "--seeds must be distinct"),
     (["--methods", "dpo", "--num_pairs", "2", "--train_batch_size", "4"], "--num_pairs"),
     (["--reward_model", "no_such_reward"], "unknown reward"),
+    (["--pair_candidates", "1"], "--pair_candidates must be >= 2"),
+    (["--num_pairs", "100000", "--pair_candidates", "8"], "would overlap"),
 ])
 def test_bad_flags_are_usage_errors(flags, message):
     from utils import UsageError
 
-    spec = importlib.util.spec_from_file_location("toyworld_trends", REPO_ROOT / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with pytest.raises(UsageError, match=message):
-        module.parse_args(flags)
+        load_script().parse_args(flags)
+
+
+def test_extreme_pairs_take_the_best_and_worst_candidate_in_seed_order():
+    trends = load_script()
+    # groups of 3: worst first then best; best first; all equal (a tie); 2 candidates = the pair as sampled
+    assert trends.extreme_pairs([1, 3, 2, 9, 0, 4, 5, 5, 5], 3) == [(0, 1, 0.0), (3, 4, 1.0), (6, 7, 0.5)]
+    assert trends.extreme_pairs([2, 1, 0, 3], 2) == [(0, 1, 1.0), (2, 3, 0.0)]
