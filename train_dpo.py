@@ -50,6 +50,7 @@ from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, 
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
+from utils.speed import add_speed_args
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
                             log_validation, make_accelerator, parse_name_paths, reduce_step_metrics,
@@ -197,6 +198,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("validation images")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the validation images")
     g.add_argument("--guidance_scale", type=float, default=7.5)
+    add_speed_args(parser, sampling=False)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -280,6 +282,8 @@ def main(args):
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
+    if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
+        unet.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = None

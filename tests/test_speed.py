@@ -97,3 +97,41 @@ def test_train_draftp_takes_the_speed_flags():
     args = train_draftp.parse_args(["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match",
                                     "--no-channels_last", "--compile_sampler", "off"])
     assert not args.channels_last and args.compile_sampler == "off" and args.vae_gradient_checkpointing
+
+
+def dpo_step(tiny_sd_path, channels_last):
+    """One LoRA Diffusion-DPO step's loss and LoRA grads, composed as train_dpo.py's loop (reference = adapters off)."""
+    import train_dpo
+
+    parts = load_pipeline_parts(tiny_sd_path)
+    freeze_frozen_parts(parts, "cpu", torch.float32)
+    unet = add_lora(parts.unet, rank=4, seed=0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 32, 32, generator=g), torch.randn(2, 4, 32, 32, generator=g)
+    noisy, target, t = train_dpo.noise_pairs(parts.scheduler, latents, noise, torch.tensor([100, 700]))
+    kwargs = encode_prompts(parts, PROMPTS * 2, "cpu").unet_kwargs()
+    err = train_dpo.per_sample_error(unet(noisy, t, **kwargs).sample, target)
+    with torch.no_grad(), adapters_disabled(unet):
+        ref_err = train_dpo.per_sample_error(unet(noisy, t, **kwargs).sample, target)
+    loss, _ = train_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=5000.0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def test_channels_last_keeps_the_dpo_step_equal_and_is_train_dpos_default(tiny_sd_path):
+    import train_dpo
+
+    (loss, grads), (ref_loss, ref_grads) = dpo_step(tiny_sd_path, True), dpo_step(tiny_sd_path, False)
+    assert abs(float(ref_loss) - 0.6931) > 1e-3  # the adapters make a difference to the reference
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:  # beta 5000 multiplies float32 rounding of the errors: tolerance relative to each grad's scale
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-3 * float(ref_grads[name].abs().max()))
+    base = ["--pretrained_model_name_or_path", "tiny-sd", "--dataset_name", "x"]
+    assert train_dpo.parse_args(base).channels_last and not train_dpo.parse_args(base + ["--no-channels_last"]).channels_last

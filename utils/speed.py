@@ -23,10 +23,13 @@ import torch
 COMPILE_MODES = ["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
-def add_speed_args(parser: argparse.ArgumentParser):
+def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
+    """The speed flags; sampling=False: only --channels_last (train_dpo.py samples no images while training)."""
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the UNet and VAE in channels-last (NHWC) memory format")
+                   help="keep the UNet (and in DRaFT the VAE) in channels-last (NHWC) memory format")
+    if not sampling:
+        return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "
                         "(CUDA graphs) on a CUDA GPU and 'off' elsewhere. The first step pays the compilation "
