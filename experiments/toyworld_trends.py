@@ -435,9 +435,10 @@ def plot(args, rows):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
+    for k, r in enumerate(rows):
         ax.errorbar(r["diversity_mean"], r["reward_mean"], xerr=r["diversity_std"], yerr=r["reward_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["diversity_mean"], r["reward_mean"]), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(r["method"], (r["diversity_mean"], r["reward_mean"]), textcoords="offset points",
+                    xytext=(5, 5 if k % 2 else -12))  # alternate above / below: close points keep readable labels
     chain = sorted((r for r in rows if r["method"] == "draft" or r["method"].startswith("draftp-")),
                    key=lambda r: r["kl_coeff"])
     if len(chain) > 1:

@@ -29,8 +29,8 @@ def speed_args(**overrides):
     return args
 
 
-def draftp_step(tiny_sd_path, **options):
-    """One DRaFT+ step (as train_draftp.py's loop) with the given speed options: (loss, images, LoRA grads)."""
+def tiny_lora_parts(tiny_sd_path):
+    """The tiny pipeline's parts on the CPU in float32, its UNet with seeded LoRA adapters that do change its output."""
     parts = load_pipeline_parts(tiny_sd_path)
     freeze_frozen_parts(parts, "cpu", torch.float32)
     unet = add_lora(parts.unet, rank=4, seed=0)
@@ -38,6 +38,12 @@ def draftp_step(tiny_sd_path, **options):
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return parts, unet
+
+
+def draftp_step(tiny_sd_path, **options):
+    """One DRaFT+ step (as train_draftp.py's loop) with the given speed options: (loss, images, LoRA grads)."""
+    parts, unet = tiny_lora_parts(tiny_sd_path)
     unet.enable_gradient_checkpointing()
     sampling_unet = apply_speed_options(speed_args(**options), unet, parts.vae, "cpu", backend="eager")
 
@@ -103,13 +109,7 @@ def dpo_step(tiny_sd_path, channels_last):
     """One LoRA Diffusion-DPO step's loss and LoRA grads, composed as train_dpo.py's loop (reference = adapters off)."""
     import train_dpo
 
-    parts = load_pipeline_parts(tiny_sd_path)
-    freeze_frozen_parts(parts, "cpu", torch.float32)
-    unet = add_lora(parts.unet, rank=4, seed=0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    parts, unet = tiny_lora_parts(tiny_sd_path)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
