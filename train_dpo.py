@@ -283,7 +283,8 @@ def main(args):
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
-        unet.to(memory_format=torch.channels_last)
+        for model in filter(None, (unet, frozen_unet)):  # the full-UNet reference copy runs every step too
+            model.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = None

@@ -11,6 +11,7 @@ leaves what it measured.
     python3 bench/bench.py --out $OUT --sections sd15_graphs         # SD1.5 with the defaults, batch 1/4/8, K=50 (~9 min)
     python3 bench/bench.py --out $OUT --sections dpo sdxl            # DPO / SFT, SDXL DRaFT+ (~8 min)
     python3 bench/bench.py --out $OUT --sections sd15_tradeoffs      # batch 4 without UNet ckpt; max-autotune (> 10 min)
+    python3 bench/bench.py --out $OUT --sections sd15_kernels        # profile by kernel kind; attention / inductor variants
     python3 bench/bench.py --smoke --out /tmp/bench                  # tiny configs on the CPU: the script runs
 
 On one H100 each of the first three fits one 10-minute call; BENCHMARKS.md has the results of all four.
@@ -563,10 +564,7 @@ def section_sd15_kernels(R, args, peak_tflops):
     reference_out = None
     for i, (name, backends, inductor_flags) in enumerate(variants):
         torch._dynamo.reset()
-        saved = {k: getattr(torch._inductor.config, k) for k in inductor_flags}
-        for k, v in inductor_flags.items():
-            setattr(torch._inductor.config, k, v)
-        with sdpa_kernel(backends, set_priority=True):
+        with torch._inductor.config.patch(**inductor_flags), sdpa_kernel(backends, set_priority=True):
             graphed = apply_speed_options(speed_options(args, compile_sampler=mode), S.unet, S.vae, S.device)
             S.unet.enable_gradient_checkpointing()
             run(f"sd15 draftp K1 b4 project defaults+unet_ckpt, {name}", lambda: project_draftp_step(S, 4, 1, graphed), k1)
@@ -583,8 +581,6 @@ def section_sd15_kernels(R, args, peak_tflops):
                     lambda: project_draftp_step(S, 4, 0, graphed, train=False))
                 R.data["checks"]["profile sd15 draftp K1 b4"] = profile_step(lambda: project_draftp_step(S, 4, 1, graphed))
                 R.save()
-        for k, v in saved.items():
-            setattr(torch._inductor.config, k, v)
         del graphed
     del S
     torch._dynamo.reset()
