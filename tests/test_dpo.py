@@ -375,9 +375,21 @@ def test_two_processes_give_the_numbers_of_one_with_the_same_global_batch(lora_r
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "processes 2 x batch 1" in proc.stderr
     two, one = read_metrics(str(out)), lora_run["metrics"][:2]
-    for a, b in zip(two, one):  # step 1: same data, noise and timesteps; step 2: the same (all-reduced) update
-        for key in ("loss", "implicit_acc", "model_mse", "ref_mse", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # Step 1: the same data, noise and timesteps, the model equal to the reference: bit-equal errors cancel, the
+    # loss is log 2 in both. Step 2: the same (all-reduced) update, but the UNet now runs on a batch of 1 instead of 2,
+    # with other float32 convolution blocking and sum order: each per-sample error carries a relative rounding
+    # difference of up to ~2e-6 (16 ulps). DPO multiplies a difference of four such errors by 0.5 * beta (2500), so
+    # |d inside| <= 0.5 * beta * 4 * 2e-6 * mse, and the loss (slope of logsigmoid <= 1) and the gradient norm
+    # (proportional to sigmoid(-inside)) move by at most that much. The errors themselves are compared at 1e-5.
+    assert len(two) == len(one) == 2
+    assert two[0]["loss"] == one[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    for a, b in zip(two, one):
+        inside_bound = 0.5 * 5000 * 4 * 2e-6 * max(b["model_mse"], b["ref_mse"])
+        for key in ("model_mse", "ref_mse"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=inside_bound), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=inside_bound + 1e-5), a["step"]
+    assert two[0]["implicit_acc"] == one[0]["implicit_acc"] == 0.5  # at step 2 a pair with |inside| < the bound may flip
 
 
 @pytest.fixture(scope="module")
