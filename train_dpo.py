@@ -53,9 +53,10 @@ from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, parse_name_paths, reduce_step_metrics,
-                            register_checkpoint_hooks, resume_from_checkpoint, run_main, save_outputs,
-                            scaled_learning_rate, step_generator)
+                            log_validation, make_accelerator, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, unet_is_wrapped,
+                            update_weights)
 
 logger = logging.getLogger("train_dpo")
 
@@ -283,7 +284,8 @@ def main(args):
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
-        for model in filter(None, (unet, frozen_unet)):  # the full-UNet reference copy runs every step too
+        # the full-UNet reference copy runs every step too; FSDP and DeepSpeed need the trained UNet contiguous
+        for model in filter(None, (None if unet_is_wrapped(accelerator) else unet, frozen_unet)):
             model.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -311,9 +313,7 @@ def main(args):
     optimizer = build_optimizer(args, unet.parameters(), learning_rate)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     register_checkpoint_hooks(accelerator, parts.is_sdxl)
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared, so DeepSpeed needs the size
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, frozen_unet)
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
@@ -386,14 +386,7 @@ def main(args):
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm = torch.zeros((), device=device)
-                    if not skipped:
-                        if args.max_grad_norm > 0:  # DeepSpeed clips inside its engine and returns None here
-                            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                            grad_norm = torch.zeros((), device=device) if grad_norm is None else grad_norm
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = update_weights(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm, skipped)
             micro_metrics.append(metrics)
 
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
@@ -496,7 +489,7 @@ def build_latent_cache(dataset, vae, scorer, args, show_progress):
 def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompts, scorer, resolution, step):
     """Fixed prompts and seeds through a stock diffusers pipeline: the base model's images (first row) beside
     the trained model's (second row), with the scoring model's scores when --choice_model is set."""
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or shards_parameters(accelerator):  # a sharded UNet needs every process
         from diffusers import DDIMScheduler
 
         prompts = [p for p in prompts for _ in range(args.num_validation_images)]
@@ -517,8 +510,9 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
             if scorer is not None:
                 scores[name] = [round(s, 5) for s in scorer(images, prompts).tolist()]
             rows.append(images.cpu())
-        log_validation(accelerator, args.output_dir, step, torch.cat(rows), nrow=len(prompts),
-                       info={"rows": list(models), "prompts": prompts, "seeds": seeds, "scores": scores})
+        if accelerator.is_main_process:
+            log_validation(accelerator, args.output_dir, step, torch.cat(rows), nrow=len(prompts),
+                           info={"rows": list(models), "prompts": prompts, "seeds": seeds, "scores": scores})
     accelerator.wait_for_everyone()
 
 

@@ -38,9 +38,10 @@ from utils.sampling import cfg_conditioning, decode_latents, low_variance_sample
 from utils.speed import add_speed_args, apply_speed_options
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, parse_name_paths, reduce_step_metrics,
-                            register_checkpoint_hooks, resume_from_checkpoint, run_main, save_outputs,
-                            scaled_learning_rate, step_generator)
+                            log_validation, make_accelerator, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, unet_is_wrapped,
+                            update_weights)
 
 logger = logging.getLogger("train_draftp")
 
@@ -144,7 +145,7 @@ def main(args):
     freeze_frozen_parts(parts, device, dtype)
     unet, scheduler = parts.unet, parts.scheduler
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`
-    sampling_unet = apply_speed_options(args, unet, parts.vae, device)
+    sampling_unet = apply_speed_options(args, unet, parts.vae, device, plain_unet=not unet_is_wrapped(accelerator))
     if args.use_lora:
         add_lora(unet, args.lora_rank, args.lora_alpha, seed=args.seed)
         unet.to(device, dtype=dtype)
@@ -171,7 +172,7 @@ def main(args):
     optimizer = build_optimizer(args, unet.parameters(), learning_rate)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     register_checkpoint_hooks(accelerator, parts.is_sdxl)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, frozen_unet)
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
@@ -239,13 +240,7 @@ def main(args):
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm = torch.zeros((), device=device)
-                    if not skipped:
-                        if args.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = update_weights(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm, skipped)
             micro_metrics.append(metrics)
 
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
@@ -279,7 +274,7 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
 
     Without a base model in memory (full UNet, kl_coeff 0), the base row is the trained model's images of
     step 0, kept in samples/validation-base.pt for later steps and resumed runs."""
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or shards_parameters(accelerator):  # a sharded UNet needs every process
         prompts = args.validation_prompts or load_prompts(args.prompts, args.prompt_column, args.prompt_split)[:2]
         prompts = [p for p in prompts for _ in range(args.num_validation_images)]
         seeds = [args.seed + j for _ in range(len(prompts) // args.num_validation_images) for j in range(args.num_validation_images)]
@@ -299,14 +294,16 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
             images["base"] = generate(base_model)
         elif step == 0:
             images["base"] = images["trained"]
-            os.makedirs(os.path.dirname(base_file), exist_ok=True)
-            torch.save(images["base"].cpu(), base_file)
+            if accelerator.is_main_process:
+                os.makedirs(os.path.dirname(base_file), exist_ok=True)
+                torch.save(images["base"].cpu(), base_file)
         elif os.path.exists(base_file):
             images["base"] = torch.load(base_file).to(accelerator.device)
-        rows = [name for name in ("base", "trained") if name in images]
-        rewards = {name: [round(r, 5) for r in scorer(images[name], prompts).float().tolist()] for name in rows}
-        log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]),
-                       nrow=len(prompts), info={"rows": rows, "prompts": prompts, "seeds": seeds, "rewards": rewards})
+        if accelerator.is_main_process:
+            rows = [name for name in ("base", "trained") if name in images]
+            rewards = {name: [round(r, 5) for r in scorer(images[name], prompts).float().tolist()] for name in rows}
+            log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]),
+                           nrow=len(prompts), info={"rows": rows, "prompts": prompts, "seeds": seeds, "rewards": rewards})
     accelerator.wait_for_everyone()
 
 

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from utils.training import read_metrics
 
-LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh"))
+LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
+                   if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
 RECIPES = ["alignprop_sd15.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh", "draft_lv_sd15.sh", "draftp_sd15.sh",
            "draftp_sdxl.sh", "sft_sd15.sh"]
 TINY = ["alignprop.sh", "dpo.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sdxl.sh", "sft.sh"]

@@ -218,22 +218,23 @@ def has_lora(unet) -> bool:
     return getattr(unet, "_hf_peft_config_loaded", False)
 
 
-def lora_state_dict(unet) -> dict:
-    """The adapter weights with the key names diffusers' `load_lora_weights` expects."""
+def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict:
+    """The adapter weights with the key names diffusers' `load_lora_weights` expects; taken from `state_dict`
+    (the gathered weights of a sharded UNet) where given."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
 
 
-def save_lora(unet, output_dir: str, is_sdxl: bool):
+def save_lora(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
     """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
     # The adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers' loader
     # assumes lora_alpha == rank, and a run with --lora_alpha != --lora_rank would reload at the wrong scale.
-    pipeline_cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet), weight_name=LORA_WEIGHT_NAME,
+    pipeline_cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet, state_dict), weight_name=LORA_WEIGHT_NAME,
                                    safe_serialization=True,
                                    unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 

@@ -45,18 +45,24 @@ def compile_mode(requested: str, device) -> Optional[str]:
     return None if requested == "off" else requested
 
 
-def apply_speed_options(args, unet, vae, device, backend: str = "inductor") -> Optional[Callable]:
+def apply_speed_options(args, unet, vae, device, backend: str = "inductor", plain_unet: bool = True) -> Optional[Callable]:
     """Apply the memory-format and checkpointing options in place; return the UNet to call for the sampling
     steps without grad (a compiled view sharing the UNet's parameters), or None to use the UNet itself.
 
-    Call it on the unwrapped UNet (after `accelerator.prepare`): without grad no DDP synchronisation is needed.
+    Without grad no DDP synchronisation is needed, so the compiled view may bypass the DDP wrapper.
+    plain_unet=False: FSDP or DeepSpeed will wrap the UNet (`unet_is_wrapped`); both need contiguous (NCHW)
+    weights, and FSDP's sharded weights must go through its hooks, so the UNet stays NCHW and
+    --compile_sampler auto means off.
     """
     if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+        if plain_unet:
+            unet.to(memory_format=torch.channels_last)
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # diffusers' decoder checks torch.is_grad_enabled(), not .training
     mode = compile_mode(args.compile_sampler, device)
+    if not plain_unet and args.compile_sampler == "auto":
+        mode = None
     if mode is None:
         return None
     # dynamic=False: the batch is fixed during training, so one static graph without shape guards.

@@ -155,11 +155,140 @@ def make_accelerator(args, project_name: str):
         if report_to:
             config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
             accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
+    check_distributed_setup(accelerator, args)
     effective = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps
     logger.info(f"processes {accelerator.num_processes} x batch {args.train_batch_size} x accumulation "
                 f"{args.gradient_accumulation_steps} = {effective} samples per optimizer step; "
-                f"{args.max_train_steps} steps; mixed precision {accelerator.mixed_precision}")
+                f"{args.max_train_steps} steps; mixed precision {accelerator.mixed_precision}; "
+                f"{strategy_name(accelerator)}")
     return accelerator
+
+
+# --------------------------------------------------------------------------- distributed strategies
+def strategy_name(accelerator) -> str:
+    """'DDP', 'FSDP2', 'DeepSpeed ZeRO-2', ... for logs and errors."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return {DistributedType.NO: "one process"}.get(kind, "DDP")
+
+
+def shards_parameters(accelerator) -> bool:
+    """True where the trained UNet's weights are split across processes (FSDP, ZeRO-3): every process must then
+    take part in each of its forward passes and in gathering its state dict."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def unet_is_wrapped(accelerator) -> bool:
+    """FSDP and DeepSpeed take the UNet over (sharding or casting its weights, which must then be contiguous);
+    DDP and one process leave the module as it is."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_distributed_setup(accelerator, args):
+    """Refuse, before any model is loaded, the strategies that cannot train these models."""
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and args.use_lora:
+        # Measured on an H200 (BENCHMARKS.md "Distributed"): train_dpo.py's LoRA run fails in FSDP2's gradient
+        # reduction (a bf16 gradient handed to an fp32 adapter weight), and sharding a few MB of adapters saves nothing.
+        raise UsageError("--use_lora under FSDP (launchers/accelerate/fsdp.yaml) is not supported: LoRA weights are "
+                         "a few MB; use launchers/accelerate/ddp.yaml or deepspeed_zero2.yaml, or FSDP with --no-use_lora")
+    if fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        # FSDP1 flattens each wrapped module's weights into one tensor of one dtype: a frozen bf16 UNet beside fp32
+        # LoRA weights cannot be flattened, and a frozen reference called outside the root wrapper breaks it.
+        raise UsageError("the accelerate config sets fsdp_version: 1, which cannot train these models; use "
+                         "fsdp_version: 2 (launchers/accelerate/fsdp.yaml)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise UsageError("the accelerate config sets DeepSpeed zero_stage: 3, which this project does not support "
+                         "(its frozen LoRA reference and sampler call the UNet outside the engine); use ZeRO-2 "
+                         "(launchers/accelerate/deepspeed_zero2.yaml) or FSDP2 (launchers/accelerate/fsdp.yaml)")
+    if getattr(args, "compile_sampler", "off") not in ("auto", "off") and shards_parameters(accelerator):
+        raise UsageError(f"--compile_sampler {args.compile_sampler} cannot compile a UNet that {strategy_name(accelerator)} "
+                         f"shards; pass --compile_sampler off (or auto, which is off under FSDP and DeepSpeed)")
+
+
+def prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, frozen_unet=None):
+    """accelerator.prepare, after telling DeepSpeed what it cannot learn from a prepared data loader (the
+    scripts draw their own batches) and what accelerate would otherwise fill in with its own defaults
+    (gradient clipping 1.0 whatever --max_grad_norm says)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=args.train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            train_batch_size=args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+            gradient_clipping=args.max_grad_norm,
+            zero_allow_untested_optimizer=True,  # Adafactor and 8-bit AdamW are not on ZeRO's list of tested ones
+        )
+        # The engine casts the UNet to bf16/fp16 and runs its forward with autocast switched off (accelerate's
+        # autocast is a no-op under DeepSpeed): floating inputs (fp32 latents and noise) must arrive in the weights'
+        # dtype. The frozen copy gets the same hook and no autocast either, so that the reference computes exactly
+        # what the trained UNet computes (DPO's first loss is log 2 only if the two agree bit for bit).
+        for model in filter(None, (unet, frozen_unet)):
+            model.register_forward_pre_hook(cast_inputs_to(compute_dtype(accelerator)), with_kwargs=True)
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None and accelerator.mixed_precision in ("fp16", "bf16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # Compute in the mixed-precision dtype, but reduce gradients in fp32 as DDP does (accelerate's default
+        # reduces in bf16, and FSDP2 then fails to hand bf16 gradients to the fp32 LoRA weights).
+        dtype = compute_dtype(accelerator)
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
+    return accelerator.prepare(unet, optimizer, lr_scheduler)
+
+
+def cast_inputs_to(dtype: torch.dtype):
+    """A forward pre-hook that casts the floating-point tensors among a module's inputs (nested in dicts, e.g.
+    SDXL's added_cond_kwargs) to `dtype`."""
+    def cast(value):
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value
+
+    def hook(module, args, kwargs):
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    return hook
+
+
+def update_weights(accelerator, unet, optimizer, lr_scheduler, max_grad_norm: float, skip: bool) -> torch.Tensor:
+    """The end of an accumulation: clip, step the optimizer and the lr, zero the gradients. Returns the gradient
+    norm before clipping (0 when skipped or not clipped). DeepSpeed clips and steps inside accelerator.backward,
+    so its norm comes from the engine."""
+    from accelerate.utils import DistributedType
+
+    grad_norm = None
+    if not skip:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            grad_norm = unet.get_global_grad_norm()
+        elif max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2's norm of sharded gradients is a DTensor
+        grad_norm = grad_norm.full_tensor()
+    return torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=accelerator.device).float()
+
+
+def full_state_dict(accelerator, model):
+    """The whole state dict of a UNet whose weights are sharded (a collective: every process must call it), or
+    None where each process holds the whole model and the model itself can be saved."""
+    return accelerator.get_state_dict(model) if shards_parameters(accelerator) else None
 
 
 def compute_dtype(accelerator) -> torch.dtype:
@@ -203,14 +332,22 @@ def build_lr_scheduler(args, optimizer, num_processes: int):
 
 
 # --------------------------------------------------------------------------- saving weights
-def save_unet_weights(unet, output_dir: str, is_sdxl: bool):
-    """LoRA: pytorch_lora_weights.safetensors (diffusers format). Full: unet/ (from_pretrained format)."""
+def save_unet_weights(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
+    """LoRA: pytorch_lora_weights.safetensors (diffusers format). Full: unet/ (from_pretrained format).
+    `state_dict`: the gathered weights of a sharded UNet (`full_state_dict`), written instead of the UNet's own."""
     from .models import has_lora, save_lora
 
     if has_lora(unet):
-        save_lora(unet, output_dir, is_sdxl)
-    else:
+        save_lora(unet, output_dir, is_sdxl, state_dict)
+    elif state_dict is None:
         unet.save_pretrained(os.path.join(output_dir, "unet"))
+    else:
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import save_file
+
+        folder = os.path.join(output_dir, "unet")
+        unet.save_config(folder)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
 
 
 def register_checkpoint_hooks(accelerator, is_sdxl: bool):
@@ -222,11 +359,14 @@ def register_checkpoint_hooks(accelerator, is_sdxl: bool):
 
     def save_hook(models, weights, output_dir):
         for model in models:
+            state_dict = full_state_dict(accelerator, model)  # every process, before the main one writes
             if accelerator.is_main_process:
-                save_unet_weights(accelerator.unwrap_model(model), output_dir, is_sdxl)
+                save_unet_weights(accelerator.unwrap_model(model), output_dir, is_sdxl, state_dict)
             if weights:
                 weights.pop()  # written above; accelerate need not write a second, full copy
 
+    # Under FSDP and DeepSpeed accelerate saves and loads the model itself (the files above are then an extra,
+    # loadable copy) and hands this hook no models.
     def load_hook(models, input_dir):
         while models:
             model = accelerator.unwrap_model(models.pop())
@@ -308,7 +448,10 @@ def reduce_step_metrics(accelerator, micro_metrics, grad_norm) -> dict:
     logs = {k: torch.stack([m[k].float() for m in micro_metrics]).mean() for k in micro_metrics[0]}
     logs["grad_norm"] = torch.as_tensor(grad_norm, device=accelerator.device).float()
     reduced = accelerator.reduce(torch.stack(list(logs.values())), "mean")
-    return {k: v.item() for k, v in zip(logs, reduced)}
+    logs = {k: v.item() for k, v in zip(logs, reduced)}
+    if torch.cuda.is_available():  # this process's peak since the start: what decides the GPU a run needs
+        logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return logs
 
 
 def checkpoint_or_stop(accelerator, args, global_step: int, stop: "StopRequest") -> bool:
@@ -331,8 +474,9 @@ def log_step(accelerator, metrics_log: "MetricsLog", progress, logs: dict, shown
 def save_outputs(accelerator, args, unet, is_sdxl: bool):
     """The end of a run: the trained weights in the diffusers format (main process), and the upload if asked."""
     accelerator.wait_for_everyone()
+    state_dict = full_state_dict(accelerator, unet)
     if accelerator.is_main_process:
-        save_unet_weights(unet, args.output_dir, is_sdxl)
+        save_unet_weights(accelerator.unwrap_model(unet), args.output_dir, is_sdxl, state_dict)
         if args.push_to_hub:
             push_output_to_hub(args)
 
