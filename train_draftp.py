@@ -5,7 +5,7 @@ last K denoising steps into the UNet (LoRA or full), optionally held close to th
 KL term on the guided noise predictions (DRaFT+).
 
     DRaFT   (Clark et al. 2023, https://arxiv.org/abs/2309.17400)   --kl_coeff 0 --truncation_steps K
-    DRaFT-LV                                                         --draft_lv_samples N
+    DRaFT-LV (the chain without grad, N re-samples with grad)        --draft_lv_samples N
     AlignProp (Prabhudesai et al. 2023): K drawn once per batch      --truncation_steps_random 1,50
     DRaFT+  (NeMo-Aligner; Bhattacharya et al. 2024)                 --kl_coeff 0.1 ...
 
@@ -34,7 +34,7 @@ from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import load_reward, parse_reward_spec
-from utils.sampling import cfg_conditioning, decode_latents, low_variance_samples, sample_latents
+from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
@@ -50,12 +50,18 @@ logger = logging.getLogger("train_draftp")
 def draftp_loss(reward: torch.Tensor, kl: torch.Tensor, reward_scale: float, kl_coeff: float):
     """DRaFT+: maximise the reward, stay close to the base model.
 
-    reward: (B,) reward of each final image (already averaged over DRaFT-LV re-samples);
-    kl: (B,) mean over the backpropagated steps of mean((eps - eps_ref)^2) of the guided predictions.
+    reward: (B,) reward of each final image (DRaFT-LV: the mean of its n re-samples' rewards);
+    kl: (B,) mean over the backpropagated steps (DRaFT-LV: the n re-sample steps) of mean((eps - eps_ref)^2) of the
+    guided predictions.
     loss = -reward_scale * mean(reward) + kl_coeff * mean(kl); kl_coeff = 0 is plain DRaFT.
     """
     loss = -reward_scale * reward.mean() + kl_coeff * kl.mean()
     return loss, {"loss": loss.detach(), "reward": reward.detach().mean(), "kl": kl.detach().mean()}
+
+
+def wants_kl(args) -> bool:
+    """The frozen model is needed in training steps: for the KL term (DRaFT+), or to log the KL when asked."""
+    return args.kl_coeff > 0 or args.log_kl
 
 
 def draw_truncation_steps(args, generator: torch.Generator) -> int:
@@ -100,8 +106,16 @@ def parse_args(argv=None):
     g.add_argument("--truncation_steps_random", type=parse_truncation_range, default=None, metavar="MIN,MAX",
                    help="AlignProp: draw K uniformly from [MIN, MAX] once per batch (overrides --truncation_steps)")
     g.add_argument("--draft_lv_samples", type=int, default=0,
-                   help="DRaFT-LV: re-noise the final sample N times and denoise each once with grad (0 = off)")
+                   help="DRaFT-LV: sample the whole chain without grad, re-noise its x_0 N times to the last timestep, "
+                        "denoise each once with grad and average the N rewards (0 = off)")
+    g.add_argument("--scored_latent", choices=SCORED_LATENTS, default="pred_x0",
+                   help="the latent decoded and scored: the last DDIM step's predicted x_0 (NeMo-Aligner's DRaFT+), "
+                        "or its x_{t-1} (what a diffusers pipeline returns; about 3.4x weaker reward gradient on SD's "
+                        "schedule at 50 steps). Validation images are always the pipeline's x_{t-1}")
     g.add_argument("--kl_coeff", type=float, default=0.0, help="DRaFT+ KL weight (0 = plain DRaFT)")
+    g.add_argument("--log_kl", action="store_true",
+                   help="compute and log the KL to the base model also when --kl_coeff is 0 (costs one frozen-model "
+                        "forward per grad step; a full-UNet run keeps a frozen copy for it)")
     add_speed_args(parser)
     args = parser.parse_args(argv)
     check_args(args)
@@ -125,6 +139,10 @@ def check_args(args):
         raise UsageError(f"--kl_coeff must be >= 0 (0 = DRaFT, > 0 = DRaFT+), got {args.kl_coeff}")
     if args.draft_lv_samples < 0:
         raise UsageError(f"--draft_lv_samples must be >= 0, got {args.draft_lv_samples}")
+    if args.draft_lv_samples and (args.truncation_steps > 1 or args.truncation_steps_random is not None):
+        flag = "--truncation_steps_random" if args.truncation_steps_random is not None else "--truncation_steps"
+        raise UsageError(f"{flag} does not combine with --draft_lv_samples: DRaFT-LV runs the whole chain without "
+                         f"grad and back-propagates through one re-sample step only; drop {flag}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
     parse_reward_spec(args.reward_model)  # unknown names fail here, listing the valid ones
@@ -155,7 +173,7 @@ def main(args):
         frozen_unet = None  # the reference is the same UNet with its adapters switched off
     else:
         unet.to(device)
-        frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype) if args.kl_coeff > 0 else None
+        frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype) if wants_kl(args) else None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
@@ -165,7 +183,7 @@ def main(args):
     uncond = encode_prompts(parts, [""], device, resolution)
     logger.info(f"{'SDXL' if parts.is_sdxl else 'SD1.5'} at {resolution}px, {len(prompts)} prompts, reward "
                 f"{args.reward_model}, K={args.truncation_steps_random or args.truncation_steps}, "
-                f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}")
+                f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}, scored latent {args.scored_latent}")
 
     # ---- optimizer, scheduler, accelerate
     learning_rate = scaled_learning_rate(args, accelerator.num_processes)
@@ -184,7 +202,10 @@ def main(args):
         with adapters_disabled(trained):
             return trained(*a, **kw)
 
-    use_reference = args.use_lora or frozen_unet is not None  # full UNet with kl_coeff 0 has no reference: kl not logged
+    use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
+    # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would
+    # add 50 UNet forwards per sample just to log a number
+    training_reference = reference_unet if wants_kl(args) else None
 
     def validate(step):
         validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step,
@@ -212,26 +233,26 @@ def main(args):
             eta_generator = step_generator(args.seed, step, micro, accelerator.process_index)
 
             with accelerator.accumulate(unet), accelerator.autocast():
-                # ---- sample: no grad for the first T-K steps, grad (and KL) through the last K
+                # ---- sample: no grad for the first T-K steps, grad (and KL) through the last K; DRaFT-LV: the
+                # whole chain without grad, then N re-noised copies of its x_0 denoised once each with grad
                 cond = cfg_conditioning(encode_prompts(parts, batch_prompts, device, resolution), uncond)
-                reference = reference_unet if use_reference else None
                 sample = sample_latents(unet, scheduler, cond, x_T, args.num_inference_steps, args.guidance_scale,
-                                        truncation_steps, args.eta, reference, eta_generator, nograd_unet=sampling_unet)
-                latents, kl = sample.latents, sample.kl
+                                        0 if args.draft_lv_samples else truncation_steps, args.eta,
+                                        None if args.draft_lv_samples else training_reference, eta_generator,
+                                        nograd_unet=sampling_unet, scored_latent=args.scored_latent)
                 if args.draft_lv_samples:
-                    lv = low_variance_samples(unet, scheduler, cond, latents, args.draft_lv_samples,
-                                              args.guidance_scale, lv_noise, reference)
-                    latents = torch.cat([latents, lv.latents])  # (1+N)*B: the chain's own x_0, then the N re-samples
-                    kl = (kl * sample.grad_steps + lv.kl * lv.grad_steps) / (sample.grad_steps + lv.grad_steps)
+                    sample = low_variance_samples(unet, scheduler, cond, sample.latents, args.draft_lv_samples,
+                                                  args.guidance_scale, lv_noise, training_reference, args.scored_latent)
+                images_per_prompt = max(1, args.draft_lv_samples)  # (N*B, 4, h, w) for DRaFT-LV, N blocks of B
 
                 # ---- reward: decode through the frozen VAE (with grad) and score
-                images = decode_latents(parts.vae, latents)
-                reward, reward_parts = scorer.parts(images, batch_prompts * (1 + args.draft_lv_samples))
-                reward = reward.float().view(1 + args.draft_lv_samples, -1).mean(0)  # DRaFT-LV: average the re-samples
-                loss, metrics = draftp_loss(reward, kl, args.reward_scale, args.kl_coeff)
+                images = decode_latents(parts.vae, sample.latents)
+                reward, reward_parts = scorer.parts(images, batch_prompts * images_per_prompt)
+                reward = reward.float().view(images_per_prompt, -1).mean(0)  # DRaFT-LV: the mean of the N rewards
+                loss, metrics = draftp_loss(reward, sample.kl, args.reward_scale, args.kl_coeff)
                 metrics.update({f"reward_{name}": r.detach().float().mean() for name, r in reward_parts.items()
                                 if len(reward_parts) > 1})
-                if not use_reference:
+                if training_reference is None:
                     metrics.pop("kl")
 
                 # ---- update (skipped on every process if any loss is not finite)

@@ -6,7 +6,8 @@
 #   from [1, 50] once per batch (K >= 1 here: K = 0 would back-propagate nothing); lr 1e-3,
 #   adam_weight_decay 0.1, max_grad_norm 5.0, loss_coeff 0.01 (-> --reward_scale 0.01), 50 steps
 #   (config.steps), guidance 7.5 (sd_guidance_scale), mixed precision fp16, gradient checkpointing on,
-#   total_batch_size 128 with per_gpu_capacity 4.
+#   total_batch_size 128 with per_gpu_capacity 4. AlignProp's main.py decodes the last DDIM step's prev_sample
+#   (x_{t-1}, as a diffusers pipeline does): --scored_latent x_prev.
 # Our choices: bf16 instead of fp16 (fewer overflows in the long backward pass); LoRA rank 4 (AlignProp trains
 # LoRA attention processors; its rank was not checked for this file); prompts 'animals' (AlignProp's hps()
 # uses the HPSv2 prompt list; pass it with PROMPTS=file.txt); max_train_steps 1000; eta 0.
@@ -33,7 +34,7 @@ ARGS=(
   --prompts "$PROMPTS"
   --output_dir "$OUTPUT_DIR"
   --num_inference_steps 50 --eta 0.0 --guidance_scale 7.5
-  --truncation_steps_random 1,50
+  --truncation_steps_random 1,50 --scored_latent x_prev
   --gradient_checkpointing
   --kl_coeff 0.0
   --use_lora --lora_rank 4

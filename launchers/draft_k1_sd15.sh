@@ -5,7 +5,8 @@
 # (https://arxiv.org/abs/2309.17400): back-propagate the reward through the last K = 1 sampling step only.
 # Sampling and optimizer values: NeMo-Aligner's draftp_sd.yaml (see draftp_sd15.sh: 50 DDIM steps, eta 0,
 # guidance 7.5, LoRA 32, lr 1e-4, weight decay 0, warmup 10, clip 10, bf16, global batch 4), with kl_coeff 0,
-# which is what makes DRaFT+ plain DRaFT. The DRaFT paper's own optimizer settings are not copied here.
+# which is what makes DRaFT+ plain DRaFT; the scored image is NeMo's too, the last step's predicted x_0
+# (--scored_latent pred_x0). The DRaFT paper's own optimizer settings are not copied here.
 # Our choices: max_train_steps 2000, prompts 'animals', checkpoint / validation intervals.
 #
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 1 x 4 = 4 prompts per optimizer step.
@@ -27,7 +28,7 @@ ARGS=(
   --prompts "$PROMPTS"
   --output_dir "$OUTPUT_DIR"
   --num_inference_steps 50 --eta 0.0 --guidance_scale 7.5
-  --truncation_steps 1
+  --truncation_steps 1 --scored_latent pred_x0
   --kl_coeff 0.0
   --use_lora --lora_rank 32
   --learning_rate 1e-4 --adam_weight_decay 0.0

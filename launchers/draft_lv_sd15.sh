@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # DRaFT-LV on Stable Diffusion 1.5 with PickScore: DRaFT-1 plus n re-noised copies of the final sample.
 #
-# Method: Clark et al. 2023 (https://arxiv.org/abs/2309.17400), DRaFT-LV: re-noise the finished x_0 to the last
-# timestep n times and denoise each once with gradients, averaging the rewards.
+# Method: Clark et al. 2023 (https://arxiv.org/abs/2309.17400), DRaFT-LV (Algorithm 2): the whole chain runs without
+# gradients; its finished x_0 is re-noised to the last timestep n times and each is denoised once with gradients;
+# the loss uses the mean of the n rewards. (--truncation_steps stays 1: larger K is refused with DRaFT-LV.)
 # n = 2 (--draft_lv_samples 2) is the value we read in the DRaFT paper's DRaFT-LV description; it was not
 # re-checked against the paper text for this file, so treat it as our choice until verified.
-# Everything else as draft_k1_sd15.sh (NeMo-Aligner draftp_sd.yaml sampling / optimizer values, kl_coeff 0).
+# Everything else as draft_k1_sd15.sh (NeMo-Aligner draftp_sd.yaml sampling / optimizer values, kl_coeff 0, the
+# predicted x_0 of each re-sample step scored: --scored_latent pred_x0).
 # Our choices: max_train_steps 2000, prompts 'animals', checkpoint / validation intervals.
 #
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 1 x 4 = 4 prompts per optimizer step
-# (each prompt gives 1 + n = 3 decoded images to score).
+# (each prompt gives n = 2 decoded images to score).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,7 +30,7 @@ ARGS=(
   --prompts "$PROMPTS"
   --output_dir "$OUTPUT_DIR"
   --num_inference_steps 50 --eta 0.0 --guidance_scale 7.5
-  --truncation_steps 1
+  --truncation_steps 1 --scored_latent pred_x0
   --draft_lv_samples 2
   --kl_coeff 0.0
   --use_lora --lora_rank 32

@@ -6,6 +6,9 @@
 #   reward_model pickscore, LoRA ("sdlora", adapter_dim 32), fused_adam lr 1e-4, weight_decay 0, betas 0.9/0.999,
 #   WarmupHoldPolicy warmup 10 steps then constant, gradient_clip_val 10, precision bf16, seed 1234,
 #   micro_batch_size 1, global_batch_size 4 on 1 device.
+#   NeMo's DRaFT+ decodes and scores the last DDIM step's predicted x_0: --scored_latent pred_x0 (our default too).
+#   Scoring x_{t-1} instead (--scored_latent x_prev, a diffusers pipeline's output) makes the reward gradient 3.4x
+#   weaker on this schedule, so kl_coeff 1.0 would weigh the KL like kl_coeff 3.4 does in NeMo.
 #   (NeMo's launch_draftp_workstation.sh overrides some of these: KL 0.1, lr 1e-3, 25 steps, full UNet.)
 # Our choices (not in that file): max_train_steps 2000; prompts: the built-in 'animals' set (NeMo trained on an
 # animals45 webdataset); checkpoint / validation intervals. NeMo also keeps an EMA of the weights
@@ -31,7 +34,7 @@ ARGS=(
   --prompts "$PROMPTS"
   --output_dir "$OUTPUT_DIR"
   --num_inference_steps 50 --eta 0.0 --guidance_scale 7.5
-  --truncation_steps 1
+  --truncation_steps 1 --scored_latent pred_x0
   --kl_coeff 1.0
   --use_lora --lora_rank 32
   --learning_rate 1e-4 --adam_weight_decay 0.0 --adam_beta1 0.9 --adam_beta2 0.999

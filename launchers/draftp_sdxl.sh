@@ -5,6 +5,8 @@
 #   kl_coeff 1.0, truncation_steps 1, 1024 x 1024, 40 sampling steps, CFG scale 5.0, reward_model pickscore,
 #   LoRA ("sdlora", adapter_dim 32), fused_adam lr 1e-4, weight_decay 0, gradient_clip_val 10, precision bf16,
 #   micro_batch_size 1, global_batch_size 1.
+#   NeMo's DRaFT+ scores the last step's predicted x_0: --scored_latent pred_x0 (with x_{t-1} the reward gradient
+#   is about 3.4x weaker at 40 steps of SDXL's schedule, and kl_coeff 1.0 would mean about 3.4x more KL).
 # Differences, our choices: NeMo samples SDXL with EulerEDMSampler; this toolkit's differentiable sampler is DDIM
 # (same 40 steps, same guidance). NeMo's SDXL file warms the lr up over 10000 steps (WarmupHoldPolicy); we use
 # 10 as in its SD1.5 file, since 10000 exceeds the run. max_train_steps 2000, prompts 'animals', the fp16-fix
@@ -33,7 +35,7 @@ ARGS=(
   --output_dir "$OUTPUT_DIR"
   --resolution 1024
   --num_inference_steps 40 --eta 0.0 --guidance_scale 5.0
-  --truncation_steps 1
+  --truncation_steps 1 --scored_latent pred_x0
   --kl_coeff 1.0
   --use_lora --lora_rank 32
   --gradient_checkpointing

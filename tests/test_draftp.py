@@ -1,7 +1,9 @@
 """train_draftp.py: the DRaFT+ loss, the differentiable sampler, and end-to-end runs on the tiny pipeline."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -73,16 +75,94 @@ def test_grad_flows_through_exactly_the_last_k_steps_into_lora_only(lora_parts, 
     assert all(p.grad is None for p in parts.vae.parameters())
 
 
-def test_draft_lv_adds_n_grad_calls_on_the_renoised_sample(lora_parts):
+def _lora_grads(unet):
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+def test_draft_lv_grads_flow_only_through_the_n_resample_steps(lora_parts):
+    """DRaFT-LV (Clark et al., Algorithm 2): the chain runs without grad (truncation_steps 0), each of the n
+    re-samples is one UNet call with grad, and a chain x_0 that carries grad contributes none."""
     parts, prompts = lora_parts, ["a red cat"]
-    counter = CallCounter(parts.unet)
+    unet = parts.unet
+    counter = CallCounter(unet)
     cond = _cond(parts, prompts)
     x_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    chain = sample_latents(counter, parts.scheduler, cond, x_T, STEPS, 7.5, truncation_steps=1)
-    lv = low_variance_samples(counter, parts.scheduler, cond, chain.latents, 3, 7.5, torch.randn(3, 1, 4, 32, 32))
-    assert counter.with_grad == 1 + 3 and lv.latents.shape == (3, 4, 32, 32)
-    # different re-noising draws give different final samples
-    assert not torch.allclose(lv.latents[0], lv.latents[1])
+    noise = torch.randn(3, 1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    chain = sample_latents(counter, parts.scheduler, cond, x_T, STEPS, 7.5, truncation_steps=0)
+    assert (counter.with_grad, counter.without_grad) == (0, STEPS) and not chain.latents.requires_grad
+    lv = low_variance_samples(counter, parts.scheduler, cond, chain.latents, 3, 7.5, noise)
+    assert counter.with_grad == 3 and lv.latents.shape == (3, 4, 32, 32) and lv.grad_steps == 3
+    assert not torch.allclose(lv.latents[0], lv.latents[1])  # different re-noising draws, different samples
+
+    def lv_grads(x0):
+        unet.zero_grad(set_to_none=True)
+        out = low_variance_samples(unet, parts.scheduler, cond, x0, 3, 7.5, noise).latents
+        load_reward("color_match")(decode_latents(parts.vae, out), prompts * 3).mean().backward()
+        return _lora_grads(unet)
+
+    # the same chain x_0, once with a grad path through its last step: the LV gradient must not change
+    with_path = sample_latents(unet, parts.scheduler, cond, x_T, STEPS, 7.5, truncation_steps=1).latents
+    assert with_path.requires_grad and torch.equal(with_path.detach(), chain.latents)
+    detached, attached = lv_grads(chain.latents), lv_grads(with_path)
+    assert detached and detached.keys() == attached.keys()
+    assert all(torch.equal(detached[n], attached[n]) for n in detached)
+    assert any(g.abs().sum() > 0 for g in detached.values())
+
+
+def _expected_gain(scheduler, num_inference_steps, scored_latent):
+    """d(final latent)/d(eps) of the last DDIM step at eta 0, from the schedule: pred_x0 = (x_t - sqrt(1-a_t) eps) /
+    sqrt(a_t), x_prev = sqrt(a_prev) pred_x0 + sqrt(1-a_prev) eps, with a_prev the final alpha
+    (alphas_cumprod[0], or 1 with set_alpha_to_one) because the last step's t - 1000/steps is below 0."""
+    scheduler.set_timesteps(num_inference_steps)
+    t = int(scheduler.timesteps[-1])
+    prev = t - scheduler.config.num_train_timesteps // num_inference_steps
+    a_t = scheduler.alphas_cumprod[t].double()
+    a_prev = scheduler.alphas_cumprod[prev].double() if prev >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    gain = -(1 - a_t).sqrt() / a_t.sqrt()
+    return float(gain if scored_latent == "pred_x0" else (1 - a_prev).sqrt() + a_prev.sqrt() * gain)
+
+
+def test_pred_x0_gradient_is_stronger_by_the_schedules_ratio(lora_parts):
+    """K = 1: both scored latents are linear in the last step's eps, with the gains of `_expected_gain`, and the
+    steps before are the same no-grad chain. So for any fixed linear read-out v of the latent (here a random one,
+    standing in for the reward's gradient at the image), the LoRA gradients of the two differ exactly by the ratio
+    of the gains, up to float32 rounding. The backward pass sums thousands of products per weight, so an element near
+    0 can lose its relative precision: the bound is 1e-5 of the largest gradient (float32 keeps 6e-8 per rounding).
+    On SD's schedule at 50 steps the ratio is 3.40."""
+    parts, prompts = lora_parts, ["a red cat", "a blue dog"]
+    unet = parts.unet
+    with torch.no_grad():  # LoRA B = 0 at the start would give lora_A no gradient
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    x_T = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads, latents = {}, {}
+    try:
+        for scored in ("pred_x0", "x_prev"):
+            unet.zero_grad(set_to_none=True)
+            out = sample_latents(unet, parts.scheduler, _cond(parts, prompts), x_T, STEPS, 7.5, 1, scored_latent=scored)
+            (out.latents * probe).sum().backward()
+            grads[scored], latents[scored] = _lora_grads(unet), out.latents.detach()
+    finally:
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if "lora_B" in n:
+                    p.zero_()
+        unet.zero_grad(set_to_none=True)
+    ratio = _expected_gain(parts.scheduler, STEPS, "pred_x0") / _expected_gain(parts.scheduler, STEPS, "x_prev")
+    assert ratio > 1
+    assert grads["pred_x0"].keys() == grads["x_prev"].keys()
+    strong = torch.cat([g.flatten() for g in grads["pred_x0"].values()])
+    weak = torch.cat([grads["x_prev"][n].flatten() for n in grads["pred_x0"]])
+    assert strong.abs().max() > 0
+    torch.testing.assert_close(strong, ratio * weak, rtol=0, atol=1e-5 * strong.abs().max().item())
+    assert (strong.norm() / weak.norm()).item() == pytest.approx(ratio, rel=1e-5)
+    # nearly the same image: x_prev = sqrt(a_0) pred_x0 + sqrt(1 - a_0) eps differs by about 0.03 eps
+    assert (latents["pred_x0"] - latents["x_prev"]).abs().mean() < 0.1 * latents["x_prev"].abs().mean()
+    # the SD1.5 schedule (the tiny pipelines share it) at 50 steps: -0.0413 / -0.0121
+    assert _expected_gain(parts.scheduler, 50, "pred_x0") == pytest.approx(-0.04131, abs=1e-5)
+    assert _expected_gain(parts.scheduler, 50, "x_prev") == pytest.approx(-0.01214, abs=1e-5)
 
 
 def test_truncation_random_draws_once_per_batch_inside_the_range():
@@ -135,6 +215,42 @@ def test_sampler_equals_the_stock_diffusers_pipeline(tiny_sd_path):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_sdxl_vae_honours_force_upcast_in_fp16(tiny_sdxl_path, force_upcast):
+    """fp16 + an SDXL VAE whose config says force_upcast: the VAE stays float32 and encodes / decodes in float32
+    even inside the training loop's fp16 autocast (the stock SDXL pipeline's behaviour); a VAE that says False
+    (an fp16-fix VAE) runs in fp16. The text encoders take fp16 either way."""
+    parts = load_pipeline_parts(tiny_sdxl_path)
+    parts.vae.register_to_config(force_upcast=force_upcast)
+    freeze_frozen_parts(parts, "cpu", torch.float16)
+    expected = torch.float32 if force_upcast else torch.float16
+    assert {p.dtype for p in parts.vae.parameters()} == {expected}
+    assert {p.dtype for p in parts.text_encoders[0].parameters()} == {torch.float16}
+    if not force_upcast:
+        return
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+             for m in (parts.vae.encoder.conv_out, parts.vae.decoder.conv_out)]
+    latents = torch.randn(1, 4, 8, 8, dtype=torch.float16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        images = decode_latents(parts.vae, latents)
+        parts.vae.encode(images.half() * 2 - 1)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [torch.float32, torch.float32]  # decoder, then encoder
+    images.sum().backward()  # the reward's gradient still reaches the fp16 latents
+    assert latents.grad.dtype == torch.float16 and torch.isfinite(latents.grad).all()
+
+
+def test_sd15_vae_follows_the_stock_pipeline_in_fp16(tiny_sd_path):
+    """diffusers' SD1.5 pipeline ignores force_upcast (its default is True even for SD1.5's VAE, which runs fine in
+    fp16): so do we."""
+    parts = load_pipeline_parts(tiny_sd_path)
+    assert parts.vae.config.force_upcast
+    freeze_frozen_parts(parts, "cpu", torch.float16)
+    assert {p.dtype for p in parts.vae.parameters()} == {torch.float16}
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("flags, named", [
     (["--truncation_steps", "9", "--num_inference_steps", "5"], "--truncation_steps"),
@@ -143,6 +259,8 @@ def test_sampler_equals_the_stock_diffusers_pipeline(tiny_sd_path):
     (["--prompts", "missing_prompts.txt"], "--prompts"),
     (["--truncation_steps_random", "6,2"], "--truncation_steps_random"),
     (["--reward_model_paths", "pickscore"], "--reward_model_paths"),
+    (["--draft_lv_samples", "2", "--truncation_steps", "2"], "--truncation_steps"),  # DRaFT-LV back-propagates one step
+    (["--draft_lv_samples", "2", "--truncation_steps_random", "1,3"], "--truncation_steps_random"),
 ])
 def test_bad_input_names_the_flag(flags, named, tmp_path):
     base = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "brightness", "--output_dir", str(tmp_path)]
@@ -180,7 +298,7 @@ def lora_run(tmp_path_factory, tiny_sd_path):
     from tests.conftest import run_script
 
     out = tmp_path_factory.mktemp("draftp") / "lora"
-    run_script(draftp_flags(out, steps=10, extra=["--learning_rate", 1e-2]), launch=True)
+    run_script(draftp_flags(out, steps=10, extra=["--learning_rate", 1e-2, "--log_kl"]), launch=True)
     return out
 
 
@@ -190,7 +308,7 @@ def test_lora_run_writes_the_output_contract(lora_run):
     metrics = read_metrics(lora_run)
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert all({"loss", "reward", "kl", "lr"} <= set(m) for m in metrics)
-    assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0  # KL to the base: 0 before the first update
+    assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0  # KL to the base (--log_kl): 0 before the first update
     assert (lora_run / "samples" / "validation-step-000000.png").exists()
 
 
@@ -250,6 +368,70 @@ def test_large_kl_coeff_stays_closer_to_the_base_model(full_run, tmp_path, run_s
     assert distance_to_base(tmp_path / "kl") < 0.5 * distance_to_base(full_run)
     metrics = read_metrics(tmp_path / "kl")
     assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0  # the frozen copy starts equal to the UNet
+
+
+class _UNetCalls:
+    """What train_draftp.main does with the UNet, counted in-process: guided-eps calls with and without grad
+    (trained model and reference alike), and calls of the LoRA reference (the UNet with its adapters off)."""
+
+    def __init__(self, monkeypatch):
+        import utils.sampling
+
+        self.with_grad = self.without_grad = self.reference = 0
+        real_eps, real_disabled = utils.sampling.guided_eps, train_draftp.adapters_disabled
+
+        def guided_eps(*args, **kwargs):
+            if torch.is_grad_enabled():
+                self.with_grad += 1
+            else:
+                self.without_grad += 1
+            return real_eps(*args, **kwargs)
+
+        @contextlib.contextmanager
+        def adapters_disabled(unet):
+            self.reference += 1
+            with real_disabled(unet):
+                yield unet
+
+        monkeypatch.setattr(utils.sampling, "guided_eps", guided_eps)
+        monkeypatch.setattr(train_draftp, "adapters_disabled", adapters_disabled)
+        # validation images call the base model by design; only the training steps are counted here
+        monkeypatch.setattr(train_draftp, "validation", lambda *args, **kwargs: None)
+
+
+def run_in_process(output_dir, monkeypatch, steps, extra):
+    calls = _UNetCalls(monkeypatch)
+    flags = [str(f) for f in draftp_flags(output_dir, steps=steps, extra=extra)[1:]]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    try:
+        train_draftp.main(train_draftp.parse_args(flags + ["--compile_sampler", "off"]))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return calls, read_metrics(output_dir)
+
+
+@pytest.mark.parametrize("log_kl", [False, True])
+def test_reference_is_called_only_when_its_output_is_used(tmp_path, monkeypatch, tiny_sd_path, log_kl):
+    """LoRA, kl_coeff 0 (DRaFT), K = 2 (draftp_flags): without --log_kl the frozen model never runs in a training
+    step and no kl is logged; with it, once per grad step, and the kl is logged."""
+    steps = 2
+    calls, metrics = run_in_process(tmp_path, monkeypatch, steps, ["--log_kl"] if log_kl else [])
+    assert calls.with_grad == steps * 2
+    assert calls.reference == (steps * 2 if log_kl else 0)
+    assert all(("kl" in m) == log_kl for m in metrics)
+
+
+def test_draft_lv_training_steps_carry_grad_only_through_the_resamples(tmp_path, monkeypatch, tiny_sd_path):
+    """The script with --draft_lv_samples 3: per step, STEPS no-grad chain calls, 3 re-sample calls with grad, and
+    the KL (logged with --log_kl) over the 3 re-sample steps only."""
+    steps, n = 2, 3
+    calls, metrics = run_in_process(tmp_path, monkeypatch, steps, ["--draft_lv_samples", n, "--truncation_steps", 1,
+                                                                   "--log_kl"])
+    assert calls.with_grad == steps * n
+    assert calls.reference == steps * n
+    assert calls.without_grad == steps * (STEPS + n)  # the chain, and the reference's eps at each re-sample
+    assert len(metrics) == steps and all(np.isfinite(m["reward"]) and "kl" in m for m in metrics)
 
 
 def _comparable(metrics):

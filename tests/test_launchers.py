@@ -55,6 +55,14 @@ def test_draftp_sd15_passes_nemo_aligner_defaults(tmp_path):
     assert (a.num_inference_steps, a.eta, a.guidance_scale, a.truncation_steps) == (50, 0.0, 7.5, 1)
     assert (a.kl_coeff, a.use_lora, a.lora_rank, a.learning_rate, a.reward_model) == (1.0, True, 32, 1e-4, "pickscore")
     assert a.train_batch_size * a.gradient_accumulation_steps == 4  # NeMo's global_batch_size on 1 GPU
+    assert a.scored_latent == "pred_x0"  # NeMo scores the last DDIM step's predicted x_0
+
+
+@pytest.mark.parametrize("launcher, scored", [("launchers/draftp_sdxl.sh", "pred_x0"), ("launchers/draft_k1_sd15.sh", "pred_x0"),
+                                              ("launchers/draft_lv_sd15.sh", "pred_x0"), ("launchers/alignprop_sd15.sh", "x_prev")])
+def test_draft_recipes_score_their_sources_latent(launcher, scored, tmp_path):
+    _, a = launch(launcher, tmp_path)
+    assert a.scored_latent == scored
 
 
 @pytest.mark.parametrize("launcher", ["launchers/dpo_sd15.sh", "launchers/dpo_sdxl.sh"])

@@ -3,6 +3,7 @@
 Everything that differs between SD1.5 and SDXL (two text encoders, pooled embeddings, time ids) sits
 behind `encode_prompts` and `TextConditioning`, so the training loops never branch on the architecture.
 """
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -108,9 +109,38 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
 
 
 def freeze_frozen_parts(parts: PipelineParts, device, dtype):
-    """VAE and text encoders never train: no grad, eval mode, moved to the compute dtype."""
+    """VAE and text encoders never train: no grad, eval mode, moved to the compute dtype (the VAE stays float32
+    where `vae_needs_upcast` says so)."""
     for module in [parts.vae, *parts.text_encoders]:
         module.requires_grad_(False).eval().to(device, dtype=dtype)
+    if vae_needs_upcast(parts, dtype):
+        upcast_vae(parts.vae)
+
+
+def vae_needs_upcast(parts: PipelineParts, dtype) -> bool:
+    """SDXL's VAE overflows to NaN in fp16; its config says so with `force_upcast`, which diffusers' SDXL pipelines
+    honour by encoding and decoding in float32 (a fp16-fix VAE such as madebyollin/sdxl-vae-fp16-fix sets it False).
+    The SD1.5 pipeline ignores the flag, whose default is True even for SD1.5's VAE (fine in fp16), and so do we:
+    following the stock pipelines keeps our images theirs. bf16 has float32's range: nothing to upcast."""
+    return dtype == torch.float16 and parts.is_sdxl and bool(getattr(parts.vae.config, "force_upcast", False))
+
+
+def upcast_vae(vae):
+    """Keep the VAE in float32 and run its encode / decode outside autocast: under the training loop's fp16
+    autocast a float32 VAE's convolutions would still run in fp16. Wrapping the two methods on the instance
+    covers every caller, our decode_latents as well as a stock pipeline's validation images."""
+    vae.to(torch.float32)
+    for name in ("encode", "decode"):
+        setattr(vae, name, _float32_outside_autocast(getattr(vae, name)))
+
+
+def _float32_outside_autocast(method):
+    @functools.wraps(method)
+    def run(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return method(x.float(), *args, **kwargs)
+
+    return run
 
 
 def build_pipeline(parts: PipelineParts, unet=None):

@@ -55,6 +55,11 @@ Where the weights come from. Each learned scorer takes a local path instead of i
 
 Nothing downloads when ``HF_HUB_OFFLINE=1``; missing weights raise ``UsageError`` naming what was looked for.
 
+Precision: ``load_reward(..., dtype=torch.bfloat16)`` runs the towers (vision and text transformers, their
+projections) in that dtype and keeps the numerically sensitive parts in float32 whatever the scorer is moved to:
+``logit_scale``, the aesthetic MLP head, and the final cosine (normalisation and dot product). In bf16,
+exp(logit_scale) of PickScore would read 99.0 instead of 100 (``Reward.float32_parts``).
+
 Differentiable path: ``__call__`` resizes (bicubic, antialias), crops or pads and normalises the image tensor in
 torch exactly as the model's processor does on a PIL image (sizes, offsets, mean/std read from the processor).
 The processor works on uint8 and rounds after each of its two resize passes, so the two agree to a few uint8
@@ -204,6 +209,30 @@ class Reward(torch.nn.Module):
         self.requires_grad_(False)
         return self.eval()
 
+    def float32_parts(self) -> List[Union[torch.nn.Module, torch.nn.Parameter]]:
+        """Modules / parameters that stay float32 whatever dtype the scorer is moved to (subclasses list them)."""
+        return []
+
+    def _apply(self, fn, recurse=True):
+        # Every .to() / .half() / .bfloat16() ends here: the towers take the training dtype, the numerically
+        # sensitive parts keep their float32 values (restored from before the cast: casting back after a round
+        # trip through bf16 would keep the rounding). In bf16 exp(logit_scale) of PickScore reads 99.0 instead of
+        # 100, and toyclip's scores come out 0.8 % high on matching toy-world images (tests/test_rewards.py).
+        keep = [(t, t.data) for t in self._float32_tensors()]
+        super()._apply(fn, recurse)
+        for t, before in keep:
+            t.data = before.to(device=t.device, dtype=torch.float32)
+        return self
+
+    def _float32_tensors(self) -> List[torch.Tensor]:
+        tensors = []
+        for part in self.float32_parts():
+            if isinstance(part, torch.Tensor):
+                tensors.append(part)
+            else:
+                tensors += [*part.parameters(), *part.buffers()]
+        return tensors
+
     def train(self, mode: bool = True) -> "Reward":
         # Scorers are frozen: dropout (the aesthetic MLP has some) must never fire, whatever the caller does.
         return super().train(False)
@@ -344,7 +373,11 @@ class _HFClipReward(Reward):
         self.prep = ImagePrep.from_clip_processor(processor.image_processor)
 
     def _param(self) -> torch.Tensor:
-        return next(self.model.parameters())
+        """A weight of the towers: their device and dtype (the training dtype; see ``float32_parts``)."""
+        return self.model.vision_model.embeddings.patch_embedding.weight
+
+    def float32_parts(self):
+        return [self.model.logit_scale]
 
     def pixels_from_tensor(self, images):
         return prepare_pixels(images, self.prep)
@@ -403,10 +436,11 @@ class Aesthetic(_HFClipReward):
         super().__init__(name, model, processor)
         self.mlp = mlp
 
+    def float32_parts(self):
+        return [*super().float32_parts(), self.mlp]  # the head maps a unit vector to a score of ~5: no bf16 there
+
     def _score_pixels(self, pixels, prompts):
-        emb = self.image_embeds(pixels)
-        w = self.mlp.layers[0].weight
-        return self.mlp(emb.to(w.dtype))[:, 0]
+        return self.mlp(self.image_embeds(pixels))[:, 0]
 
 
 # --------------------------------------------------------------------------- HPS v2 (open_clip)
@@ -426,10 +460,14 @@ class OpenClipReward(Reward):
     def pixels_from_pil(self, pil_images):
         return torch.stack([self.preprocess(im) for im in pil_images])
 
+    def float32_parts(self):
+        return [self.model.logit_scale]
+
     def _score_pixels(self, pixels, prompts):
-        p = next(self.model.parameters())
-        image = self.model.encode_image(pixels.to(p.device, p.dtype), normalize=True).float()
-        text = self.model.encode_text(self.tokenizer(prompts).to(p.device), normalize=True).float()
+        p = next(self.model.visual.parameters())
+        # the towers in their dtype, the cosine (normalisation + dot product) in float32
+        image = F.normalize(self.model.encode_image(pixels.to(p.device, p.dtype)).float(), dim=-1)
+        text = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(p.device)).float(), dim=-1)
         return (image * text).sum(-1)
 
 

@@ -5,6 +5,15 @@
 Classifier-free guidance runs the unconditional and conditional halves in one UNet batch. At every step
 that carries gradients the frozen reference model (DRaFT+) predicts eps on the same latent under
 no_grad, and the squared difference of the two guided eps is the KL term.
+
+Which latent the last step returns (`scored_latent`):
+- "x_prev": x_{t-1} of the last DDIM step, what a stock diffusers pipeline returns (with SD's
+  `set_alpha_to_one=False` that is sqrt(a_0) * pred_x0 + sqrt(1 - a_0) * eps, a_0 = alphas_cumprod[0]);
+- "pred_x0": the last step's predicted x_0, (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t), which NeMo-Aligner's DRaFT+
+  decodes and scores (DDIM with the final alpha set to one).
+The two images are nearly the same, but d(latent)/d(eps) at the last step differs: on the SD1.5 schedule (50
+steps, t = 1) it is -0.0413 for pred_x0 and -0.0121 for x_prev, so the reward gradient of x_prev is 3.40x weaker
+(tests/test_draftp.py checks the ratio against the schedule).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -14,9 +23,12 @@ import torch
 from .models import TextConditioning
 
 
+SCORED_LATENTS = ("pred_x0", "x_prev")
+
+
 @dataclass
 class SampleResult:
-    latents: torch.Tensor    # (B, 4, h, w) x_0; differentiable through the last K steps
+    latents: torch.Tensor    # (B, 4, h, w) the final latent (`scored_latent`); differentiable through the last K steps
     kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2); zeros without a reference
     grad_steps: int          # UNet calls with grad per sample
 
@@ -36,9 +48,11 @@ def cfg_conditioning(text: TextConditioning, uncond: TextConditioning) -> TextCo
     return TextConditioning.cat([uncond, text])
 
 
-def ddim_step(scheduler, eps, t: int, latents, eta: float, generator: Optional[torch.Generator]):
-    """One DDIM update x_t -> x_{t-1} (diffusers' DDIMScheduler; differentiable in eps and latents)."""
-    return scheduler.step(eps, t, latents, eta=eta, generator=generator if eta > 0 else None).prev_sample
+def ddim_step(scheduler, eps, t: int, latents, eta: float, generator: Optional[torch.Generator], output: str = "x_prev"):
+    """One DDIM update x_t -> x_{t-1} (diffusers' DDIMScheduler; differentiable in eps and latents).
+    `output` "pred_x0" returns the step's predicted x_0 instead of x_{t-1}."""
+    out = scheduler.step(eps, t, latents, eta=eta, generator=generator if eta > 0 else None)
+    return out.pred_original_sample if output == "pred_x0" else out.prev_sample
 
 
 def sample_latents(
@@ -53,12 +67,14 @@ def sample_latents(
     reference_unet: Optional[Callable] = None,
     generator: Optional[torch.Generator] = None,
     nograd_unet: Optional[Callable] = None,
+    scored_latent: str = "x_prev",
 ) -> SampleResult:
-    """DDIM with CFG from x_T = `latents`; the last `truncation_steps` steps run with grad.
+    """DDIM with CFG from x_T = `latents`; the last `truncation_steps` steps run with grad (0: none).
 
     `cond` is the CFG conditioning from `cfg_conditioning`. `reference_unet`, if given, is the frozen model
     (called under no_grad at each grad step) whose guided eps the KL term compares against. `nograd_unet`, if
     given, is the same model (e.g. compiled, `utils.speed`) called instead of `unet` at the steps without grad.
+    `scored_latent` is what the last step returns (module docstring); "x_prev" gives the stock pipeline's image.
     """
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]  # python ints for the scheduler: no host sync inside the loop
@@ -75,7 +91,8 @@ def sample_latents(
             eps = guided_eps(model, latents, unet_timesteps[i], cond, guidance_scale)
             if with_grad and reference_unet is not None:
                 kl_terms.append(kl_to_reference(eps, reference_unet, latents, unet_timesteps[i], cond, guidance_scale))
-            latents = ddim_step(scheduler, eps, t, latents, eta, generator)
+            output = scored_latent if i == len(timesteps) - 1 else "x_prev"
+            latents = ddim_step(scheduler, eps, t, latents, eta, generator, output)
     kl = torch.stack(kl_terms).mean(0) if kl_terms else torch.zeros(latents.shape[0], device=latents.device)
     return SampleResult(latents, kl, grad_steps=max(0, min(truncation_steps, num_inference_steps)))
 
@@ -90,9 +107,11 @@ def kl_to_reference(eps, reference_unet, latents, t, cond, guidance_scale) -> to
 
 
 def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_scale: float,
-                         noise: torch.Tensor, reference_unet=None) -> SampleResult:
-    """DRaFT-LV: re-noise the finished x_0 (no grad) to the last timestep with `num_samples` fresh noises and
-    denoise each once with grad. Returns the n results stacked along the batch: (n*B, 4, h, w)."""
+                         noise: torch.Tensor, reference_unet=None, scored_latent: str = "x_prev") -> SampleResult:
+    """DRaFT-LV (Clark et al. 2023, Algorithm 2): re-noise the finished x_0 of a chain that ran without grad to the
+    last timestep with `num_samples` fresh noises (n, B, 4, h, w), and denoise each once with grad. `x0` is detached:
+    the gradient reaches the UNet only through these n steps. Returns the n results stacked along the batch,
+    (n*B, 4, h, w), and the KL (B,) as the mean over the n steps; the caller averages the n rewards."""
     t_last = int(scheduler.timesteps[-1])
     x0 = x0.detach()
     outputs, kl_terms = [], []
@@ -101,7 +120,7 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
         eps = guided_eps(unet, x_t, t_last, cond, guidance_scale)
         if reference_unet is not None:
             kl_terms.append(kl_to_reference(eps, reference_unet, x_t, t_last, cond, guidance_scale))
-        outputs.append(ddim_step(scheduler, eps, t_last, x_t, eta=0.0, generator=None))
+        outputs.append(ddim_step(scheduler, eps, t_last, x_t, eta=0.0, generator=None, output=scored_latent))
     kl = torch.stack(kl_terms).mean(0) if kl_terms else torch.zeros(x0.shape[0], device=x0.device)
     return SampleResult(torch.cat(outputs), kl, grad_steps=num_samples)
 
