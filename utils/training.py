@@ -544,6 +544,9 @@ def checkpoint_or_stop(accelerator, args, global_step: int, stop: "StopRequest",
 def stop_run(accelerator, args, completed_step: int, metrics_log=None):
     """A stop request: checkpoint the last completed step (a partial accumulation is dropped by the caller; batches
     depend only on (seed, step, micro-step), so the resume redraws them), close the logs, raise Stopped."""
+    # accelerate counts micro-steps to know which one syncs, and saves the count: rewind the dropped ones, or the
+    # resumed run would step its optimizer in the middle of an accumulation
+    accelerator.step = completed_step * args.gradient_accumulation_steps
     path = save_checkpoint_of(accelerator, args, completed_step)
     end_logs(accelerator, metrics_log)
     where = f"{path} holds it; continue with --resume_from_checkpoint latest" if path else \
