@@ -248,7 +248,7 @@ class ImagePairDataset(torch.utils.data.Dataset):
         with the same random draws, so the batch keeps its size on every process (DDP) and stays a function of
         the key; the replaced rows are listed in the item's `bad_rows` (counted by the training loop)."""
         position, micro_step, global_row = key
-        bad_rows = []
+        bad_rows, first = [], None
         for attempt in range(len(self.rows)):
             candidate = (position + attempt) % len(self.rows)
             try:
@@ -256,10 +256,11 @@ class ImagePairDataset(torch.utils.data.Dataset):
             except BadRow as e:
                 logger.warning(f"{e}; skipped (replaced by the next readable row)")
                 bad_rows.append(int(self.rows[candidate]))
+                first = first or str(e)
                 continue
             item["bad_rows"] = bad_rows
             return item
-        raise UsageError(f"no row of the dataset is readable (the first: {bad_rows[0]}); check --dataset_name")
+        raise UsageError(f"no row of the data set is readable; {first}")
 
     def row_problem(self, position: int) -> Optional[str]:
         """Why the row at `position` cannot be trained on (one line), or None: `--scan_data`."""
