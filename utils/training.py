@@ -193,12 +193,12 @@ def save_args(args, output_dir, name: str = "args.json"):
         json.dump(vars(args), f, indent=2, sort_keys=True)
 
 
-def output_error(args, e: OSError, what: str) -> UsageError:
+def output_error(output_dir: str, e: OSError, what: str) -> UsageError:
     """An OSError while writing into --output_dir as one line: a full disk and a read-only folder named as such."""
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "permission denied"}.get(e.errno, e.strerror or type(e).__name__)
-    return UsageError(f"--output_dir {args.output_dir}: {reason} while writing {what}")
+    return UsageError(f"--output_dir {output_dir}: {reason} while writing {what}")
 
 
 # --------------------------------------------------------------------------- accelerator
@@ -224,7 +224,7 @@ def make_accelerator(args, project_name: str):
             if not (args.resume_from_checkpoint and os.path.exists(os.path.join(args.output_dir, "args.json"))):
                 save_args(args, args.output_dir)
         except OSError as e:
-            raise output_error(args, e, "args.json") from None
+            raise output_error(args.output_dir, e, "args.json") from None
         if report_to:
             config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
             accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
@@ -392,11 +392,10 @@ def _raise_if_any_failed(accelerator, error: Optional[OSError], partial: str, ou
         return
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)  # a partial checkpoint must not fill what space is left
-    args = argparse.Namespace(output_dir=output_dir)
     if error is None:
         raise UsageError(f"--output_dir {output_dir}: another process could not write {what}; the partial "
                          f"checkpoint was removed")
-    raise output_error(args, error, f"{what}; the partial checkpoint was removed") from None
+    raise output_error(output_dir, error, f"{what}; the partial checkpoint was removed") from None
 
 
 def save_checkpoint_of(accelerator, args, step: int, extra=None) -> Optional[str]:
@@ -410,7 +409,8 @@ def save_checkpoint_of(accelerator, args, step: int, extra=None) -> Optional[str
 def run_state(args, extra=None) -> dict:
     """What a checkpoint records besides accelerate's state: the arguments of the run that wrote it, so a resume
     can refuse flags that would silently not apply."""
-    return {"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}  # as JSON reads them back
+    return {"args": {k: v for k, v in plain.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
             **(extra or {})}
 
 
@@ -422,6 +422,7 @@ SAFE_TO_CHANGE_ON_RESUME = {
     "validation_steps", "validation_prompts", "num_validation_images", "report_to", "tracker_project_name",
     "logging_dir", "push_to_hub", "hub_model_id", "dataloader_num_workers", "cache_dir", "reward_model_paths",
     "reward_paths", "max_bad_rows", "scan_data", "gradient_checkpointing", "allow_tf32",
+    "channels_last", "compile_sampler", "vae_gradient_checkpointing",  # speed only (utils/speed.py)
 }
 
 
@@ -470,7 +471,7 @@ def resume_from_checkpoint(accelerator, args) -> int:
         try:
             save_args(args, args.output_dir, f"args-resume-{step}.json")
         except OSError as e:
-            raise output_error(args, e, f"args-resume-{step}.json") from None
+            raise output_error(args.output_dir, e, f"args-resume-{step}.json") from None
     accelerator.wait_for_everyone()
     logger.info(f"resumed from {path} at step {step}")
     return step
@@ -740,4 +741,4 @@ def push_output_to_hub(args):
 
     repo_id = args.hub_model_id or Path(args.output_dir).name
     repo_id = create_repo(repo_id, exist_ok=True).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", ".checkpoint-*"])
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", ".checkpoint-*", "abandoned-*"])
