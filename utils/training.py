@@ -462,9 +462,9 @@ def resume_from_checkpoint(accelerator, args) -> int:
     step = state["global_step"]
     changed = changed_flags(state.get("args", {}), args)
     if changed:
-        raise UsageError(f"--resume_from_checkpoint {path}: " + ", ".join(
-            f"--{k} {state['args'][k]!r} -> {getattr(args, k)!r}" for k in changed) + " differ from the run that "
-            f"wrote it; a resume restores its optimizer and scheduler, so start a new run to change them")
+        raise UsageError(f"--resume_from_checkpoint {path}: flags differ from the run that wrote it (" + ", ".join(
+            f"--{k} {state['args'][k]!r} -> {getattr(args, k)!r}" for k in changed) + "); a resume restores that "
+            f"run's optimizer and scheduler, so resume with its values or start a new run")
     accelerator.load_state(path)
     if accelerator.is_main_process:
         set_aside_newer(args.output_dir, step)
