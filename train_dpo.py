@@ -45,18 +45,19 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        LatentCacheDataset, collate_images, next_batch, open_image_dataset, require_columns,
-                        select_pairs)
+                        LatentCacheDataset, check_bad_rows, collate_images, next_batch, open_image_dataset,
+                        require_columns, scan_rows, select_pairs)
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, parse_name_paths, prepare_for_training,
+                            log_validation, make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
                             reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, unet_is_wrapped,
-                            update_weights)
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped)
+
 
 logger = logging.getLogger("train_dpo")
 
@@ -180,6 +181,13 @@ def parse_args(argv=None):
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding images, per GPU")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image once before training (small data sets; crop/flip then drawn once per image)")
+    g.add_argument("--max_bad_rows", type=int, default=None,
+                   help="unreadable rows (image or caption) are skipped, replaced by the next readable row, and counted "
+                        "(metrics.jsonl: bad_rows); stop with an error once more than N were skipped in this run "
+                        "(default: no limit; 0: stop at the first)")
+    g.add_argument("--scan_data", default=None, choices=["exit", "continue"],
+                   help="read every row first (with the data-loader workers) and list the unreadable ones; then exit "
+                        "(exit code 2 if any is bad, 0 if none), or continue training without them")
 
     g = parser.add_argument_group("method")
     g.add_argument("--sft", action="store_true", help="supervised fine-tuning on the preferred images instead of DPO")
@@ -218,6 +226,10 @@ def check_args(args):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.noise_offset < 0 or args.dataloader_num_workers < 0:
         raise UsageError("--noise_offset and --dataloader_num_workers must be >= 0")
+    if args.max_bad_rows is not None and args.max_bad_rows < 0:
+        raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
+    if args.scan_data and args.cache_latents:
+        raise UsageError("--scan_data and --cache_latents: caching already reads every row; drop --scan_data")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UsageError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
     if args.num_inference_steps < 1:
@@ -254,7 +266,7 @@ def main(args):
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
     device, dtype = accelerator.device, compute_dtype(accelerator)
-    stop, guard = StopRequest(), NonFiniteGuard()
+    stop = StopRequest()
     global_batch = accelerator.num_processes * args.train_batch_size
     rows = slice(accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size)
     if accelerator.is_main_process:
@@ -304,6 +316,8 @@ def main(args):
         not args.no_hflip, args.proportion_empty_prompts, args.seed, base_dir=base_dir, keep_pil=scorer is not None,
         decode=2 if scorer is not None else n_images,  # SFT without a scorer never reads the loser
     )
+    if args.scan_data:
+        dataset = scan_dataset(dataset, args, accelerator)
 
     if args.cache_latents:
         dataset = build_latent_cache(dataset, parts.vae, scorer, args, accelerator.is_local_main_process)
@@ -317,6 +331,7 @@ def main(args):
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
+    guard, bad_rows_total = NonFiniteGuard(start_step=start_step), 0
     # Our own sharding (not accelerate's): this process's slice of each global batch, from the step we start at.
     sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
@@ -351,10 +366,11 @@ def main(args):
         validate(0)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="SFT" if args.sft else "DPO")
+    stopping = False
 
     for step in progress:
         unet.train()
-        started, micro_metrics, skipped = time.time(), [], False
+        started, micro_metrics, skipped, stopping, bad_rows = time.time(), [], False, False, 0
         for micro in range(args.gradient_accumulation_steps):
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
@@ -368,6 +384,7 @@ def main(args):
 
             # ---- encode: order by the scoring model, images -> latents, captions -> text conditioning
             batch = next_batch(loader)
+            bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
                 batch = swap_pairs(batch, choose_winners(scorer, batch))
             latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution)
@@ -380,34 +397,42 @@ def main(args):
                 err = per_sample_error(unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)  # (n*B,)
                 loss, metrics = objective(err, noisy, timesteps, cond, target)
 
-                # ---- update (skipped on every process if any loss is not finite)
-                if guard.all_finite(accelerator, loss):
+                # ---- update (skipped on every process if any loss or gradient is not finite); a stop request
+                # drops the partial accumulation at once: a long step need not finish before the launcher kills it
+                finite, stopping = guard.check(accelerator, loss, stop, step + 1, micro)
+                if stopping:
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                if finite:
                     accelerator.backward(loss)
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm = update_weights(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm, skipped)
+                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped)
             micro_metrics.append(metrics)
+        if stopping:
+            stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
 
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
         global_step = step + 1
-        logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm)
+        logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts={"bad_rows": bad_rows})
         logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped),
                     step_seconds=round(time.time() - started, 3))
-        if skipped:
-            logger.warning(f"step {global_step}: non-finite loss; update skipped")
         log_step(accelerator, metrics_log, progress, logs, shown=("loss", "implicit_acc"))
+        bad_rows_total += logs["bad_rows"]
+        check_bad_rows(bad_rows_total, args.max_bad_rows)
+        guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
 
-        if checkpoint_or_stop(accelerator, args, global_step, stop):
-            metrics_log.close()
-            accelerator.end_training()
-            return
+        stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             validate(global_step)
 
-    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid, optional upload
+    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
     save_outputs(accelerator, args, trained, parts.is_sdxl)
-    validate(args.max_train_steps)
+    if not stopping:
+        validate(args.max_train_steps)
+    logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite), "
+                f"{bad_rows_total} unreadable rows skipped in this run")
     metrics_log.close()
     accelerator.end_training()
 
@@ -443,6 +468,27 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int):
     time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
     cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
     return latents, cond
+
+
+def scan_dataset(dataset, args, accelerator):
+    """--scan_data: every process reads its share of the rows (with the data-loader workers); the main process
+    lists the unreadable ones. `exit`: stop here (exit code 0 if none, 2 if some); `continue`: train without them."""
+    from accelerate.utils import gather_object
+
+    share = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    found = scan_rows(dataset, share, args.dataloader_num_workers, accelerator.is_local_main_process)
+    found = sorted(gather_object(found))
+    for _, reason in found:
+        logger.warning(f"--scan_data: {reason}")
+    logger.info(f"--scan_data: {len(found)} of {len(dataset)} rows are unreadable")
+    if args.scan_data == "exit":
+        accelerator.end_training()
+        if found:
+            raise UsageError(f"--scan_data: {len(found)} of {len(dataset)} rows are unreadable (listed above)")
+        raise SystemExit(0)
+    keep = sorted(set(range(len(dataset))) - {position for position, _ in found})
+    dataset.rows, dataset.winner_first = dataset.rows[keep], dataset.winner_first[keep]
+    return dataset
 
 
 def load_unet_init(path):

@@ -38,10 +38,11 @@ from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low
 from utils.speed import add_speed_args, apply_speed_options
 from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
                             build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, parse_name_paths, prepare_for_training,
+                            log_validation, make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
                             reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, unet_is_wrapped,
-                            update_weights)
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped)
+
 
 logger = logging.getLogger("train_draftp")
 
@@ -155,7 +156,7 @@ def check_args(args):
 def main(args):
     accelerator = make_accelerator(args, project_name="draftp")
     device, dtype = accelerator.device, compute_dtype(accelerator)
-    stop, guard = StopRequest(), NonFiniteGuard()
+    stop = StopRequest()
 
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full)
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
@@ -194,6 +195,7 @@ def main(args):
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
+    guard = NonFiniteGuard(start_step=start_step)
 
     def reference_unet(*a, **kw):
         """The frozen base model: LoRA adapters off, or the frozen copy of a full UNet."""
@@ -217,10 +219,11 @@ def main(args):
     rows = slice(accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="DRaFT+" if args.kl_coeff > 0 else "DRaFT")
+    stopping = False
 
     for step in progress:
         unet.train()
-        started, micro_metrics, skipped = time.time(), [], False
+        started, micro_metrics, skipped, stopping = time.time(), [], False, False
         for micro in range(args.gradient_accumulation_steps):
             # ---- the batch: prompts, x_T and K drawn for the whole global batch from (seed, step, micro),
             # then sliced, so resume and any number of processes give the same samples
@@ -255,34 +258,39 @@ def main(args):
                 if training_reference is None:
                     metrics.pop("kl")
 
-                # ---- update (skipped on every process if any loss is not finite)
-                if guard.all_finite(accelerator, loss):
+                # ---- update (skipped on every process if any loss, reward or gradient is not finite); a stop
+                # request drops the partial accumulation at once: a long step need not finish before the kill
+                finite, stopping = guard.check(accelerator, loss, stop, step + 1, micro)
+                if stopping:
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                if finite:
                     accelerator.backward(loss)
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm = update_weights(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm, skipped)
+                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped)
             micro_metrics.append(metrics)
+        if stopping:
+            stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
 
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
         global_step = step + 1
         logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm)
         logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], truncation_steps=truncation_steps,
                     skipped=int(skipped), step_seconds=round(time.time() - started, 3))
-        if skipped:
-            logger.warning(f"step {global_step}: non-finite loss or reward; update skipped")
         log_step(accelerator, metrics_log, progress, logs, shown=("loss", "reward", "kl"))
+        guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
 
-        if checkpoint_or_stop(accelerator, args, global_step, stop):
-            metrics_log.close()
-            accelerator.end_training()
-            return
+        stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             validate(global_step)
 
-    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid, optional upload
+    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
     save_outputs(accelerator, args, trained, parts.is_sdxl)
-    validate(args.max_train_steps)
+    if not stopping:
+        validate(args.max_train_steps)
+    logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite)")
     metrics_log.close()
     accelerator.end_training()
 

@@ -210,8 +210,9 @@ def test_sft_never_reads_the_loser_and_a_broken_image_names_its_row():
     assert winners[(0, 0, 0)]["pixels"].shape == (1, 3, 32, 32)
     assert winners[(1, 0, 0)]["pixels"][0, 1].mean() == pytest.approx(1.0)  # the green winner of row 1
     both = ImagePairDataset(ds, ["jpg_0", "jpg_1"], "caption", rows, winner_first, 32, hflip=False)
-    with pytest.raises(UsageError, match=r"^row 1: column 'jpg_0' is not a readable image"):
-        both[(1, 0, 0)]
+    assert both.row_problem(1).startswith("row 1: column 'jpg_0' is not a readable image")
+    with pytest.raises(UsageError, match=r"^no row of the data set is readable; row 1: column 'jpg_0' is not a readable"):
+        both[(1, 0, 0)]  # both rows are broken: nothing can stand in (one broken row is replaced: test_reliability)
 
 
 def test_image_caption_data_for_sft(tmp_path):

@@ -1,6 +1,7 @@
 """Prompt sets (DRaFT) and preference / image-caption datasets (Diffusion-DPO, SFT)."""
 import io
 import json
+import logging
 import os
 from typing import List, Optional
 
@@ -9,6 +10,8 @@ import torch
 
 from . import UsageError, toyworld
 from .training import step_generator
+
+logger = logging.getLogger(__name__)
 
 # Simple animal prompts, as the DRaFT and DDPO papers train on; written for this project.
 ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "owl", "turtle", "elephant", "penguin", "deer", "bear", "parrot",
@@ -241,32 +244,77 @@ class ImagePairDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, key):
+        """The item of `key`. An unreadable row (image or caption) is replaced by the next readable row in `rows`,
+        with the same random draws, so the batch keeps its size on every process (DDP) and stays a function of
+        the key; the replaced rows are listed in the item's `bad_rows` (counted by the training loop)."""
         position, micro_step, global_row = key
+        bad_rows, first = [], None
+        for attempt in range(len(self.rows)):
+            candidate = (position + attempt) % len(self.rows)
+            try:
+                item = self._item(candidate, micro_step, global_row)
+            except BadRow as e:
+                logger.warning(f"{e}; skipped (replaced by the next readable row)")
+                bad_rows.append(int(self.rows[candidate]))
+                first = first or str(e)
+                continue
+            item["bad_rows"] = bad_rows
+            return item
+        raise UsageError(f"no row of the data set is readable; {first}")
+
+    def row_problem(self, position: int) -> Optional[str]:
+        """Why the row at `position` cannot be trained on (one line), or None: `--scan_data`."""
+        try:
+            self._read(position)
+        except BadRow as e:
+            return str(e)
+        return None
+
+    def _read(self, position: int):
+        """(decoded images, winner first; caption value) of a row, or BadRow naming the row and the column."""
         row = int(self.rows[position])
         columns = self.image_columns if self.winner_first[position] else self.image_columns[::-1]
-        # A fixed number of draws, whatever the options: flip, crop top, crop left per image; empty prompt; caption.
-        u = torch.rand(3 * len(columns) + 2, generator=step_generator(self.seed, AUGMENT_TAG, micro_step, global_row)).tolist()
         record = self.ds[row]
-        images, pixels, originals, crops = [], [], [], []
-        for i, column in enumerate(columns[: self.decode]):
+        images = []
+        for column in columns[: self.decode]:
             try:
-                image = decode_image(record[column], self.base_dir)
+                images.append(decode_image(record[column], self.base_dir))
             except Exception as e:
-                raise UsageError(f"row {row}: column {column!r} is not a readable image ({type(e).__name__}: "
-                                 f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+                raise BadRow(f"row {row}: column {column!r} is not a readable image ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+        caption = record[self.caption_column]
+        if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
+            bad = [c for c in caption if not isinstance(c, str)]
+        else:
+            bad = [] if isinstance(caption, str) else [caption]
+        if bad:
+            raise BadRow(f"row {row}: column {self.caption_column!r} holds {type(bad[0]).__name__}, "
+                         f"expected a caption string")
+        return images, caption
+
+    def _item(self, position, micro_step, global_row):
+        row = int(self.rows[position])
+        # A fixed number of draws, whatever the options: flip, crop top, crop left per image; empty prompt; caption.
+        u = torch.rand(3 * len(self.image_columns) + 2,
+                       generator=step_generator(self.seed, AUGMENT_TAG, micro_step, global_row)).tolist()
+        images, caption_value = self._read(position)
+        pixels, originals, crops = [], [], []
+        for i, image in enumerate(images):
             p, original, crop = resize_crop_flip(image, self.resolution, self.random_crop,
                                                  self.hflip and u[3 * i] < 0.5, u[3 * i + 1], u[3 * i + 2])
-            images.append(image)
             pixels.append(p)
             originals.append(original)
             crops.append(crop)
-        caption, prompt = _pick_caption(record[self.caption_column], u[-2], u[-1], self.proportion_empty, row,
-                                        self.caption_column)
+        caption, prompt = _pick_caption(caption_value, u[-2], u[-1], self.proportion_empty, row, self.caption_column)
         item = {"pixels": torch.stack(pixels), "original_size": torch.tensor(originals), "crop": torch.tensor(crops),
                 "caption": caption, "prompt": prompt, "row": row}
         if self.keep_pil:
             item["pil"] = images
         return item
+
+
+class BadRow(Exception):
+    """A row whose image or caption cannot be read (one line naming the row and the column)."""
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
@@ -298,6 +346,37 @@ def collate_images(items):
     """Stack tensors (B, n, ...); keep strings, ints and PIL images as lists."""
     return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
             for k in items[0]}
+
+
+class _RowCheck(torch.utils.data.Dataset):
+    """(position, why it is unreadable or None) for each position: the scan's items, decoded in the workers."""
+
+    def __init__(self, dataset, positions):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        position = int(self.positions[i])
+        return position, self.dataset.row_problem(position)
+
+
+def scan_rows(dataset, positions, num_workers: int = 0, show_progress: bool = False):
+    """`--scan_data`: read every row at `positions` (this process's share) with `num_workers` DataLoader workers.
+    Returns [(position, reason)] of the unreadable rows."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(_RowCheck(dataset, positions), batch_size=None, num_workers=num_workers)
+    return [(position, reason) for position, reason in tqdm(loader, total=len(positions), disable=not show_progress,
+                                                            desc="scanning rows") if reason is not None]
+
+
+def check_bad_rows(total: int, limit: Optional[int]):
+    """`--max_bad_rows`: the run ends with one line once more rows than the limit were skipped."""
+    if limit is not None and total > limit:
+        raise UsageError(f"{total} unreadable rows skipped, more than --max_bad_rows {limit} (each is named in a "
+                         f"warning above); fix or drop them (--scan_data continue lists and drops them up front)")
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

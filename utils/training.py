@@ -3,12 +3,15 @@
 The scripts keep their method (sampling + loss) and their loop; everything here is method-agnostic.
 """
 import argparse
+import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -85,6 +88,7 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 def check_common_args(args):
     """Checks that need no model, run right after parsing."""
+    check_finite(args)
     positive = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank",
                 "checkpointing_steps", "validation_steps", "num_validation_images"]
     for name in positive:
@@ -106,6 +110,15 @@ def check_common_args(args):
                          f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
 
 
+def check_finite(args):
+    """NaN passes every `<= 0` check and inf every `> 0` one, so each float flag (of both scripts, whatever
+    group added it) must be finite: one check over the parsed values instead of one per flag."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"--{name} must be a finite number, got {v}")
+
+
 def parse_name_paths(items, flag: str = "--reward_model_paths") -> dict:
     """["pickscore=/models/ps", ...] -> {"pickscore": "/models/ps"}: local weights of scoring models by name."""
     paths = {}
@@ -117,20 +130,75 @@ def parse_name_paths(items, flag: str = "--reward_model_paths") -> dict:
     return paths
 
 
+# Exit codes (README "Preemption, bad data and exit codes"): what a requeue wrapper needs to tell apart.
+EXIT_FINISHED, EXIT_CRASH, EXIT_USAGE, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
+STATUS_FILE = "run_status.json"  # the same verdict in --output_dir, for launchers that hide the exit code
+
+
+class RunEnded(Exception):
+    """The run ended early on purpose, after writing what it could; run_main prints one line and exits with
+    `exit_code`."""
+    exit_code, status = EXIT_CRASH, "error"
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
+
+
+class Stopped(RunEnded):
+    """A stop request (SIGTERM, SIGUSR1, Ctrl-C): checkpoint written; resume with --resume_from_checkpoint latest."""
+    exit_code, status = EXIT_STOPPED, "stopped"
+
+
+class Diverged(RunEnded):
+    """Non-finite loss or gradients `patience` steps in a row: the last good step is checkpointed."""
+    exit_code, status = EXIT_DIVERGED, "diverged"
+
+
 def run_main(main, parse_args):
-    """Entry point: bad input (UsageError) becomes one line on stderr and exit code 2, not a traceback."""
+    """Entry point: bad input (UsageError) becomes one line on stderr and exit code 2, not a traceback; a stop
+    request exits 3 and a diverged run 4 (one line each). 0 means the final weights were written."""
     import sys
 
+    args = None
     try:
-        main(parse_args())
+        args = parse_args()
+        main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)  # as argparse does for bad flags (sys.exit(str) would exit 1)
+        write_status(args, "error", EXIT_USAGE, str(e))
+        sys.exit(EXIT_USAGE)  # as argparse does for bad flags (sys.exit(str) would exit 1)
+    except RunEnded as e:
+        print(f"{'stopped' if e.exit_code == EXIT_STOPPED else 'error'}: {e}", file=sys.stderr)
+        write_status(args, e.status, e.exit_code, str(e), e.step)
+        sys.exit(e.exit_code)
+    write_status(args, "finished", EXIT_FINISHED, "final weights written")
 
 
-def save_args(args, output_dir):
-    with open(os.path.join(output_dir, "args.json"), "w") as f:
+def write_status(args, status: str, exit_code: int, message: str, step: Optional[int] = None):
+    """--output_dir/run_status.json (main process): `accelerate launch` turns every non-zero exit code of the
+    script into 1, so a requeue wrapper reads this file instead."""
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir is None or int(os.environ.get("RANK", "0")) != 0 or not os.path.isdir(output_dir):
+        return
+    try:
+        with open(os.path.join(output_dir, STATUS_FILE), "w") as f:
+            json.dump({"status": status, "exit_code": exit_code, "step": step, "message": message}, f)
+    except OSError:
+        pass  # a full or read-only disk: the exit code and the printed line still say it
+
+
+def save_args(args, output_dir, name: str = "args.json"):
+    with open(os.path.join(output_dir, name), "w") as f:
         json.dump(vars(args), f, indent=2, sort_keys=True)
+
+
+def output_error(output_dir: str, e: OSError, what: str) -> UsageError:
+    """An OSError while writing into --output_dir as one line: a full disk and a read-only folder named as such."""
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(e.errno, e.strerror or type(e).__name__)
+    return UsageError(f"--output_dir {output_dir}: {reason} while writing {what}")
 
 
 # --------------------------------------------------------------------------- accelerator
@@ -150,8 +218,13 @@ def make_accelerator(args, project_name: str):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, args.output_dir)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            # args.json stays the first run's; each resume adds args-resume-<step>.json (resume_from_checkpoint)
+            if not (args.resume_from_checkpoint and os.path.exists(os.path.join(args.output_dir, "args.json"))):
+                save_args(args, args.output_dir)
+        except OSError as e:
+            raise output_error(args.output_dir, e, "args.json") from None
         if report_to:
             config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
             accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
@@ -265,26 +338,6 @@ def cast_inputs_to(dtype: torch.dtype):
     return hook
 
 
-def update_weights(accelerator, unet, optimizer, lr_scheduler, max_grad_norm: float, skip: bool) -> torch.Tensor:
-    """The end of an accumulation: clip, step the optimizer and the lr, zero the gradients. Returns the gradient
-    norm before clipping (0 when skipped or not clipped). DeepSpeed clips and steps inside accelerator.backward,
-    so its norm comes from the engine."""
-    from accelerate.utils import DistributedType
-
-    grad_norm = None
-    if not skip:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            grad_norm = unet.get_global_grad_norm()
-        elif max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2's norm of sharded gradients is a DTensor
-        grad_norm = grad_norm.full_tensor()
-    return torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=accelerator.device).float()
-
-
 def full_state_dict(accelerator, model):
     """The whole state dict of a UNet whose weights are sharded (a collective: every process must call it), or
     None where each process holds the whole model and the model itself can be saved."""
@@ -335,19 +388,39 @@ def build_lr_scheduler(args, optimizer, num_processes: int):
 def save_unet_weights(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
     """LoRA: pytorch_lora_weights.safetensors (diffusers format). Full: unet/ (from_pretrained format).
     `state_dict`: the gathered weights of a sharded UNet (`full_state_dict`), written instead of the UNet's own."""
-    from .models import has_lora, save_lora
+    from .models import LORA_WEIGHT_NAME, has_lora, save_lora
 
+    folder = os.path.join(output_dir, "unet")
     if has_lora(unet):
         save_lora(unet, output_dir, is_sdxl, state_dict)
-    elif state_dict is None:
-        unet.save_pretrained(os.path.join(output_dir, "unet"))
+        written = [os.path.join(output_dir, LORA_WEIGHT_NAME)]
     else:
-        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-        from safetensors.torch import save_file
+        if state_dict is None:
+            unet.save_pretrained(folder)
+        else:
+            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+            from safetensors.torch import save_file
 
-        folder = os.path.join(output_dir, "unet")
-        unet.save_config(folder)
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+            unet.save_config(folder)
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+        written = [os.path.join(folder, f) for f in os.listdir(folder)]
+    give_umask_permissions(written)
+
+
+def give_umask_permissions(paths):
+    """safetensors' save_file creates its files with mode 0600 whatever the umask (measured: 0600 under umask
+    0022, where torch.save gives 0644), so a run's weights were unreadable to the rest of a group; give them
+    what open() gives any other file: 0666 & ~umask."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        if os.path.isfile(path):
+            os.chmod(path, mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def register_checkpoint_hooks(accelerator, is_sdxl: bool):
@@ -398,20 +471,32 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
 
     Written into a hidden temporary folder and renamed into place once complete, so a crash mid-save never
     leaves a checkpoint-N that looks complete. Old checkpoints are removed only after the new one exists.
+    An OSError on any process (a full disk, a read-only folder) removes the partial folder on every process
+    and becomes one line naming the cause (UsageError).
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = os.path.join(output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(partial)
+    except OSError as e:
+        error = e
+    _raise_if_any_failed(accelerator, error, partial, output_dir, f"checkpoint-{step}")
+    error = None
     if accelerator.is_main_process:
-        with open(os.path.join(partial, STATE_FILE), "w") as f:
-            json.dump({"global_step": step, **(extra or {})}, f)
-        if os.path.exists(final):  # a resumed run saving the same step again
-            shutil.rmtree(final)
-        os.rename(partial, final)
+        try:
+            with open(os.path.join(partial, STATE_FILE), "w") as f:
+                json.dump({"global_step": step, **(extra or {})}, f)
+            if os.path.exists(final):  # a resumed run saving the same step again
+                shutil.rmtree(final)
+            os.rename(partial, final)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(accelerator, error, partial, output_dir, f"checkpoint-{step}")
+    if accelerator.is_main_process:
         checkpoints = list_checkpoints(output_dir)
         if total_limit is not None:
             for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
@@ -421,47 +506,189 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
     return final
 
 
+def _raise_if_any_failed(accelerator, error: Optional[OSError], partial: str, output_dir: str, what: str):
+    """Every process learns whether any failed (one all-reduce), so none waits forever at the next barrier."""
+    failed = torch.tensor(float(error is not None), device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item() == 0:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # a partial checkpoint must not fill what space is left
+    if error is None:
+        raise UsageError(f"--output_dir {output_dir}: another process could not write {what}; the partial "
+                         f"checkpoint was removed")
+    raise output_error(output_dir, error, f"{what}; the partial checkpoint was removed") from None
+
+
+def save_checkpoint_of(accelerator, args, step: int, extra=None) -> Optional[str]:
+    """The checkpoint of a completed step, unless it exists already (a periodic one) or nothing was trained."""
+    path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    if step == 0 or os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path if step > 0 else None
+    return save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run_state(args, extra))
+
+
+def run_state(args, extra=None) -> dict:
+    """What a checkpoint records besides accelerate's state: the arguments of the run that wrote it, so a resume
+    can refuse flags that would silently not apply."""
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}  # as JSON reads them back
+    return {"args": {k: v for k, v in plain.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            **(extra or {})}
+
+
+# Flags that may differ between a run and its resume: they change neither the numbers of a step nor what the
+# restored optimizer, scheduler and data stream mean. Any other difference is refused (the restored scheduler
+# would silently override e.g. a new --learning_rate, while args.json would record it).
+SAFE_TO_CHANGE_ON_RESUME = {
+    "output_dir", "resume_from_checkpoint", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "validation_steps", "validation_prompts", "num_validation_images", "report_to", "tracker_project_name",
+    "logging_dir", "push_to_hub", "hub_model_id", "dataloader_num_workers", "cache_dir", "reward_model_paths",
+    "reward_paths", "max_bad_rows", "scan_data", "gradient_checkpointing", "allow_tf32",
+    "channels_last", "compile_sampler", "vae_gradient_checkpointing",  # speed only (utils/speed.py)
+}
+
+
+def changed_flags(saved_args: dict, args) -> list:
+    """Flags whose value differs from the checkpoint's run (flags one of the two runs did not know are skipped)."""
+    current = run_state(args)["args"]
+    return sorted(k for k in saved_args.keys() & current.keys()
+                  if k not in SAFE_TO_CHANGE_ON_RESUME and saved_args[k] != current[k])
+
+
 def resume_from_checkpoint(accelerator, args) -> int:
-    """Load the state named by --resume_from_checkpoint; returns the optimizer step to continue from (0 = fresh)."""
+    """Load the state named by --resume_from_checkpoint; returns the optimizer step to continue from (0 = fresh).
+
+    The main process picks the checkpoint and broadcasts its path, so every process resumes from the same one
+    even if a save lands in between. Resuming from an older checkpoint than the newest moves the newer ones
+    (the abandoned branch) into abandoned-<time>/, so `latest` cannot continue that branch later.
+    """
     if args.resume_from_checkpoint is None:
         return 0
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting fresh")
-            return 0
-        path = checkpoints[-1]
-    else:
-        path = args.resume_from_checkpoint
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [None]
+    if accelerator.is_main_process:
+        if args.resume_from_checkpoint == "latest":
+            checkpoints = list_checkpoints(args.output_dir)
+            chosen = [checkpoints[-1] if checkpoints else None]
+        else:
+            chosen = [args.resume_from_checkpoint]
+    path = broadcast_object_list(chosen, from_process=0)[0]
+    if path is None:
+        logger.info(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}, starting fresh")
+        return 0
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise UsageError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {STATE_FILE})")
-    accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
-        step = json.load(f)["global_step"]
+        state = json.load(f)
+    step = state["global_step"]
+    changed = changed_flags(state.get("args", {}), args)
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint {path}: flags differ from the run that wrote it (" + ", ".join(
+            f"--{k} {state['args'][k]!r} -> {getattr(args, k)!r}" for k in changed) + "); a resume restores that "
+            f"run's optimizer and scheduler, so resume with its values or start a new run")
+    accelerator.load_state(path)
+    if accelerator.is_main_process:
+        set_aside_newer(args.output_dir, step)
+        try:
+            save_args(args, args.output_dir, f"args-resume-{step}.json")
+        except OSError as e:
+            raise output_error(args.output_dir, e, f"args-resume-{step}.json") from None
+    accelerator.wait_for_everyone()
     logger.info(f"resumed from {path} at step {step}")
     return step
 
 
+def set_aside_newer(output_dir: str, step: int):
+    """Move checkpoints after `step`, and final weights written after it, into abandoned-<time>/."""
+    newer = [p for p in list_checkpoints(output_dir) if int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)) > step]
+    if not newer:
+        return
+    from .models import LORA_WEIGHT_NAME
+
+    finals = [p for p in (os.path.join(output_dir, LORA_WEIGHT_NAME), os.path.join(output_dir, "unet")) if os.path.exists(p)]
+    target = os.path.join(output_dir, time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    os.makedirs(target, exist_ok=True)
+    for p in newer + finals:
+        shutil.move(p, os.path.join(target, os.path.basename(p)))
+    logger.warning(f"resuming from step {step}: moved {', '.join(os.path.basename(p) for p in newer + finals)} "
+                   f"of the abandoned later run into {target}")
+
+
 # --------------------------------------------------------------------------- the end of a step
-def reduce_step_metrics(accelerator, micro_metrics, grad_norm) -> dict:
-    """One metrics dict per optimizer step: each value averaged over the micro-steps, then over processes."""
-    logs = {k: torch.stack([m[k].float() for m in micro_metrics]).mean() for k in micro_metrics[0]}
+def reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts: Optional[dict] = None) -> dict:
+    """One metrics dict per optimizer step: each value averaged over the micro-steps, then over processes;
+    `counts` (this process's integers, e.g. bad rows) are summed over processes, in the same all-reduce."""
+    logs = {k: torch.stack([m[k].float() for m in micro_metrics]).mean() for k in micro_metrics[0]} if micro_metrics else {}
     logs["grad_norm"] = torch.as_tensor(grad_norm, device=accelerator.device).float()
+    counts = counts or {}
+    logs.update({k: torch.tensor(float(v), device=accelerator.device) for k, v in counts.items()})
     reduced = accelerator.reduce(torch.stack(list(logs.values())), "mean")
-    logs = {k: v.item() for k, v in zip(logs, reduced)}
+    out = {k: v.item() for k, v in zip(logs, reduced)}
+    out.update({k: int(round(out[k] * accelerator.num_processes)) for k in counts})  # mean x processes = sum
     if torch.cuda.is_available():  # this process's peak since the start: what decides the GPU a run needs
-        logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return logs
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
-def checkpoint_or_stop(accelerator, args, global_step: int, stop: "StopRequest") -> bool:
-    """Save a checkpoint when one is due or a stop was requested; True means: leave the loop now."""
+def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped: bool):
+    """The update at the end of an accumulation: clip, then step unless the loss or the gradient was not finite.
+
+    The gradient norm is computed even with clipping off (max norm inf: the gradients are multiplied by 1), so a
+    finite loss with an infinite gradient skips the step (on every process: its flag is all-reduced) instead of
+    writing inf into the weights. Returns (grad_norm, skipped)."""
+    from accelerate.utils import DistributedType
+
+    grad_norm = torch.zeros((), device=accelerator.device)
+    if not skipped:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            norm = model.get_global_grad_norm()  # the engine clipped (--max_grad_norm) and stepped in backward
+        else:
+            norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2's norm of sharded gradients is a DTensor
+            norm = norm.full_tensor()
+        grad_norm = grad_norm if norm is None else torch.as_tensor(norm, device=accelerator.device).float()
+        if accelerator.scaler is None:  # fp16's GradScaler skips overflowing steps itself, and must see them to
+            # lower its scale (a few at the start are normal), so only unscaled runs check here
+            bad = torch.tensor(float(not torch.isfinite(torch.as_tensor(grad_norm)).all()), device=accelerator.device)
+            skipped = accelerator.reduce(bad, reduction="sum").item() > 0
+        if not skipped:
+            optimizer.step()
+            lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def checkpoint_or_stop(accelerator, args, global_step: int, stop: "StopRequest", metrics_log=None) -> bool:
+    """Save a checkpoint when one is due or a stop was requested. A stop before the last step ends the run
+    (Stopped, exit code 3); at the last step the run goes on to write its final weights (exit code 0) and
+    this returns True (skip what is not needed, e.g. the last validation)."""
+    if injected("SIGNAL", accelerator, global_step, "end"):
+        os.kill(os.getpid(), signal.SIGUSR1)
     stopping = stop.any_process(accelerator)
     if global_step % args.checkpointing_steps == 0 or stopping:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-    if stopping:
-        logger.warning(f"stopped at step {global_step}; continue with --resume_from_checkpoint latest")
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_state(args))
+    if stopping and global_step < args.max_train_steps:
+        stop_run(accelerator, args, global_step, metrics_log)
     return stopping
+
+
+def stop_run(accelerator, args, completed_step: int, metrics_log=None):
+    """A stop request: checkpoint the last completed step (a partial accumulation is dropped by the caller; batches
+    depend only on (seed, step, micro-step), so the resume redraws them), close the logs, raise Stopped."""
+    # accelerate counts micro-steps to know which one syncs, and saves the count: rewind the dropped ones, or the
+    # resumed run would step its optimizer in the middle of an accumulation
+    accelerator.step = completed_step * args.gradient_accumulation_steps
+    path = save_checkpoint_of(accelerator, args, completed_step)
+    end_logs(accelerator, metrics_log)
+    where = f"{path} holds it; continue with --resume_from_checkpoint latest" if path else \
+        "no step was completed, nothing to save; rerun with --resume_from_checkpoint latest"
+    raise Stopped(f"stop requested; stopped after step {completed_step}: {where}", completed_step)
+
+
+def end_logs(accelerator, metrics_log=None):
+    if metrics_log is not None:
+        metrics_log.close()
+    accelerator.end_training()
 
 
 def log_step(accelerator, metrics_log: "MetricsLog", progress, logs: dict, shown=("loss",)):
@@ -524,40 +751,88 @@ def read_metrics(output_dir: str):
 
 
 # --------------------------------------------------------------------------- robustness
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGUSR1: SLURM's early warning, --signal=USR1@N
+
+
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM, SIGUSR1 and Ctrl-C set a flag; the loop checks it at every micro-step and stops with a checkpoint.
+
+    Any number of SIGTERM / SIGUSR1 only set the flag again: scancel and preemption signal every process, and
+    torchrun forwards a second SIGTERM to its workers. Only a second Ctrl-C quits at once (KeyboardInterrupt).
+    DataLoader workers forked afterwards inherit the handler, so they keep serving batches until the stop.
+    """
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.stopping = False  # set by the all-reduced checks: some process asked
+        self.interrupts = 0
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:  # a second Ctrl-C from a terminal: quit now
+                raise KeyboardInterrupt
+        if not self.requested:
+            logger.warning(f"signal {signal.Signals(signum).name}: stopping with a checkpoint at the next micro-step")
         self.requested = True
-        logger.warning(f"signal {signum}: saving a checkpoint at the end of this step, then exiting")
 
     def any_process(self, accelerator) -> bool:
         flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        self.stopping = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return self.stopping
+
+
+def injected(name: str, accelerator, step: int, micro) -> bool:
+    """Test-only fault injection, read here only: DIFFUSION_ALIGN_INJECT_NAN (the loss becomes NaN) and
+    DIFFUSION_ALIGN_INJECT_SIGNAL (the process sends itself SIGUSR1) hold comma-separated `STEP[.MICRO][@RANK]`:
+    STEP the metrics.jsonl step (from 1); MICRO the micro-step (from 0; default 0), or `end` for the step's end,
+    after its update (signals only); RANK one process (default: all)."""
+    for item in filter(None, os.environ.get(f"DIFFUSION_ALIGN_INJECT_{name}", "").split(",")):
+        where, _, rank = item.partition("@")
+        at_step, _, at_micro = where.partition(".")
+        if (int(at_step), at_micro or "0") == (step, str(micro)) and rank in ("", str(accelerator.process_index)):
+            return True
+    return False
 
 
 class NonFiniteGuard:
-    """Skip updates whose loss is not finite on any process; stop after `patience` in a row."""
+    """Skip updates whose loss (any micro-step) or gradient is not finite on any process; after `patience`
+    such steps in a row, checkpoint the last good step and stop (Diverged, exit code 4).
 
-    def __init__(self, patience: int = 3):
-        self.patience = patience
-        self.in_a_row = 0
+    `check` is the one collective of a micro-step: it all-reduces the loss's finiteness and the stop flag."""
 
-    def all_finite(self, accelerator, loss: torch.Tensor) -> bool:
-        bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=accelerator.device)
-        finite = accelerator.reduce(bad, reduction="sum").item() == 0  # every process must agree (DDP)
-        self.in_a_row = 0 if finite else self.in_a_row + 1
-        if self.in_a_row >= self.patience:
-            raise RuntimeError(f"non-finite loss in {self.in_a_row} steps in a row; stopping. Lower --learning_rate, "
-                               f"use bf16 instead of fp16, or check the reward / data (see metrics.jsonl)")
-        return finite
+    def __init__(self, patience: int = 3, start_step: int = 0):
+        self.patience, self.in_a_row, self.total, self.last_good = patience, 0, 0, start_step
+
+    def check(self, accelerator, loss: torch.Tensor, stop: StopRequest, step: int, micro: int = 0):
+        """(every process's loss is finite, some process asked to stop); `step` is the step being computed (from 1)."""
+        if injected("SIGNAL", accelerator, step, micro):
+            os.kill(os.getpid(), signal.SIGUSR1)  # the real handler, at a known micro-step
+        if injected("NAN", accelerator, step, micro):
+            loss.detach().fill_(float("nan"))  # the loss and its logged value; backward is then skipped
+        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop.requested)],
+                             device=accelerator.device)
+        bad, stopping = accelerator.reduce(flags, reduction="sum").tolist()
+        stop.stopping = stopping > 0
+        return bad == 0, stop.stopping
+
+    def end_step(self, accelerator, args, global_step: int, skipped: bool, metrics_log=None):
+        """Count the step; `patience` skipped steps in a row: checkpoint the last good one and raise Diverged."""
+        if not skipped:
+            self.in_a_row, self.last_good = 0, global_step
+            return
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        logger.warning(f"step {global_step}: non-finite loss or gradient; update skipped ({self.in_a_row} in a row)")
+        if self.in_a_row < self.patience:
+            return
+        path = save_checkpoint_of(accelerator, args, self.last_good)
+        end_logs(accelerator, metrics_log)
+        saved = f"{path} holds the last good step" if path else "no step was good, nothing saved"
+        raise Diverged(f"non-finite loss or gradient in {self.in_a_row} steps in a row (steps "
+                       f"{self.last_good + 1}-{global_step}); {saved}. Lower --learning_rate, use bf16 instead of "
+                       f"fp16, or check the reward / data (see metrics.jsonl)", self.last_good)
 
 
 def step_generator(seed: int, *indices: int) -> torch.Generator:
@@ -597,4 +872,4 @@ def push_output_to_hub(args):
 
     repo_id = args.hub_model_id or Path(args.output_dir).name
     repo_id = create_repo(repo_id, exist_ok=True).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", ".checkpoint-*"])
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", ".checkpoint-*", "abandoned-*"])
