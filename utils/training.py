@@ -585,7 +585,7 @@ def resume_from_checkpoint(accelerator, args) -> int:
     if changed:
         raise UsageError(f"--resume_from_checkpoint {path}: flags differ from the run that wrote it (" + ", ".join(
             f"--{k} {state['args'][k]!r} -> {getattr(args, k)!r}" for k in changed) + "); a resume restores that "
-            f"run's optimizer and scheduler, so resume with its values or start a new run")
+            "run's optimizer and scheduler, so resume with its values or start a new run")
     accelerator.load_state(path)
     if accelerator.is_main_process:
         set_aside_newer(args.output_dir, step)
