@@ -476,9 +476,10 @@ def test_sft_trains_only_on_winners(tiny_sd_path, tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").exists()
     proc = run_script(dpo_flags(tiny_sd_path, data, tmp_path / "dpo", "--train_batch_size", 2, "--max_train_steps", 1,
                                 "--dataloader_num_workers", 1), expect_ok=False)
-    # The run got as far as the first batch, so log lines come first; the error is the last line, no traceback.
+    # Bad rows are skipped, but here every pair has an unreadable image: one line naming the first, no traceback.
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: row ") and "is not a readable image" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no row of the data set is readable; row ") and "is not a readable image" in last
 
 
 def test_sft_on_an_image_folder_from_an_initial_unet(tiny_sd_path, tmp_path):
