@@ -214,7 +214,9 @@ def parse_args(argv=None):
     g.add_argument("--guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale of the validation images (1 = no guidance)")
     add_speed_args(parser, sampling=False)
-    describe_defaults(parser, "the Diffusion-DPO train.py", beta_dpo=5000.0, proportion_empty_prompts=0.2)
+    describe_defaults(parser, "the Diffusion-DPO train.py", beta_dpo=5000.0, proportion_empty_prompts=0.2,
+                      adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
+                      checkpointing_steps=500, report_to="tensorboard")
     args = parser.parse_args(argv)
     resolve_learning_rate(args)
     check_args(args)

@@ -3,6 +3,7 @@
 The scripts keep their method (sampling + loss) and their loop; everything here is method-agnostic.
 """
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -145,6 +146,10 @@ def check_common_args(args):
         raise UsageError("--lr_warmup_steps and --max_grad_norm must be >= 0")
     if args.use_8bit_adam and args.use_adafactor:
         raise UsageError("--use_8bit_adam and --use_adafactor are alternatives; pick one")
+    packages = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"]}.get(args.report_to, [])
+    if packages and not any(importlib.util.find_spec(p) for p in packages):  # accelerate would skip it silently
+        raise UsageError(f"--report_to {args.report_to} needs the {packages[0]} package: pip install {packages[0]}, "
+                         f"or pass --report_to none")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UsageError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
@@ -304,7 +309,8 @@ def build_optimizer(args, params, learning_rate: float):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or pip install -r "
+                             "requirements-extra.txt)") from None
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
