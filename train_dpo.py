@@ -277,6 +277,10 @@ def main(args):
     # accelerate launch sets WORLD_SIZE for more than one process; a set of only ties fails here, not after loading
     check_enough_rows(len(data_rows), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), n_ties,
                       args.label_column)
+    # the first row read once now (images decoded at any size, caption checked): a wrong image path or a caption
+    # that is not text fails in seconds, not after the models load. SFT without a scorer never reads the loser.
+    ImagePairDataset(ds, image_columns, args.caption_column, data_rows[:1], winner_first[:1], resolution=8,
+                     decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
 
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")

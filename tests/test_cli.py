@@ -176,3 +176,17 @@ def test_a_preference_set_of_only_ties_is_one_line_before_the_models_load(tmp_pa
                        "--output_dir", tmp_path / "run", "--report_to", "none"], expect_ok=False)
     one_error_line(proc, "the dataset has 0 usable rows (3 pairs with a tie, label_0 = 0.5, were dropped)")
     assert not (tmp_path / "run").exists()  # found before the accelerator, the output folder and the models
+
+
+def test_a_caption_that_is_not_text_is_one_line_before_the_models_load(tmp_path):
+    import datasets
+
+    from tests.test_dpo import png
+
+    data = str(tmp_path / "numbers")
+    datasets.Dataset.from_list([{"jpg_0": png((1, 2, 3)), "jpg_1": png((3, 2, 1)), "caption": 7, "label_0": 1.0}] * 3
+                               ).save_to_disk(data)
+    proc = run_script(["train_dpo.py", "--pretrained_model_name_or_path", "tiny-sd", "--dataset_name", data,
+                       "--output_dir", tmp_path / "run", "--report_to", "none"], expect_ok=False)
+    one_error_line(proc, "row 0: column 'caption' holds int, expected a caption string")
+    assert not (tmp_path / "run").exists()
