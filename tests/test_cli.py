@@ -89,7 +89,8 @@ def test_dpo_help_shows_the_defaults_and_where_they_come_from(built_parser, monk
     source = "from the Diffusion-DPO train.py"
     for flag, text in {"--beta_dpo": f"(default: 5000.0, {source})", "--max_train_steps": f"(default: 2000, {source})",
                        "--lr_warmup_steps": f"(default: 500, {source})", "--seed": "(default: 0)",
-                       "--output_dir": "(default: outputs/run)", "--report_to": "(default: tensorboard)"}.items():
+                       "--adam_weight_decay": f"(default: 0.01, {source})", "--max_grad_norm": f"(default: 1.0, {source})",
+                       "--output_dir": "(default: outputs/run)", "--report_to": f"(default: tensorboard, {source})"}.items():
         assert text in lines[flag], lines[flag]
     assert "1e-08 for the full UNet" in lines["--learning_rate"] and "0.0005 with --use_lora" in lines["--learning_rate"]
     assert "in DRaFT" not in lines["--channels_last"]  # the DPO script's own wording
