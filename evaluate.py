@@ -41,7 +41,8 @@ from utils.models import LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freez
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.toyworld import parse_prompt, prompt_accuracy
-from utils.training import compute_dtype, parse_name_paths, run_main, save_args, save_image_grid
+from utils.training import (HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args,
+                            save_image_grid)
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
@@ -50,11 +51,11 @@ TOYWORLD_ACC = "toyworld_acc"
 
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = parser.add_argument_group("models")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="the base pipeline (hub id or folder; 'tiny-sd' / 'tiny-sdxl'); always evaluated, as 'base'")
-    g.add_argument("--revision", default=None)
+    g.add_argument("--revision", default=None, help="hub revision of the base pipeline (default: the main branch)")
     g.add_argument("--variant", default=None, help="weight variant of the base, e.g. fp16")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
@@ -85,14 +86,16 @@ def parse_args(argv=None):
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")
     g = parser.add_argument_group("sampling")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--batch_size", type=int, default=8, help="images per UNet call, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="dtype of every model (default: what `accelerate config` says)")
     g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", default="outputs/eval")
+    g.add_argument("--output_dir", default="outputs/eval", help="where the tables, plot, grids and images go")
     g.add_argument("--grid_prompts", type=int, default=16, help="rows of each grids/<model>.png (the first N prompts)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show the libraries' warnings and weight-loading progress bars (hidden by default)")
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -103,6 +106,8 @@ def check_args(args):
     for name in ("num_inference_steps", "batch_size", "num_seeds", "grid_prompts"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} is a file; pass a folder (it is made if missing)")
     if args.diversity != "none" and args.num_seeds < 2:
         raise UsageError(f"--diversity {args.diversity} compares a prompt's images in pairs: --num_seeds must be >= 2, "
                          f"got {args.num_seeds} (or pass --diversity none)")
@@ -282,6 +287,7 @@ def main(args):
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_mixed_precision(accelerator)
     device, dtype = accelerator.device, compute_dtype(accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

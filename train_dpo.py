@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
 import time
 
 import torch
@@ -45,24 +46,28 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        LatentCacheDataset, check_bad_rows, collate_images, next_batch, open_image_dataset,
-                        require_columns, scan_rows, select_pairs)
+                        LatentCacheDataset, check_bad_rows, check_enough_rows, collate_images, next_batch,
+                        open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args
-from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
-                            build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
-                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
-                            unet_is_wrapped)
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
+                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
+                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
+                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
+                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, set_help,
+                            shards_parameters, step_generator, stop_run, unet_is_wrapped)
 
 
 logger = logging.getLogger("train_dpo")
 
 # The names the Diffusion-DPO train.py gave its --choice_model scorers, mapped to this project's registry.
 CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2"}
+# --learning_rate when not given. Full UNet: the Diffusion-DPO train.py's 1e-8, which its recipes multiply by the
+# effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
+# (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
+FULL_UNET_LEARNING_RATE, LORA_LEARNING_RATE = 1e-8, 5e-4
 
 
 # --------------------------------------------------------------------------- the method
@@ -152,19 +157,25 @@ def swap_pairs(batch, swap):
 
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     epilog=DEFAULTS_NOTE)
     add_common_args(parser)
-    # The Diffusion-DPO train.py defaults: full UNet, lr 1e-8 (the recipes add --scale_lr), constant lr after a
-    # 500-step warmup, 2000 steps. LoRA needs a far larger lr (diffusers' DPO LoRA example: 1e-5).
-    parser.set_defaults(use_lora=False, learning_rate=1e-8, lr_scheduler="constant_with_warmup", lr_warmup_steps=500,
-                        max_train_steps=2000)
+    # The Diffusion-DPO train.py defaults: full UNet, constant lr after a 500-step warmup, 2000 steps; the lr
+    # depends on --use_lora and is resolved after parsing (resolve_learning_rate).
+    describe_defaults(parser, "the Diffusion-DPO train.py", use_lora=False, lr_scheduler="constant_with_warmup",
+                      lr_warmup_steps=500, max_train_steps=2000)
+    parser.set_defaults(learning_rate=None)
+    set_help(parser, "learning_rate",
+             f"peak learning rate (default: {FULL_UNET_LEARNING_RATE:g} for the full UNet, from the Diffusion-DPO "
+             f"train.py, whose recipes add --scale_lr; {LORA_LEARNING_RATE:g} with --use_lora, from diffusers' DPO "
+             f"LoRA example train_diffusion_dpo.py)")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
                    help="hub id, save_to_disk folder, .parquet / .jsonl / .csv file (image columns: bytes or paths "
                         "relative to the file), or a folder load_dataset reads")
     g.add_argument("--train_data_dir", default=None, help="image folder with metadata.jsonl (datasets' imagefolder)")
     g.add_argument("--cache_dir", default=None, help="datasets cache folder")
-    g.add_argument("--split", default="train")
+    g.add_argument("--split", default="train", help="split of --dataset_name to train on")
     g.add_argument("--image_0_column", default=PAIR_COLUMNS[0], help="first image of a pair (bytes, path or Image)")
     g.add_argument("--image_1_column", default=PAIR_COLUMNS[1], help="second image of a pair")
     g.add_argument("--label_column", default=LABEL_COLUMN,
@@ -191,8 +202,11 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("method")
     g.add_argument("--sft", action="store_true", help="supervised fine-tuning on the preferred images instead of DPO")
-    g.add_argument("--beta_dpo", type=float, default=5000.0, help="DPO temperature: the strength of the KL penalty")
-    g.add_argument("--loss_type", default="sigmoid", choices=list(DPO_LOSSES))
+    g.add_argument("--beta_dpo", type=float, default=5000.0,
+                   help="DPO temperature: the strength of the KL penalty (diffusers' DPO example has no 0.5 factor: "
+                        "its beta 2500 is 5000 here)")
+    g.add_argument("--loss_type", default="sigmoid", choices=list(DPO_LOSSES),
+                   help="sigmoid: Diffusion-DPO; hinge: SLiC, relu(1 - inside); ipo: IPO, (inside / beta - 1 / (2 beta))^2")
     g.add_argument("--choice_model", default=None,
                    help=f"AI feedback: this scoring model picks each pair's winner (labels ignored); one of "
                         f"{', '.join(list_rewards())} (aliases: {', '.join(CHOICE_MODEL_ALIASES)})")
@@ -206,11 +220,22 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("validation images")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the validation images")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale of the validation images (1 = no guidance)")
     add_speed_args(parser, sampling=False)
+    describe_defaults(parser, "the Diffusion-DPO train.py", beta_dpo=5000.0, proportion_empty_prompts=0.2,
+                      adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
+                      checkpointing_steps=500, report_to="tensorboard")
     args = parser.parse_args(argv)
+    resolve_learning_rate(args)
     check_args(args)
     return args
+
+
+def resolve_learning_rate(args):
+    """--learning_rate not given: the full-UNet or the LoRA default (written to args.json as resolved)."""
+    if args.learning_rate is None:
+        args.learning_rate = LORA_LEARNING_RATE if args.use_lora else FULL_UNET_LEARNING_RATE
 
 
 def check_args(args):
@@ -262,6 +287,13 @@ def main(args):
     require_columns(ds, {**columns, **({"--label_column": args.label_column} if use_labels else {})}, where)
     data_rows, winner_first, n_ties = select_pairs(ds, args.label_column if use_labels else None,
                                                    args.max_train_samples, args.seed)
+    # accelerate launch sets WORLD_SIZE for more than one process; a set of only ties fails here, not after loading
+    check_enough_rows(len(data_rows), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), n_ties,
+                      args.label_column)
+    # the first row read once now (images decoded at any size, caption checked): a wrong image path or a caption
+    # that is not text fails in seconds, not after the models load. SFT without a scorer never reads the loser.
+    ImagePairDataset(ds, image_columns, args.caption_column, data_rows[:1], winner_first[:1], resolution=8,
+                     decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
 
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")

@@ -33,15 +33,15 @@ from tqdm.auto import tqdm
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
-from utils.rewards import load_reward, parse_reward_spec
+from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
-from utils.training import (MetricsLog, NonFiniteGuard, StopRequest, add_common_args, build_lr_scheduler,
-                            build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype, log_step,
-                            log_validation, make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
-                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
-                            unet_is_wrapped)
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
+                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
+                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
+                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
+                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, shards_parameters,
+                            step_generator, stop_run, unet_is_wrapped)
 
 
 logger = logging.getLogger("train_draftp")
@@ -84,11 +84,13 @@ def parse_truncation_range(text: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     epilog=DEFAULTS_NOTE)
     add_common_args(parser)
     g = parser.add_argument_group("reward")
     g.add_argument("--reward_model", default="pickscore",
-                   help="a scoring model name, or a weighted sum such as 'pickscore:1.0,aesthetic:0.05'")
+                   help=f"a scoring model ({', '.join(list_rewards())}), or a weighted sum such as "
+                        f"'pickscore:1.0,aesthetic:0.05'")
     g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
                    help="local folder or file for a scoring model instead of its hub id, e.g. pickscore=/models/pickscore")
     g.add_argument("--reward_scale", type=float, default=1.0, help="multiplies the reward in the loss")
@@ -100,7 +102,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("sampling and DRaFT")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: back-propagate through the last K steps (K = --num_inference_steps is full DRaFT)")
@@ -113,11 +115,18 @@ def parse_args(argv=None):
                    help="the latent decoded and scored: the last DDIM step's predicted x_0 (NeMo-Aligner's DRaFT+), "
                         "or its x_{t-1} (what a diffusers pipeline returns; about 3.4x weaker reward gradient on SD's "
                         "schedule at 50 steps). Validation images are always the pipeline's x_{t-1}")
-    g.add_argument("--kl_coeff", type=float, default=0.0, help="DRaFT+ KL weight (0 = plain DRaFT)")
+    g.add_argument("--kl_coeff", type=float, default=0.0,
+                   help="DRaFT+ KL weight (0 = plain DRaFT; NeMo-Aligner's DRaFT+ config uses 1.0, "
+                        "launchers/draftp_sd15.sh)")
     g.add_argument("--log_kl", action="store_true",
                    help="compute and log the KL to the base model also when --kl_coeff is 0 (costs one frozen-model "
                         "forward per grad step; a full-UNet run keeps a frozen copy for it)")
     add_speed_args(parser)
+    # NeMo-Aligner's DRaFT+ config (examples/mm/stable_diffusion/conf/draftp_sd.yaml; launchers/draftp_sd15.sh
+    # passes the same values and cites each), in place of add_common_args' general-purpose defaults.
+    describe_defaults(parser, "NeMo-Aligner's DRaFT+ config", use_lora=True, lora_rank=32, learning_rate=1e-4,
+                      adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, max_grad_norm=10.0, reward_model="pickscore",
+                      num_inference_steps=50, eta=0.0, guidance_scale=7.5, truncation_steps=1)
     args = parser.parse_args(argv)
     check_args(args)
     return args

@@ -17,6 +17,7 @@
 # (AlignProp: total_batch_size 128 = 4 GPUs x 4 per GPU x 8 accumulation). Keep the product at 128.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 REWARD=${REWARD:-hpsv2}
@@ -46,5 +47,5 @@ ARGS=(
   --checkpointing_steps 100 --validation_steps 50
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_draftp.py "${ARGS[@]}" "$@"

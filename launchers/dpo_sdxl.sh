@@ -13,6 +13,7 @@
 # (the published run: 16 x 1 x 128). --scale_lr: 1e-8 x 2048 = 2.048e-5.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
 VAE=${VAE:-madebyollin/sdxl-vae-fp16-fix}
@@ -43,5 +44,5 @@ ARGS=(
   --mixed_precision bf16
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_dpo.py "${ARGS[@]}" "$@"

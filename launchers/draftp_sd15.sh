@@ -18,6 +18,7 @@
 # global_batch_size 4). With more GPUs keep the product at 4 (e.g. GPUS=4 GRAD_ACCUM=1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root, whatever the caller's folder
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 REWARD=${REWARD:-pickscore}
@@ -47,5 +48,5 @@ ARGS=(
   --checkpointing_steps 500 --validation_steps 100
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_draftp.py "${ARGS[@]}" "$@"

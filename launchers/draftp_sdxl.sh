@@ -16,6 +16,7 @@
 # global_batch_size 1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
 VAE=${VAE:-madebyollin/sdxl-vae-fp16-fix}
@@ -48,5 +49,5 @@ ARGS=(
   --checkpointing_steps 500 --validation_steps 100
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_draftp.py "${ARGS[@]}" "$@"

@@ -8,6 +8,7 @@
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 8 x 1 x 256 = 2048 images per optimizer step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 DATASET=${DATASET:-yuvalkirstain/pickapic_v2}
@@ -34,5 +35,5 @@ ARGS=(
   --mixed_precision bf16
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_dpo.py "${ARGS[@]}" "$@"

@@ -167,6 +167,15 @@ def select_pairs(ds, label_column: Optional[str], max_samples: Optional[int] = N
     return rows, winner_first, n_ties
 
 
+def check_enough_rows(num_rows: int, per_process: int, num_processes: int, n_ties: int = 0, label_column: str = ""):
+    """At least one global batch of usable rows; `n_ties` dropped ties are named, since a set of only ties (or
+    nearly) is the usual cause. Called before any model loads, and again by GlobalBatchSampler."""
+    if num_rows < per_process * num_processes:
+        dropped = f" ({n_ties} pairs with a tie, {label_column} = 0.5, were dropped)" if n_ties else ""
+        raise UsageError(f"the dataset has {num_rows} usable rows{dropped}, fewer than one global batch "
+                         f"({num_processes} processes x --train_batch_size {per_process})")
+
+
 def decode_image(value, base_dir: Optional[str] = None):
     """An RGB PIL image from encoded bytes, a path (relative to `base_dir`), a datasets Image dict or a PIL image."""
     from PIL import Image
@@ -391,9 +400,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, num_rows: int, per_process: int, num_processes: int = 1, process_index: int = 0, seed: int = 0,
                  start_micro_step: int = 0):
         self.global_batch = per_process * num_processes
-        if num_rows < self.global_batch:
-            raise UsageError(f"the dataset has {num_rows} usable rows, fewer than one global batch "
-                             f"({num_processes} processes x --train_batch_size {per_process})")
+        check_enough_rows(num_rows, per_process, num_processes)
         self.num_rows, self.per_epoch, self.seed, self.start = num_rows, num_rows // self.global_batch, seed, start_micro_step
         self.mine = range(process_index * per_process, (process_index + 1) * per_process)
         self._epoch, self._permutation = None, None

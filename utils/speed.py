@@ -26,8 +26,9 @@ COMPILE_MODES = ["auto", "off", "default", "reduce-overhead", "max-autotune-no-c
 def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
     """The speed flags; sampling=False: only --channels_last (train_dpo.py samples no images while training)."""
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
+    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy)"
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the UNet (and in DRaFT the VAE) in channels-last (NHWC) memory format")
+                   help=f"keep {what} in channels-last (NHWC) memory format")
     if not sampling:
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,

@@ -4,6 +4,7 @@ The scripts keep their method (sampling + loss) and their loop; everything here 
 """
 import argparse
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -27,60 +28,109 @@ STATE_FILE = "training_state.json"  # written last into a checkpoint: its presen
 
 
 # --------------------------------------------------------------------------- arguments
+DEFAULTS_NOTE = ("Defaults marked 'from ...' follow that source; the other defaults are this project's own choices\n"
+                 "(README.md, 'Where the defaults come from').")
+EARLIER_RUN_FILES = ("args.json", "metrics.jsonl", "samples", "pytorch_lora_weights.safetensors", "unet")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout (its launch commands) and shows each flag's default and its source.
+
+    A default is shown unless it is None, False or empty (the help line then says what the flag does when unset);
+    `describe_defaults` names where a default comes from."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default in ([], "")):
+            return text
+        source = getattr(action, "default_source", None)
+        source = f", from {source}".replace("%", "%%") if source else ""
+        return f"{text} (default: %(default)s{source})"
+
+
+def describe_defaults(parser: argparse.ArgumentParser, source: str, **defaults):
+    """parser.set_defaults(**defaults), with --help naming `source` beside each of these defaults."""
+    parser.set_defaults(**defaults)
+    for action in parser._actions:  # argparse keeps no public list of actions
+        if action.dest in defaults:
+            action.default_source = source
+
+
+def set_help(parser: argparse.ArgumentParser, dest: str, text: str):
+    """Replace the help line of a flag defined in add_common_args whose default one script resolves itself."""
+    next(a for a in parser._actions if a.dest == dest).help = text
+
+
 def add_common_args(parser: argparse.ArgumentParser):
     """The flags both scripts take (names follow the diffusers examples and the Diffusion-DPO train.py)."""
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="hub id or local diffusers pipeline folder (SD1.5 or SDXL, read from model_index.json); "
                         "'tiny-sd' / 'tiny-sdxl' build tiny offline pipelines")
-    g.add_argument("--revision", default=None, help="hub revision of the pipeline")
-    g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    g.add_argument("--revision", default=None, help="hub revision of the pipeline (default: the main branch)")
+    g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16 (default: the full-precision files)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+                   help="a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix (default: the pipeline's)")
 
     g = parser.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="outputs/run", help="where weights, checkpoints, metrics and samples go")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an --output_dir that holds an earlier run: first delete its args.json, "
+                        "metrics.jsonl, samples/, weights, checkpoints and tracker logs (other files stay)")
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="where the metrics and validation images go besides metrics.jsonl and samples/")
     g.add_argument("--tracker_project_name", default=None, help="tracker project (default: the script's name)")
     g.add_argument("--push_to_hub", action="store_true", help="upload --output_dir to the hub at the end")
     g.add_argument("--hub_model_id", default=None, help="hub repo for --push_to_hub (default: output_dir's name)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show the libraries' warnings and weight-loading progress bars (hidden by default)")
 
     g = parser.add_argument_group("training")
     g.add_argument("--seed", type=int, default=0, help="seeds noise, prompts, timesteps and LoRA init")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="default: what `accelerate config` says")
+                   help="dtype of the frozen parts and of autocast; fp16 needs a GPU (default: what `accelerate config` "
+                        "says, else no)")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--train_batch_size", type=int, default=1, help="per GPU and per accumulation micro-step")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-steps per optimizer step (effective batch = GPUs x batch x this)")
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
     g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=True,
                    help="train a LoRA adapter (--no-use_lora: the full UNet)")
-    g.add_argument("--lora_rank", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --lora_rank (scale 1)")
+    g.add_argument("--lora_rank", type=int, default=8, help="LoRA rank of the UNet's attention projections")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to --lora_rank, scale 1)")
 
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=1e-4,
+                   help="peak learning rate (multiplied by the effective batch with --scale_lr)")
     g.add_argument("--scale_lr", action="store_true",
                    help="multiply the lr by GPUs x train_batch_size x gradient_accumulation_steps")
-    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' get_scheduler")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer steps")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (also of 8-bit AdamW)")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (also of 8-bit AdamW)")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2,
+                   help="decoupled weight decay of AdamW (and of Adafactor)")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA)")
     g.add_argument("--use_adafactor", action="store_true", help="transformers Adafactor (less optimizer memory)")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep at most this many checkpoints (default: keep all)")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (of --output_dir; none there: start fresh) or a checkpoint-N folder "
+                        "(default: a new run)")
 
     g = parser.add_argument_group("validation")
-    g.add_argument("--validation_prompts", nargs="*", default=None, help="prompts drawn every --validation_steps")
+    g.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts drawn every --validation_steps (default: the first two training prompts)")
     g.add_argument("--validation_steps", type=int, default=100, help="optimizer steps between validation images")
     g.add_argument("--num_validation_images", type=int, default=2, help="seeds per validation prompt")
     return parser
@@ -100,14 +150,57 @@ def check_common_args(args):
         raise UsageError("--lr_warmup_steps and --max_grad_norm must be >= 0")
     if args.use_8bit_adam and args.use_adafactor:
         raise UsageError("--use_8bit_adam and --use_adafactor are alternatives; pick one")
+    packages = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"]}.get(args.report_to, [])
+    if packages and not any(importlib.util.find_spec(p) for p in packages):  # accelerate would skip it silently
+        raise UsageError(f"--report_to {args.report_to} needs the {packages[0]} package: pip install {packages[0]}, "
+                         f"or pass --report_to none")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UsageError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder; "
                          f"pass 'latest' or a checkpoint-N folder from an earlier run")
-    if args.resume_from_checkpoint is None and list_checkpoints(args.output_dir):
+    check_output_dir(args)
+
+
+def check_output_dir(args):
+    """--output_dir must be a folder (or not exist yet) and hold no earlier run, unless this run resumes it or is
+    told to overwrite it. Only the first process looks: later processes may start after it has written args.json."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} is a file; pass a folder (it is made if missing)")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise UsageError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue; "
+                         "pass one of them")
+    if args.overwrite_output_dir or args.resume_from_checkpoint is not None or os.environ.get("RANK", "0") != "0":
+        return
+    if list_checkpoints(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} already holds checkpoints of an earlier run; pass "
-                         f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+                         f"--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, "
+                         f"or choose another --output_dir")
+    found = earlier_run_files(args.output_dir)
+    if found:
+        raise UsageError(f"--output_dir {args.output_dir} already holds an earlier run ({', '.join(found)}); pass "
+                         f"--overwrite_output_dir to replace it, or choose another --output_dir")
+
+
+def earlier_run_files(output_dir: str):
+    """The names in `output_dir` that a training run writes (a run writes args.json first)."""
+    return [name for name in EARLIER_RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+
+
+def clear_earlier_run(args):
+    """--overwrite_output_dir: delete what an earlier run wrote into --output_dir, and nothing else."""
+    names = earlier_run_files(args.output_dir) + [
+        name for name in os.listdir(args.output_dir) if CHECKPOINT_RE.match(name.removeprefix(".").removesuffix(".partial"))]
+    if not os.path.isabs(args.logging_dir) and ".." not in Path(args.logging_dir).parts:  # only inside --output_dir
+        names.append(args.logging_dir)
+    for name in names:
+        path = os.path.join(args.output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if names:
+        logger.info(f"--overwrite_output_dir: deleted the earlier run's {', '.join(sorted(set(names)))}")
 
 
 def check_finite(args):
@@ -163,6 +256,7 @@ def run_main(main, parse_args):
     args = None
     try:
         args = parse_args()
+        quiet_libraries(getattr(args, "verbose", False))
         main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -186,6 +280,23 @@ def write_status(args, status: str, exit_code: int, message: str, step: Optional
             json.dump({"status": status, "exit_code": exit_code, "step": step, "message": message}, f)
     except OSError:
         pass  # a full or read-only disk: the exit code and the printed line still say it
+
+
+def quiet_libraries(verbose: bool = False):
+    """Hide what the libraries print on every run and that needs no action: transformers' and diffusers' weight-
+    loading progress bars and warnings (e.g. "modules ... should be kept in float32: []" on every `.to(dtype)`),
+    datasets' progress bars, and bitsandbytes' "pip install kernels" warning (diffusers imports bitsandbytes
+    whenever it is installed; its CPU backend warns at import). Errors still show. --verbose keeps the defaults."""
+    if verbose:
+        return
+    import datasets
+    import diffusers
+    import transformers
+
+    for library in (transformers, diffusers, datasets):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # before the import, which happens on the first load
 
 
 def save_args(args, output_dir, name: str = "args.json"):
@@ -215,11 +326,14 @@ def make_accelerator(args, project_name: str):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_mixed_precision(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
+            if args.overwrite_output_dir:
+                clear_earlier_run(args)
             # args.json stays the first run's; each resume adds args-resume-<step>.json (resume_from_checkpoint)
             if not (args.resume_from_checkpoint and os.path.exists(os.path.join(args.output_dir, "args.json"))):
                 save_args(args, args.output_dir)
@@ -344,6 +458,14 @@ def full_state_dict(accelerator, model):
     return accelerator.get_state_dict(model) if shards_parameters(accelerator) else None
 
 
+def check_mixed_precision(accelerator):
+    """fp16 on a CPU: accelerate turns autocast off there, so fp16 frozen models would meet fp32 inputs in the
+    first forward pass (a dtype-mismatch traceback after every model has loaded). Say so before loading."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UsageError("--mixed_precision fp16 (or fp16 in `accelerate config`) needs a GPU, and this run is on the "
+                         "CPU; pass --mixed_precision bf16 or no")
+
+
 def compute_dtype(accelerator) -> torch.dtype:
     """dtype of the frozen parts: the mixed-precision dtype (trainable weights stay fp32)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -368,7 +490,8 @@ def build_optimizer(args, params, learning_rate: float):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or pip install -r "
+                             "requirements-extra.txt)") from None
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW

@@ -27,7 +27,7 @@ if [ -z "${MAIN_PROCESS_IP:-}" ]; then
 fi
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/ddp.yaml}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the project's venv first
+source launchers/env.bash  # PYTHON: the project's .venv where there is one
 
 CMD=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG"
      --num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes $((NNODES * GPUS_PER_NODE))

@@ -8,6 +8,7 @@
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 2 x 1 = 2 prompts per optimizer step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-tiny-sd}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny-draftp}
@@ -32,5 +33,5 @@ ARGS=(
   --report_to none
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_draftp.py "${ARGS[@]}" "$@"

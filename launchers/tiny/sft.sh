@@ -6,6 +6,7 @@
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 4 x 1 = 4 pairs per optimizer step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-tiny-sd}
 DATA=${DATA:-outputs/toy_prefs}
@@ -14,7 +15,6 @@ MAX_STEPS=${MAX_STEPS:-30}
 GPUS=${GPUS:-1}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
-PYTHON=${PYTHON:-python}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/single_gpu.yaml}
 
 [ -e "$DATA" ] || $PYTHON -m utils.synthetic --output_dir "$DATA" --num_pairs 64 --seed 0
@@ -33,5 +33,5 @@ ARGS=(
   --report_to none
 )
 # LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-accelerate launch --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
+LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
 $LAUNCHER train_dpo.py "${ARGS[@]}" "$@"
