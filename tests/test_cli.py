@@ -2,8 +2,6 @@
 one-line errors before any model loads, the guard against rerunning into an earlier run's --output_dir, the DPO
 learning rate that follows --use_lora, and a quiet stderr."""
 import argparse
-import io
-import json
 import os
 
 import pytest
