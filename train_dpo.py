@@ -517,8 +517,8 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
             if scorer is not None:
                 scores[name] = [round(s, 5) for s in scorer(images, prompts).tolist()]
             rows.append(images.cpu())
-        log_validation(accelerator, args.output_dir, step, torch.cat(rows), nrow=len(prompts),
-                       info={"rows": list(models), "prompts": prompts, "seeds": seeds, "scores": scores})
+        log_validation(accelerator, args.output_dir, step, torch.cat(rows), list(models), prompts,
+                       info={"seeds": seeds, "scores": scores}, scores=scores, score_name=args.choice_model)
     accelerator.wait_for_everyone()
 
 
