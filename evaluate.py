@@ -20,8 +20,9 @@ SD1.5 with PickScore and HPSv2.1, LoRA and full-UNet outputs, prompts split acro
         --reward_models pickscore hpsv2.1 --mixed_precision bf16 --batch_size 16 --output_dir outputs/eval-sd15
 
 Writes to --output_dir: results.csv and results.md (one row per model: mean and std of each reward over all
-images, diversity), reward_vs_diversity.png, grids/<model>.png (rows = prompts, columns = seeds),
-images/<model>/p<prompt>_s<seed>.png, scores.jsonl (one line per image) and args.json.
+images, diversity), reward_vs_diversity.png, grids/<model>.png (rows = prompts, columns = seeds) and comparison.png
+(rows = models, columns = prompts at the first seed), labelled, each image's scores under it, with a sidecar json
+each; images/<model>/p<prompt>_s<seed>.png, scores.jsonl (one line per image) and args.json.
 """
 import argparse
 import csv
@@ -37,12 +38,12 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
+from utils.grids import format_score, save_grid
 from utils.models import LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.toyworld import parse_prompt, prompt_accuracy
-from utils.training import (HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args,
-                            save_image_grid)
+from utils.training import HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
@@ -93,7 +94,8 @@ def parse_args(argv=None):
                    help="dtype of every model (default: what `accelerate config` says)")
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", default="outputs/eval", help="where the tables, plot, grids and images go")
-    g.add_argument("--grid_prompts", type=int, default=16, help="rows of each grids/<model>.png (the first N prompts)")
+    g.add_argument("--grid_prompts", type=int, default=16,
+                   help="the first N prompts: rows of each grids/<model>.png, columns of comparison.png")
     g.add_argument("--verbose", action="store_true",
                    help="show the libraries' warnings and weight-loading progress bars (hidden by default)")
     args = parser.parse_args(argv)
@@ -264,18 +266,29 @@ def plot_reward_vs_diversity(rows, args):
     plt.close(fig)
 
 
-def write_grids(records, model_names, args):
-    """grids/<model>.png: rows = the first --grid_prompts prompts, columns = seeds, from the saved images."""
+def write_grids(records, model_names, columns, args):
+    """grids/<model>.png: rows = the first --grid_prompts prompts, columns = seeds; comparison.png: rows = models,
+    columns = the same prompts at the first seed. From the saved images, each with its scores (`columns`) under it."""
     from PIL import Image
 
     prompt_ids = sorted({r["prompt_index"] for r in records})[: args.grid_prompts]
+    seeds = sorted({r["seed"] for r in records})
+    by_key = {(r["model"], r["prompt_index"], r["seed"]): r for r in records}
+    prompts = [by_key[(model_names[0], p, seeds[0])]["prompt"] for p in prompt_ids]
+
+    def grid(stem, keys, row_labels, col_labels, title):
+        tiles = np.stack([np.asarray(Image.open(os.path.join(args.output_dir, by_key[k]["image"])).convert("RGB"))
+                          for k in keys])
+        captions = ["\n".join(f"{c} {format_score(by_key[k][c])}" for c in columns) for k in keys]
+        sidecar = {"rows": row_labels, "columns": col_labels, "images": [by_key[k]["image"] for k in keys]}
+        save_grid(os.path.join(args.output_dir, stem), tiles.transpose(0, 3, 1, 2) / 255, row_labels, col_labels,
+                  captions, title, sidecar)
+
     for name in model_names:
-        by_key = {(r["prompt_index"], r["seed"]): r["image"] for r in records if r["model"] == name}
-        seeds = sorted({s for _, s in by_key})
-        tiles = [torch.from_numpy(np.array(Image.open(os.path.join(args.output_dir, by_key[(p, s)])).convert("RGB")))
-                 for p in prompt_ids for s in seeds]
-        grid = torch.stack(tiles).permute(0, 3, 1, 2).float() / 255
-        save_image_grid(grid, os.path.join(args.output_dir, "grids", f"{name}.png"), nrow=len(seeds))
+        grid(os.path.join("grids", name), [(name, p, s) for p in prompt_ids for s in seeds], prompts,
+             [f"seed {s}" for s in seeds], title=name)
+    grid("comparison", [(name, p, seeds[0]) for name in model_names for p in prompt_ids], model_names, prompts,
+         title=f"seed {seeds[0]}")
 
 
 # --------------------------------------------------------------------------- main
@@ -357,7 +370,7 @@ def main(args):
         rows = summarize(records, diversities, list(models), columns, args)
         write_tables(rows, args)
         plot_reward_vs_diversity(rows, args)
-        write_grids(records, list(models), args)
+        write_grids(records, list(models), columns, args)
         logger.info("results:\n" + open(os.path.join(args.output_dir, "results.md")).read())
     accelerator.wait_for_everyone()
     accelerator.end_training()

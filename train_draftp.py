@@ -340,8 +340,8 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
         if accelerator.is_main_process:
             rows = [name for name in ("base", "trained") if name in images]
             rewards = {name: [round(r, 5) for r in scorer(images[name], prompts).float().tolist()] for name in rows}
-            log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]),
-                           nrow=len(prompts), info={"rows": rows, "prompts": prompts, "seeds": seeds, "rewards": rewards})
+            log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]), rows,
+                           prompts, info={"seeds": seeds, "rewards": rewards}, scores=rewards)
     accelerator.wait_for_everyone()
 
 

@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, run_script
 from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
+from utils.grids import GAP
 from utils.synthetic import build_synthetic_preferences, synthetic_preference_rows, write_preference_set
 from utils.training import read_metrics
 
@@ -335,6 +336,8 @@ def test_lora_first_loss_is_log2_and_every_step_is_logged(lora_run):
     assert (lora_run["out"] / "samples" / "validation-step-000000.png").exists()
     info = json.loads((lora_run["out"] / "samples" / "validation-step-000003.json").read_text())
     assert info["rows"] == ["base", "trained"] and len(info["prompts"]) == 2
+    grid = info["grid"]  # no --choice_model: no scores, so no caption band under the images
+    assert (grid["rows"], grid["cols"]) == (2, 2) and grid["pitch_y"] == grid["cell_height"] + GAP
 
 
 def test_ties_are_dropped_and_the_count_is_printed(lora_run, pref_data):
@@ -420,6 +423,8 @@ def test_choice_model_runs_without_labels_and_scores_validation_images(full_run)
     assert "with a tie" not in full_run["log"]  # no label column is read
     info = json.loads((full_run["out"] / "samples" / "validation-step-000001.json").read_text())
     assert set(info["scores"]) == {"base", "trained"} and len(info["scores"]["trained"]) == 2
+    grid = info["grid"]  # the scores are drawn: a caption line under each image
+    assert grid["pitch_y"] > grid["cell_height"] + GAP
 
 
 def held_out_dpo_metrics(base_path, trained_unet, data, beta, resolution=32, draws=4):

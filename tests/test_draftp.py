@@ -8,10 +8,10 @@ import signal
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train_draftp
 from utils import UsageError
+from utils.grids import read_cells
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import load_reward
 from utils.sampling import cfg_conditioning, decode_latents, low_variance_samples, sample_latents
@@ -285,12 +285,11 @@ def draftp_flags(output_dir, steps=8, reward="brightness", extra=()):
             "--report_to", "none", "--output_dir", output_dir, *extra]
 
 
-def grid_images(path, rows, cols, size=64, pad=2):
-    """Split a torchvision grid (padding 2) back into (rows, cols, H, W, 3) uint8 images."""
-    grid = np.asarray(Image.open(path).convert("RGB"))
-    return np.stack([np.stack([grid[pad + r * (size + pad):pad + r * (size + pad) + size,
-                                    pad + c * (size + pad):pad + c * (size + pad) + size] for c in range(cols)])
-                     for r in range(rows)])
+def grid_images(path, rows, cols):
+    """The images of a labelled validation grid, cut out with the geometry of its sidecar json: (rows, cols, H, W, 3)."""
+    cells = read_cells(path, json.loads(path.with_suffix(".json").read_text())["grid"])
+    assert cells.shape[:2] == (rows, cols)
+    return cells
 
 
 @pytest.fixture(scope="module")

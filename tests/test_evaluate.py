@@ -69,16 +69,38 @@ def read_rows(out):
 
 def test_every_file_is_written(evaluation):
     for name in ["results.csv", "results.md", "reward_vs_diversity.png", "scores.jsonl", "args.json",
-                 "grids/base.png", f"grids/{LORA}.png", "grids/full.png"]:
+                 "grids/base.png", f"grids/{LORA}.png", "grids/full.png", "comparison.png"]:
         assert (evaluation / name).is_file(), name
-    # a grid: rows = prompts, columns = seeds (64 px tiles, torchvision's 2 px padding)
-    assert Image.open(evaluation / "grids" / "base.png").size == (2 + SEEDS * 66, 2 + len(EVAL_PROMPTS) * 66)
     records = [json.loads(line) for line in open(evaluation / "scores.jsonl")]
     assert len(records) == 3 * len(EVAL_PROMPTS) * SEEDS
     assert {(r["model"], r["prompt"], r["seed"]) for r in records} == {
         (m, p, s) for m in ["base", LORA, "full"] for p in EVAL_PROMPTS for s in range(SEEDS)}
     assert all({"color_match", "brightness", "image"} <= set(r) for r in records)
     assert all((evaluation / r["image"]).is_file() for r in records)
+
+
+@pytest.mark.parametrize("stem, rows, cols", [
+    (f"grids/{LORA}", EVAL_PROMPTS, [f"seed {s}" for s in range(SEEDS)]),  # one model: rows = prompts, columns = seeds
+    ("comparison", ["base", LORA, "full"], EVAL_PROMPTS),  # rows = models, columns = prompts at seed 0
+])
+def test_grids_are_labelled_and_hold_the_saved_images(evaluation, stem, rows, cols):
+    from tests.test_grids import inked
+    from utils.grids import GAP, read_cells
+
+    info = json.loads((evaluation / f"{stem}.json").read_text())
+    assert (info["rows"], info["columns"]) == (rows, cols)
+    g, grid = info["grid"], Image.open(evaluation / f"{stem}.png")
+    # 64 px images scaled by 2; two caption lines (color_match, brightness) under each; plus the label margins
+    assert (g["rows"], g["cols"], g["scale"], g["cell_width"]) == (len(rows), len(cols), 2, 128)
+    assert grid.size == (g["left"] + len(cols) * (128 + GAP), g["top"] + len(rows) * g["pitch_y"])
+    assert inked(grid, (g["left"], 0, g["width"], g["top"] - GAP))  # title and column labels
+    assert inked(grid, (0, g["top"], g["left"] - GAP, g["height"]))  # row labels
+    x0, y0, x1, y1 = g["left"], g["top"] + 128, g["left"] + 128, g["top"] + g["pitch_y"] - GAP
+    assert inked(grid, (x0, y0, x1, y1))  # the scores under the first image
+    cells = read_cells(grid, g)
+    for k, image in enumerate(info["images"]):
+        saved = np.asarray(Image.open(evaluation / image).convert("RGB"))
+        np.testing.assert_array_equal(cells[divmod(k, len(cols))], saved)
 
 
 def test_one_table_row_per_model(evaluation):

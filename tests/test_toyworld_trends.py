@@ -106,3 +106,20 @@ def test_extreme_pairs_take_the_best_and_worst_candidate_in_seed_order():
     # groups of 3: worst first then best; best first; all equal (a tie); 2 candidates = the pair as sampled
     assert trends.extreme_pairs([1, 3, 2, 9, 0, 4, 5, 5, 5], 3) == [(0, 1, 0.0), (3, 4, 1.0), (6, 7, 0.5)]
     assert trends.extreme_pairs([2, 1, 0, 3], 2) == [(0, 1, 1.0), (2, 3, 0.0)]
+
+
+def test_toyworld_pairs_writes_the_experiments_training_pairs(experiment, tmp_path, run_script):
+    """experiments/toyworld_pairs.py (the DPO quickstart's pairs) with the experiment's sampling flags writes exactly
+    the pairs of its seed0/pairs: the same seeds, sampler, scorer and choice of best and worst."""
+    import datasets
+
+    flags = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--max_prompts", 3,
+             "--num_pairs", 3, "--pair_candidates", 3, "--num_inference_steps", 3, "--batch_size", 8, "--seed", 0]
+    run_script(["experiments/toyworld_pairs.py", *flags, "--output_dir", tmp_path / "pairs"])
+    ours, theirs = datasets.load_from_disk(str(tmp_path / "pairs")), datasets.load_from_disk(str(experiment / "seed0" / "pairs"))
+    assert ours.column_names == theirs.column_names and len(ours) == 3
+    assert ours.to_list() == theirs.to_list()
+    assert json.loads((tmp_path / "pairs" / "args.json").read_text())["pair_candidates"] == 3
+    proc = run_script(["experiments/toyworld_pairs.py", "--pair_candidates", "1", "--output_dir", tmp_path / "x"],
+                      expect_ok=False)
+    assert proc.returncode == 2 and "error: --pair_candidates must be >= 2" in proc.stderr

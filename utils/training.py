@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import UsageError
+from .grids import format_score, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -967,27 +968,28 @@ def step_generator(seed: int, *indices: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------- validation images
-def save_image_grid(images: torch.Tensor, path: str, nrow: int):
-    from torchvision.utils import save_image
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(images.float().clamp(0, 1), path, nrow=nrow, padding=2)
-
-
-def log_validation(accelerator, output_dir, step, images, nrow, info: dict, tag="validation"):
-    """Write samples/<tag>-step-N.png (rows of `nrow` images) with a sidecar json (`info`: prompts, seeds,
-    rewards), and send the same grid to the trackers."""
-    stem = os.path.join(output_dir, "samples", f"{tag}-step-{step:06d}")
-    save_image_grid(images, stem + ".png", nrow=nrow)
-    with open(stem + ".json", "w") as f:
-        json.dump({"step": step, **info}, f, indent=1)
+def log_validation(accelerator, output_dir, step, images, rows, prompts, info: dict, scores=None, score_name="reward",
+                   tag="validation"):
+    """Write samples/<tag>-step-N.png: `images` (len(rows) * len(prompts), 3, H, W) in [0,1], one row per name of
+    `rows`, labelled with each prompt over its column, the row names beside the rows and, where `scores` ({row
+    name: [score per prompt]}) has the row, "<score_name> <score>" under each image. A sidecar json holds step,
+    rows, prompts, `info` (seeds, rewards or scores) and the grid's geometry (utils.grids.read_cells gets the
+    exact images back). The trackers get the same labelled grid."""
+    captions = None  # no caption line at all without scores (DPO without --choice_model)
+    if scores:
+        captions = [f"{score_name} {format_score(scores[name][k])}" if name in scores else ""
+                    for name in rows for k in range(len(prompts))]
+    grid = save_grid(os.path.join(output_dir, "samples", f"{tag}-step-{step:06d}"), images, rows, prompts, captions,
+                     sidecar={"step": step, "rows": rows, "prompts": prompts, **info})
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, images.float().clamp(0, 1).cpu(), step, dataformats="NCHW")
+            import numpy as np
+
+            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(img.float().cpu()) for img in images]}, step=step)
+            tracker.log({tag: wandb.Image(grid)}, step=step)
 
 
 def push_output_to_hub(args):
