@@ -42,7 +42,7 @@ from utils.grids import format_score, save_grid
 from utils.models import LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
-from utils.toyworld import parse_prompt, prompt_accuracy
+from utils.toy.world import parse_prompt, prompt_accuracy
 from utils.training import HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args
 
 logger = logging.getLogger("evaluate")
@@ -81,7 +81,7 @@ def parse_args(argv=None):
                    help="lpips: mean pairwise LPIPS (AlexNet) of a prompt's images (the DRaFT+ measure); pixel: mean "
                         "pairwise RMS pixel difference (no weights needed); none: skip")
     g.add_argument("--toyworld_accuracy", action="store_true",
-                   help="also judge each image against its toy-world prompt from its pixels (utils/toyworld.py: count, "
+                   help="also judge each image against its toy-world prompt from its pixels (utils/toy/world.py: count, "
                         "colour, shape, region, background; 1 if all that the prompt names is right): column toyworld_acc")
     g.add_argument("--lpips_weights", default=None, metavar="PATH",
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")

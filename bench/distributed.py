@@ -42,7 +42,7 @@ def write_assets(assets):
     """Here, where open-clip-torch is installed: the real CLIP tokenizer and a PickScore-style processor."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from utils.tiny import build_clip_tokenizer
+    from utils.toy.tiny import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     tokenizer.save_pretrained(os.path.join(assets, "tokenizer"))
@@ -80,7 +80,7 @@ def build_models(assets, models, sdxl):
 
 
 def build_pairs(folder, size):
-    from utils.synthetic import synthetic_preference_rows, write_preference_set
+    from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
 
     if not os.path.isdir(folder):
         write_preference_set(synthetic_preference_rows(64, seed=0, sizes=((size, size),)), folder, "datasets")

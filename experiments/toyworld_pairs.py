@@ -21,7 +21,7 @@ from experiments.toyworld_trends import PAIR_SEED_BASE, Base  # noqa: E402
 from utils import UsageError  # noqa: E402
 from utils.data import load_prompts  # noqa: E402
 from utils.rewards import parse_reward_spec  # noqa: E402
-from utils.synthetic import write_preference_set  # noqa: E402
+from utils.toy.synthetic import write_preference_set  # noqa: E402
 from utils.training import parse_name_paths, run_main, save_args  # noqa: E402
 
 

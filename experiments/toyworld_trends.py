@@ -2,7 +2,7 @@
 
 Per seed of --seeds: sample preference pairs from the base model; train each method of METHODS with the project's
 own scripts (subprocesses, --jobs at a time); evaluate them all beside the base model with evaluate.py; add prompt
-accuracy (utils.toyworld; toy-world prompts only) and Diffusion-DPO's implicit accuracy on held-out pairs. Then
+accuracy (utils.toy.world; toy-world prompts only) and Diffusion-DPO's implicit accuracy on held-out pairs. Then
 average over seeds and check the published DRaFT+ and Diffusion-DPO trends on the numbers.
 
     python experiments/toyworld_trends.py --seeds 0 1 2 3 4 --jobs 8 --batch_size 64   # one GPU: about 15 minutes
@@ -36,9 +36,9 @@ from utils import UsageError  # noqa: E402
 from utils.data import PAIR_COLUMNS, decode_image, load_prompts  # noqa: E402
 from utils.models import LORA_WEIGHT_NAME, encode_prompts, freeze_frozen_parts, load_pipeline_parts  # noqa: E402
 from utils.rewards import load_reward, parse_reward_spec  # noqa: E402
-from utils.synthetic import png_bytes, write_preference_set  # noqa: E402
+from utils.toy.synthetic import png_bytes, write_preference_set  # noqa: E402
 from utils.speed import COMPILE_MODES  # noqa: E402
-from utils.toyworld import parse_prompt, prompt_accuracy  # noqa: E402
+from utils.toy.world import parse_prompt, prompt_accuracy  # noqa: E402
 from utils.training import list_checkpoints, parse_name_paths, read_metrics, run_main, save_args, step_generator  # noqa: E402
 
 # --------------------------------------------------------------------------- the methods, chosen once

@@ -34,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def tiny_sd_path() -> str:
     """Folder of the saved tiny SD1.5-style pipeline (built on first use, then cached on disk)."""
-    from utils.tiny import tiny_pipeline_path
+    from utils.toy.tiny import tiny_pipeline_path
 
     return tiny_pipeline_path("tiny-sd")
 
@@ -42,7 +42,7 @@ def tiny_sd_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_sdxl_path() -> str:
     """Folder of the saved tiny SDXL-style pipeline (built on first use, then cached on disk)."""
-    from utils.tiny import tiny_pipeline_path
+    from utils.toy.tiny import tiny_pipeline_path
 
     return tiny_pipeline_path("tiny-sdxl")
 

@@ -17,7 +17,7 @@ from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
 from utils.grids import GAP
-from utils.synthetic import build_synthetic_preferences, synthetic_preference_rows, write_preference_set
+from utils.toy.synthetic import build_synthetic_preferences, synthetic_preference_rows, write_preference_set
 from utils.training import read_metrics
 
 LOG2 = math.log(2)

@@ -176,7 +176,7 @@ def test_bad_input_is_a_usage_error(flags, message, tmp_path):
 
 
 def test_toyworld_accuracy_is_the_judge_of_each_saved_image(run_script, tmp_path):
-    from utils.toyworld import prompt_accuracy
+    from utils.toy.world import prompt_accuracy
 
     out, prompts = tmp_path / "eval", tmp_path / "prompts.txt"
     prompts.write_text("two red circles\ntwo blue circles\nthree yellow circles\ntwo orange squares\n"

@@ -83,7 +83,7 @@ def test_tiny_tokenizers_tokenize_english_like_real_clip(tiny_sd_path, tiny_sdxl
     import open_clip
     from transformers import AutoTokenizer
 
-    from utils.tiny import build_clip_tokenizer
+    from utils.toy.tiny import build_clip_tokenizer
 
     # The tokenizer saved in the tiny pipeline (what the scripts load) and a freshly built one.
     tok = AutoTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
@@ -113,7 +113,7 @@ def test_tiny_tokenizers_tokenize_english_like_real_clip(tiny_sd_path, tiny_sdxl
 @pytest.mark.parametrize("name,cls_name", [("tiny-sd", "StableDiffusionPipeline"),
                                            ("tiny-sdxl", "StableDiffusionXLPipeline")])
 def test_tiny_pipeline_reloads_from_disk_and_generates(name, cls_name, request):
-    from utils.tiny import TINY_RESOLUTION, build_tiny_pipeline
+    from utils.toy.tiny import TINY_RESOLUTION, build_tiny_pipeline
 
     path = request.getfixturevalue("tiny_sd_path" if name == "tiny-sd" else "tiny_sdxl_path")
     pipe = stock_pipeline(path)

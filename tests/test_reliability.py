@@ -22,7 +22,7 @@ import train_draftp
 from conftest import REPO_ROOT, run_script
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
-from utils.synthetic import synthetic_preference_rows, write_preference_set
+from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
 from utils.training import (EXIT_DIVERGED, EXIT_STOPPED, STATUS_FILE, STOP_SIGNALS, StopRequest, add_common_args,
                             build_lr_scheduler, list_checkpoints, make_accelerator, optimizer_update, read_metrics,
                             resume_from_checkpoint, run_state, save_checkpoint, save_unet_weights)

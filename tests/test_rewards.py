@@ -19,7 +19,7 @@ from PIL import Image
 
 from utils import UsageError
 from utils.rewards import AESTHETIC_FILE, HPS_FILES, list_rewards, load_reward, parse_reward_spec, pil_to_tensor
-from utils.tiny_rewards import TINY_IMAGE_SIZE, save_tiny_aesthetic, save_tiny_clip, save_tiny_open_clip_checkpoint
+from utils.toy.tiny_rewards import TINY_IMAGE_SIZE, save_tiny_aesthetic, save_tiny_clip, save_tiny_open_clip_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEARNED = ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv2.1"]

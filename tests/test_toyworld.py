@@ -1,4 +1,4 @@
-"""The toy world (utils/toyworld.py): the procedural captioned image set and the pixel judge that reads a scene
+"""The toy world (utils/toy/world.py): the procedural captioned image set and the pixel judge that reads a scene
 back. The judge is checked against the scenes the renderer drew, the captions against hand-written English,
 and the written folder through `datasets`, the project's own loader and the command line."""
 import itertools
@@ -159,7 +159,7 @@ def test_command_line_writes_a_loadable_folder(tmp_path, run_script):
     import datasets
 
     out = tmp_path / "toy-cli"
-    proc = run_script(["-m", "utils.toyworld", "--output_dir", out, "--num_images", "8", "--seed", "0"],
+    proc = run_script(["-m", "utils.toy.world", "--output_dir", out, "--num_images", "8", "--seed", "0"],
                       env={"HF_DATASETS_CACHE": str(tmp_path / "hf-cache")})
     assert "wrote 8 images" in proc.stdout
     check_rows(datasets.load_from_disk(str(out)), 8)

@@ -6,8 +6,9 @@ import torch
 
 from utils import toyworld
 from utils.rewards import ImagePrep, prepare_pixels
-from utils.toyworld_models import (TOY_SD_PATH, TOYCLIP_PATH, build_toy_pipeline, clip_config, finish_pipeline,
-                                   save_toy_tokenizer, toy_words, train_clip)
+from utils.toy import TOY_SD_PATH, TOYCLIP_PATH
+from utils.toy.models import (build_toy_pipeline, clip_config, finish_pipeline,
+                               save_toy_tokenizer, toy_words, train_clip)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def toy_tokenizer(tmp_path_factory):
 
 
 def test_toy_tokenizer_matches_clip_on_the_toy_words_and_keeps_any_text(toy_tokenizer):
-    from utils.tiny import build_clip_tokenizer
+    from utils.toy.tiny import build_clip_tokenizer
 
     full = build_clip_tokenizer()
     captions = [row["text"] for row in toyworld.make_rows(50, 0)] + toyworld.prompt_set()
@@ -51,7 +52,7 @@ def test_pipeline_assembly_round_trips_through_from_pretrained(tmp_path, toy_tok
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel
 
-    from utils.tiny import _vae
+    from utils.toy.tiny import _vae
 
     _vae().save_pretrained(tmp_path / "vae")
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import UsageError, toyworld
+from . import UsageError
+from .toy import world as toyworld
 from .training import step_generator
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ BUILTIN_PROMPT_SETS = {
     "animals": [f"a photo of a {a}" for a in ANIMALS],
     "animal_activities": [f"a {a} {act}" for a in ANIMALS for act in ANIMAL_ACTIVITIES],
     "colored_animals": [f"a {c} {a}" for c in COLORS for a in ANIMALS],
-    "toyworld": toyworld.prompt_set(),  # the toy world's 54 count x colour x shape prompts (utils/toyworld.py)
+    "toyworld": toyworld.prompt_set(),  # the toy world's 54 count x colour x shape prompts (utils/toy/world.py)
 }
 
 

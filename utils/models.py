@@ -13,8 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import UsageError
-from .tiny import TINY_NAMES, tiny_pipeline_path
-from .toyworld_models import TOY_NAMES
+from .toy import TINY_NAMES, TOY_NAMES
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -46,10 +45,14 @@ class PipelineParts:
 # --------------------------------------------------------------------------- loading
 def resolve_model_path(name_or_path: str) -> str:
     """`tiny-sd` / `tiny-sdxl` become the folder of the built tiny pipeline, `toy-sd` the committed toy-world
-    pipeline (utils/assets/toy-sd); anything else is kept."""
+    pipeline (utils/toy/assets/toy-sd); anything else is kept."""
     if name_or_path in TOY_NAMES:
         return str(TOY_NAMES[name_or_path])
-    return tiny_pipeline_path(name_or_path) if name_or_path in TINY_NAMES else name_or_path
+    if name_or_path in TINY_NAMES:
+        from .toy.tiny import tiny_pipeline_path  # builds the pipeline the first time (test infrastructure)
+
+        return tiny_pipeline_path(name_or_path)
+    return name_or_path
 
 
 def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:

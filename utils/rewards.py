@@ -24,8 +24,8 @@ Names (``list_rewards()``):
   HPS_v2.1_compressed.pt of hub repo xswu/HPSv2 on an open_clip ViT-H-14, loaded through open-clip-torch (not the
   ``hpsv2`` package). Score = ``image_features . text_features`` (both normalised), as HPSv2's ``img_score.py``;
   its processor resizes the longest side and pads with black (HPSv2 scores with ``light_augmentation=True``).
-- ``toyclip``: the toy world's scorer (``utils/toyworld_models.py``): a small CLIP trained contrastively on the toy
-  world's captioned images, committed in ``utils/assets/toyclip``; scored as PickScore (``logit_scale.exp() * cos``).
+- ``toyclip``: the toy world's scorer (``utils/toy/models.py``): a small CLIP trained contrastively on the toy
+  world's captioned images, committed in ``utils/toy/assets/toyclip``; scored as PickScore (``logit_scale.exp() * cos``).
   It rates how well a 64 px image fits a toy-world prompt ("two red circles on the left").
 - weight-free, no download, any image size, differentiable: ``brightness`` (mean Rec.601 luma, in [0,1]),
   ``saturation`` (mean chroma max(R,G,B) - min(R,G,B), in [0,1]) and ``color_match`` (prompt-aware: 1 minus
@@ -606,7 +606,7 @@ def _build_clip(name, path):
 
 
 def _build_toyclip(name, path):
-    from utils.toyworld_models import TOYCLIP_PATH
+    from utils.toy import TOYCLIP_PATH
 
     path = path or str(TOYCLIP_PATH)
     return PickScore(name, *_load_clip(name, path, path))

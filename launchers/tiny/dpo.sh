@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tiny offline variant of launchers/dpo_sd15.sh: Diffusion-DPO (full UNet).
 # tiny-sd / tiny-sdxl (built in code; trained at 32 px) on a synthetic preference set whose winner is the brighter image
-# (python -m utils.synthetic, written once into DATA): runs on a laptop CPU with no download; the DPO loss starts at
+# (python -m utils.toy.synthetic, written once into DATA): runs on a laptop CPU with no download; the DPO loss starts at
 # log 2 and falls as implicit_acc rises. Values are ours; only the method flags mirror the recipe.
 #
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 4 x 1 = 4 pairs per optimizer step.
@@ -18,7 +18,7 @@ TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/single_gpu.yaml}
 
-[ -e "$DATA" ] || $PYTHON -m utils.synthetic --output_dir "$DATA" --num_pairs 64 --seed 0
+[ -e "$DATA" ] || $PYTHON -m utils.toy.synthetic --output_dir "$DATA" --num_pairs 64 --seed 0
 
 ARGS=(
   --pretrained_model_name_or_path "$MODEL"

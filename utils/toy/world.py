@@ -10,7 +10,7 @@ shape always, the region and background only sometimes (what they leave out is f
 
     "two red circles on the left on a black background", "a photo of a blue square", "three yellow triangles"
 
-    python -m utils.toyworld --output_dir outputs/toyworld-data --num_images 20000 --seed 0
+    python -m utils.toy.world --output_dir outputs/toyworld-data --num_images 20000 --seed 0
 
 writes a `datasets` folder (`save_to_disk`) with columns `image` (64 px PNG), `text` (the caption) and the
 scene's attributes (`count`, `color`, `shape`, `region`, `background`).

@@ -1,19 +1,19 @@
 """The toy world's models: a small SD1.5-layout pipeline (`toy-sd`) and a small CLIP scorer (`toyclip`).
 
-Both are trained here, offline, on the captioned images of `utils/toyworld.py`, and committed under
-`utils/assets/` (a few MB each). `experiments/toyworld_pretrain.sh` runs the whole chain:
+Both are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
+`utils/toy/assets/` (a few MB each). `experiments/toyworld_pretrain.sh` runs the whole chain:
 
-1. data:     python -m utils.toyworld --output_dir DATA --num_images N --seed 0
-2. CLIPs:    python -m utils.toyworld_models train-clip --data DATA --seed 0 --out TEXT_CLIP
+1. data:     python -m utils.toy.world --output_dir DATA --num_images N --seed 0
+2. CLIPs:    python -m utils.toy.models train-clip --data DATA --seed 0 --out TEXT_CLIP
              (its text tower becomes the pipeline's text encoder, as SD1.5 uses CLIP ViT-L's)
-             python -m utils.toyworld_models train-clip --data DATA --seed 1 --out utils/assets/toyclip
+             python -m utils.toy.models train-clip --data DATA --seed 1 --out utils/toy/assets/toyclip
              (an independent CLIP: the scorer, so the reward is not the generator's own text encoder)
-3. VAE:      python -m utils.toyworld_models train-vae --data DATA --from_tiny_vae --out VAE_DIR
-4. pipeline: python -m utils.toyworld_models init-pipeline --vae VAE_DIR --text_clip TEXT_CLIP --out INIT
+3. VAE:      python -m utils.toy.models train-vae --data DATA --from_tiny_vae --out VAE_DIR
+4. pipeline: python -m utils.toy.models init-pipeline --vae VAE_DIR --text_clip TEXT_CLIP --out INIT
              (random UNet), then the UNet is trained by the project's own SFT:
              train_dpo.py --sft --pretrained_model_name_or_path INIT --dataset_name DATA --image_column image
              --caption_column text --no_hflip ... --output_dir SFT
-             python -m utils.toyworld_models finish-pipeline --init INIT --unet SFT --out utils/assets/toy-sd
+             python -m utils.toy.models finish-pipeline --init INIT --unet SFT --out utils/toy/assets/toy-sd
 
 The tokenizer is CLIP's own byte-level BPE restricted to the merges that the toy world's words use (plus
 every single byte), so any English text still tokenizes (unknown words fall apart into characters) while the
@@ -28,27 +28,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import toyworld
-from .rewards import ImagePrep, prepare_pixels
+from ..rewards import ImagePrep, prepare_pixels
+from . import world
 
-ASSETS = Path(__file__).parent / "assets"
-TOY_SD_PATH = ASSETS / "toy-sd"
-TOYCLIP_PATH = ASSETS / "toyclip"
-TOY_NAMES = {"toy-sd": TOY_SD_PATH}
 TEXT_WIDTH = 128  # text encoder width = the UNet's cross_attention_dim
-IMAGE_SIZE = toyworld.RESOLUTION
+IMAGE_SIZE = world.RESOLUTION
 
 
 # --------------------------------------------------------------------------- tokenizer
 def toy_words():
     """Every word the toy world's captions and prompt sets use."""
     words = {"a", "an", "one", "on", "the", "background", "of", "photo", "image", "drawing", "picture", "and"}
-    words.update(toyworld.COUNT_WORDS.values())
-    words.update(toyworld.COLORS, toyworld.BACKGROUNDS)
-    words.update(toyworld.SHAPES, (s + "s" for s in toyworld.SHAPES))
-    for phrase in toyworld.REGION_WORDS.values():
+    words.update(world.COUNT_WORDS.values())
+    words.update(world.COLORS, world.BACKGROUNDS)
+    words.update(world.SHAPES, (s + "s" for s in world.SHAPES))
+    for phrase in world.REGION_WORDS.values():
         words.update(phrase.split())
     return sorted(words)
 
@@ -246,7 +241,7 @@ def main(argv=None):
 
     def trainer(name, help, out_help, steps, batch_size, lr):
         p = sub.add_parser(name, help=help)
-        p.add_argument("--data", required=True, help="a toy-world datasets folder (python -m utils.toyworld)")
+        p.add_argument("--data", required=True, help="a toy-world datasets folder (python -m utils.toy.world)")
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--steps", type=int, default=steps)
         p.add_argument("--batch_size", type=int, default=batch_size)
@@ -254,10 +249,10 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0)
         return p
 
-    p = trainer("train-vae", "the VAE (utils.tiny's architecture) on the toy world's images",
+    p = trainer("train-vae", "the VAE (utils.toy.tiny's architecture) on the toy world's images",
                 "folder for AutoencoderKL.save_pretrained", 6000, 128, 1e-3)
     p.add_argument("--from_tiny_vae", action="store_true",
-                   help="fine-tune the committed tiny VAE (utils/assets/tiny_vae.safetensors) instead of a random init")
+                   help="fine-tune the committed tiny VAE (utils/toy/assets/tiny_vae.safetensors) instead of a random init")
     p = trainer("train-clip", "a small CLIP, contrastively, on the toy world's image-caption pairs",
                 "folder for CLIPModel + CLIPProcessor save_pretrained", 4000, 512, 5e-4)
     p.add_argument("--held_out", type=int, default=2000, help="last N rows kept out of training, for the retrieval check")

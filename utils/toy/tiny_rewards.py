@@ -9,7 +9,7 @@ Each builder writes what the real model ships, so the registry loads it through 
 - ``save_tiny_open_clip_checkpoint(path)``: an open_clip CLIP saved as the HPS checkpoints are, a dict
   ``{"state_dict": model.state_dict()}``, plus ``open_clip_config.json`` next to it naming the tiny architecture.
 
-Images are 32x32 for the vision towers (patch 8); the tokenizer is the real CLIP BPE (``utils.tiny``).
+Images are 32x32 for the vision towers (patch 8); the tokenizer is the real CLIP BPE (``utils.toy.tiny``).
 """
 import json
 import os
@@ -45,7 +45,7 @@ def save_tiny_clip(folder, projection_dim: int = 16, seed: int = 0) -> str:
     """Write a tiny CLIPModel and its CLIPProcessor (shortest edge 32, crop 32) to ``folder``; return it."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from utils.tiny import build_clip_tokenizer
+    from utils.toy.tiny import build_clip_tokenizer
 
     torch.manual_seed(seed)
     folder = Path(folder)

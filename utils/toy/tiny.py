@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TINY_NAMES = ("tiny-sd", "tiny-sdxl")
+from . import TINY_NAMES
 # Bump when the architecture below changes, so stale caches are rebuilt rather than silently reused.
 TINY_VERSION = "v3"
 TINY_RESOLUTION = 64  # pixels; latents are 32x32 (the tiny VAE downsamples by 2)
@@ -91,7 +91,7 @@ def _text_encoder(with_projection=False, hidden=32):
 
 # A random VAE decoder makes every image grey noise of the same mean (its GroupNorms remove any global
 # shift of the latents), so no reward could move. The tiny VAE therefore ships pre-trained weights
-# (`python -m utils.tiny train-vae`, ~1 minute on a GPU): it encodes and decodes colours and shapes.
+# (`python -m utils.toy.tiny train-vae`, ~1 minute on a GPU): it encodes and decodes colours and shapes.
 TINY_VAE_WEIGHTS = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
 
 

@@ -5,7 +5,7 @@ the loser, so a model trained with Diffusion-DPO on it should learn to prefer th
 written with the Pick-a-Pic v2 columns `jpg_0`, `jpg_1` (PNG bytes), `label_0` (1: jpg_0 preferred, 0: jpg_1,
 0.5: a tie) and `caption`; the winner sits in `jpg_0` or `jpg_1` at random.
 
-    python -m utils.synthetic --output_dir data/toy_prefs --num_pairs 64 --seed 0
+    python -m utils.toy.synthetic --output_dir data/toy_prefs --num_pairs 64 --seed 0
 
 `--format datasets` (default) writes a `save_to_disk` folder, `parquet` one parquet file, `jsonl` a
 metadata.jsonl with image paths relative to it, beside the PNG files.
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .data import BUILTIN_PROMPT_SETS
+from ..data import BUILTIN_PROMPT_SETS
 
 PREFERENCES = ("brightness", "redness")
 SHIFT = 0.2  # how far winner and loser move from the shared base image, in [0,1] pixel units
