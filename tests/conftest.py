@@ -47,6 +47,18 @@ def tiny_sdxl_path() -> str:
     return tiny_pipeline_path("tiny-sdxl")
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerator state is a process-wide singleton: give each test its own, as a new process would have."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, env=None) -> subprocess.CompletedProcess:
     """Run a repository script in a subprocess with this interpreter and return the finished process.
 

@@ -41,18 +41,6 @@ def parse_common(*flags):
     return parser.parse_args([FLAG, "tiny-sd", "--report_to", "none", "--mixed_precision", "no", *map(str, flags)])
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerator state is a process-wide singleton: give each test its own, as a new process would have."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def sd_parts(tiny_sd_path):
     return load_pipeline_parts("tiny-sd")

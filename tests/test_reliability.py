@@ -35,18 +35,6 @@ def parse_common(*flags):
 
 
 @pytest.fixture
-def fresh_accelerate_state():
-    """Accelerator state is a process-wide singleton: give each test its own, as a new process would have."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture
 def restore_signal_handlers():
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield
