@@ -325,7 +325,7 @@ def test_toyclip_in_bf16_is_unbiased_on_matching_images():
     every direction and mostly cancel in the mean over images. So the mean must move by less than 0.3 %
     (it moves by 0.02 % with logit_scale in float32, 0.84 % without).
     """
-    from utils import toyworld
+    from utils.toy import world as toyworld
 
     rows = list(toyworld.make_rows(64, 5))
     images = torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2).float() / 255

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from utils import toyworld as tw
+from utils.toy import world as tw
 from utils.data import load_prompts, open_image_dataset
 
 COLUMNS = ["image", "text", "count", "color", "shape", "region", "background"]

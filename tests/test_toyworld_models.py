@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import toyworld
+from utils.toy import world as toyworld
 from utils.rewards import ImagePrep, prepare_pixels
 from utils.toy import TOY_SD_PATH, TOYCLIP_PATH
 from utils.toy.models import (build_toy_pipeline, clip_config, finish_pipeline,
