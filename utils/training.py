@@ -366,13 +366,11 @@ def strategy_name(accelerator) -> str:
 
 
 def shards_parameters(accelerator) -> bool:
-    """True where the trained UNet's weights are split across processes (FSDP, ZeRO-3): every process must then
-    take part in each of its forward passes and in gathering its state dict."""
+    """True where the trained UNet's weights are split across processes (FSDP; ZeRO-3 is refused at start): every
+    process must then take part in each of its forward passes and in gathering its state dict."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def unet_is_wrapped(accelerator) -> bool:
@@ -430,7 +428,8 @@ def prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, froze
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         # Compute in the mixed-precision dtype, but reduce gradients in fp32 as DDP does (accelerate's default
-        # reduces in bf16, and FSDP2 then fails to hand bf16 gradients to the fp32 LoRA weights).
+        # reduces them in bf16). This did not cure the LoRA failure under FSDP2 (LoRA is refused there instead);
+        # the full-UNet FSDP2 run of BENCHMARKS.md "Distributed" ran with it.
         dtype = compute_dtype(accelerator)
         accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
