@@ -103,11 +103,11 @@ def script_flags(script, lora, models, data, sdxl=False):
             "--learning_rate", "1e-5" if lora else "1e-7", *(["--use_adafactor"] if sdxl else [])]
 
 
-def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240):
+def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, checkpointing_steps=2):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "launchers", "accelerate", f"{config}.yaml"), "--num_processes", "1",
            "--main_process_port", str(29500 + hash((config, output_dir)) % 1000), *flags,
-           "--output_dir", output_dir, "--max_train_steps", str(max_steps), "--checkpointing_steps", "2",
+           "--output_dir", output_dir, "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps),
            *(["--resume_from_checkpoint", "latest"] if resume else [])]
     started = time.time()
     with open(log_path, "w") as log:
@@ -137,11 +137,12 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def measure(config, script, lora, flags, work, logs, resume_check=True, max_steps=3):
+def measure(config, script, lora, flags, work, logs, resume_check=True, max_steps=3, checkpointing_steps=2):
     name = f"{config}-{script}-{'lora' if lora else 'full'}"
     out = os.path.join(work, name)
     shutil.rmtree(out, ignore_errors=True)
-    code, seconds = launch(config, flags, out, max_steps, False, os.path.join(logs, name + ".log"))
+    code, seconds = launch(config, flags, out, max_steps, False, os.path.join(logs, name + ".log"),
+                           checkpointing_steps=checkpointing_steps)
     row = dict(config=config, script=script, mode="LoRA" if lora else "full", wall_s=round(seconds, 1))
     metrics = read_metrics(out)
     if code != 0:
@@ -195,7 +196,8 @@ def main():
     parser.add_argument("--scripts", nargs="*", default=[], choices=["draftp", "dpo"])
     parser.add_argument("--modes", nargs="*", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
-    parser.add_argument("--sdxl_memory", action="store_true", help="full-UNet SDXL DPO (Adafactor, checkpointing), 2 steps")
+    parser.add_argument("--sdxl_memory", action="store_true", help="full-UNet SDXL DPO (Adafactor, checkpointing), 3 steps, no checkpoint")
+    parser.add_argument("--no_resume", action="store_true", help="skip the resumed run (to fit more rows in one call)")
     args = parser.parse_args()
     if args.write_assets:
         return write_assets(args.assets)
@@ -210,13 +212,15 @@ def main():
         for mode in args.modes:
             for config in args.configs:
                 flags = script_flags(script, mode == "lora", args.models, data)
-                rows.append(measure(config, script, mode == "lora", flags, work, logs))
+                rows.append(measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume))
                 write_table(rows, args.out)
     if args.sdxl_memory:
         data = build_pairs("/tmp/bench-data/pairs1024", 1024)
         for config in args.configs:
             flags = script_flags("dpo", False, args.models, data, sdxl=True)
-            rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False), "script": "dpo SDXL"})
+            # 3 steps, no checkpoint: the peak is the memory of a training step, not of a 20 GB save
+            rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False, checkpointing_steps=1000),
+                         "script": "dpo SDXL"})
             write_table(rows, args.out)
 
 
