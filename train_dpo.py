@@ -329,9 +329,12 @@ def main(args):
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
-        # the full-UNet reference copy runs every step too; FSDP and DeepSpeed need the trained UNet contiguous
-        for model in filter(None, (None if unet_is_wrapped(accelerator) else unet, frozen_unet)):
-            model.to(memory_format=torch.channels_last)
+        # the full-UNet reference copy runs every step too. FSDP and DeepSpeed need the trained UNet contiguous,
+        # and then the reference stays NCHW as well: other bf16 convolution kernels would make it differ from the
+        # model at step 0 (first loss 0.72 instead of log 2 under ZeRO-2 on an H200, BENCHMARKS.md "Distributed")
+        if not unet_is_wrapped(accelerator):
+            for model in filter(None, (unet, frozen_unet)):
+                model.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = None

@@ -150,7 +150,8 @@ def measure(config, script, lora, flags, work, logs, resume_check=True, max_step
     row.update(status="ok", first_loss=metrics[0]["loss"], peak_gib=max(m.get("peak_mem_gib", 0) for m in metrics),
                s_per_step=round(statistics.median(m["step_seconds"] for m in metrics[1:]), 3))
     weights = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
-    row["weights_saved"] = os.path.isfile(os.path.join(out, weights))
+    # a full SDXL UNet in float32 (10 GB) is written in shards beside an index file
+    row["weights_saved"] = any(os.path.isfile(os.path.join(out, w)) for w in (weights, weights + ".index.json"))
     if resume_check:
         uninterrupted = metrics[-1]
         code, _ = launch(config, flags, out, max_steps, True, os.path.join(logs, name + "-resume.log"))

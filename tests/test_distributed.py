@@ -39,6 +39,9 @@ def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag(
         check_distributed_setup(fake_accelerator(DistributedType.FSDP, fsdp_version=1), args())
     with pytest.raises(UsageError, match=r"--use_lora under FSDP"):
         check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(use_lora=True))
+    check_distributed_setup(fake_accelerator(DistributedType.DEEPSPEED), args(use_adafactor=True))
+    with pytest.raises(UsageError, match=r"--use_adafactor under FSDP .*deepspeed_zero2.yaml"):
+        check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(use_adafactor=True))
     with pytest.raises(UsageError, match=r"zero_stage: 3"):
         check_distributed_setup(fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), args())
     with pytest.raises(UsageError, match=r"--compile_sampler default .* FSDP2"):

@@ -391,6 +391,12 @@ def check_distributed_setup(accelerator, args):
         # reduction (a bf16 gradient handed to an fp32 adapter weight), and sharding a few MB of adapters saves nothing.
         raise UsageError("--use_lora under FSDP (launchers/accelerate/fsdp.yaml) is not supported: LoRA weights are "
                          "a few MB; use launchers/accelerate/ddp.yaml or deepspeed_zero2.yaml, or FSDP with --no-use_lora")
+    if fsdp and getattr(args, "use_adafactor", False):
+        # Measured on an H200: transformers' Adafactor mixes its factored row/column statistics (plain tensors) with
+        # FSDP2's sharded gradients (DTensors) and fails at the first step; a row mean over a shard is not Adafactor.
+        raise UsageError("--use_adafactor under FSDP (launchers/accelerate/fsdp.yaml) is not supported: its factored "
+                         "statistics need whole weight matrices; use AdamW (drop --use_adafactor) under FSDP, or "
+                         "Adafactor with launchers/accelerate/deepspeed_zero2.yaml or ddp.yaml")
     if fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
         # FSDP1 flattens each wrapped module's weights into one tensor of one dtype: a frozen bf16 UNet beside fp32
         # LoRA weights cannot be flattened, and a frozen reference called outside the root wrapper breaks it.
