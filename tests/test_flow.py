@@ -1,10 +1,13 @@
 """Flow-matching models (SD3 / FLUX.1): loading tiny-sd3 / tiny-flux, prompt encoding, the Euler sampler against the
 stock pipelines, LoRA in the diffusers format, and train_draftp.py on both families."""
+import numpy as np
 import pytest
 import torch
 
 from utils.flow import FlowConditioning, FlowSchedule, flow_family
-from utils.models import add_lora, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts, save_lora
+from utils.models import (add_lora, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
+                          resolve_model_path, save_lora)
+from utils.rewards import load_reward
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 
 FAMILIES = ["tiny-sd3", "tiny-flux"]
@@ -136,3 +139,262 @@ def test_saved_lora_loads_in_the_stock_pipeline_with_the_same_images(parts, tmp_
     stock = _stock_images(pipe, parts, "a red cat", x_T, guidance)
     torch.testing.assert_close(stock, ours, atol=1e-5, rtol=0)
     assert (stock - base).abs().max() > 1e-3  # and the LoRA changed the image
+
+
+# --------------------------------------------------------------------------- the differentiable sampler
+class CallCounter(torch.nn.Module):
+    """Wraps the transformer and counts its calls, with and without grad."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.with_grad, self.without_grad = model, 0, 0
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            self.with_grad += 1
+        else:
+            self.without_grad += 1
+        return self.model(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def lora_parts(parts):
+    """The module's parts with a fresh LoRA (rank 4) on a copy of the transformer; the base stays untouched."""
+    import copy
+
+    lora = copy.copy(parts)
+    lora.unet = add_lora(copy.deepcopy(parts.unet), rank=4, seed=0)
+    return lora
+
+
+def _x_T(parts, batch=1, seed=0):
+    return torch.randn(batch, *parts.latent_shape(RESOLUTION), generator=torch.Generator().manual_seed(seed))
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("truncation_steps", [1, 2])
+def test_grad_flows_through_exactly_the_last_k_steps_into_lora_only(lora_parts, truncation_steps):
+    parts, prompts = lora_parts, ["a red cat", "a blue dog"]
+    guidance = GUIDANCE[parts.tiny_name]
+    counter = CallCounter(parts.unet)
+    result = sample_latents(counter, parts.scheduler, _cond(parts, prompts, guidance), _x_T(parts, 2), STEPS, guidance,
+                            truncation_steps)
+    assert (counter.with_grad, counter.without_grad) == (truncation_steps, STEPS - truncation_steps)
+    parts.unet.zero_grad(set_to_none=True)
+    load_reward("color_match")(decode_latents(parts.vae, result.latents), prompts).mean().backward()
+    grads = {n: p.grad for n, p in parts.unet.named_parameters()}
+    assert all(g is None for n, g in grads.items() if "lora" not in n), "a frozen transformer weight got a gradient"
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora" in n)
+    assert all(p.grad is None for p in parts.vae.parameters())
+
+
+def test_scored_latents_are_the_same_at_sigma_zero(lora_parts):
+    """The last Euler step ends at sigma 0: x_prev = x_t + (0 - sigma) v and pred_x0 = x_t - sigma v are equal."""
+    parts = lora_parts
+    guidance = GUIDANCE[parts.tiny_name]
+    cond = _cond(parts, ["a red cat"], guidance)
+    with torch.no_grad():
+        a, b = (sample_latents(parts.unet, parts.scheduler, cond, _x_T(parts), STEPS, guidance, scored_latent=s).latents
+                for s in ("x_prev", "pred_x0"))
+    assert torch.equal(a, b)
+
+
+def test_draft_lv_renoises_to_the_last_sigma_and_grads_only_through_the_resamples(lora_parts):
+    """DRaFT-LV (Clark et al., Algorithm 2): x_t = (1 - sigma) x_0 + sigma noise at the last step's sigma, one
+    transformer call with grad per re-sample, and a chain x_0 that carries grad contributes none."""
+    from utils.sampling import low_variance_samples
+
+    parts, prompts = lora_parts, ["a red cat"]
+    guidance = GUIDANCE[parts.tiny_name]
+    model, cond = parts.unet, _cond(parts, prompts, guidance)
+    noise = torch.randn(2, 1, *parts.latent_shape(RESOLUTION), generator=torch.Generator().manual_seed(1))
+    counter = CallCounter(model)
+    chain = sample_latents(counter, parts.scheduler, cond, _x_T(parts), STEPS, guidance, truncation_steps=0)
+    lv = low_variance_samples(counter, parts.scheduler, cond, chain.latents, 2, guidance, noise, num_inference_steps=STEPS)
+    assert (counter.with_grad, counter.without_grad) == (2, STEPS) and lv.latents.shape[0] == 2
+    # the re-sample is one Euler step from the last sigma to 0 on the re-noised x_0
+    schedule = FlowSchedule(parts.scheduler, parts.family, STEPS, chain.latents.shape[-2:], "cpu")
+    sigma = schedule.sigma_values[-2]
+    x_t = (1 - sigma) * chain.latents + sigma * noise[0]
+    with torch.no_grad():
+        expected = x_t - sigma * cond.velocity(model, x_t, schedule.timesteps[-1], guidance)
+    torch.testing.assert_close(lv.latents[:1].detach(), expected, atol=1e-5, rtol=0)
+
+    def lv_grads(x0):
+        model.zero_grad(set_to_none=True)
+        out = low_variance_samples(model, parts.scheduler, cond, x0, 2, guidance, noise, num_inference_steps=STEPS).latents
+        load_reward("color_match")(decode_latents(parts.vae, out), prompts * 2).mean().backward()
+        return _lora_grads(model)
+
+    with_path = sample_latents(model, parts.scheduler, cond, _x_T(parts), STEPS, guidance, truncation_steps=1).latents
+    detached, attached = lv_grads(chain.latents), lv_grads(with_path)
+    assert detached and detached.keys() == attached.keys()
+    assert all(torch.equal(detached[n], attached[n]) for n in detached)
+
+
+def test_kl_on_the_guided_velocity_is_zero_for_the_base_model_and_positive_after_an_update(lora_parts):
+    from utils.models import adapters_disabled
+
+    parts = lora_parts
+    guidance = GUIDANCE[parts.tiny_name]
+    model, cond = parts.unet, _cond(parts, ["a red cat"], guidance)
+
+    def reference(*a, **kw):
+        with adapters_disabled(model):
+            return model(*a, **kw)
+
+    kl0 = sample_latents(model, parts.scheduler, cond, _x_T(parts), STEPS, guidance, 2, reference_unet=reference).kl
+    assert kl0.item() == 0.0  # LoRA starts as the identity (B = 0)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.add_(0.05 * torch.randn_like(p))
+    kl1 = sample_latents(model, parts.scheduler, cond, _x_T(parts), STEPS, guidance, 2, reference_unet=reference).kl
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+    assert kl1.item() > 0
+
+
+def test_flux_true_cfg_equals_the_stock_pipeline():
+    """FLUX with --true_cfg_scale: the guidance embedding and CFG against the empty prompt, as FluxPipeline's
+    true_cfg_scale with negative_prompt ""."""
+    parts = load_pipeline_parts("tiny-flux")
+    x_T = _x_T(parts, seed=4)
+    pipe = build_pipeline(parts)
+    expected = pipe("a red cat", negative_prompt="", true_cfg_scale=4.0, num_inference_steps=STEPS, guidance_scale=3.5,
+                    latents=type(pipe)._pack_latents(x_T, *x_T.shape), height=RESOLUTION, width=RESOLUTION,
+                    output_type="pt").images
+    cond = cfg_conditioning(encode_prompts(parts, ["a red cat"], "cpu"), encode_prompts(parts, [""], "cpu"), 3.5,
+                            true_cfg_scale=4.0)
+    assert cond.cfg_scale == 4.0 and cond.embeds.shape[0] == 2
+    with torch.no_grad():
+        ours = decode_latents(parts.vae, sample_latents(parts.unet, parts.scheduler, cond, x_T, STEPS, 3.5).latents)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- train_draftp.py on SD3 and FLUX
+def draftp_flags(name, output_dir, steps, extra=()):
+    return [str(f) for f in [
+        "--pretrained_model_name_or_path", name, "--resolution", RESOLUTION, "--reward_model", "brightness",
+        "--prompts", "colored_animals", "--num_inference_steps", STEPS, "--truncation_steps", 2,
+        "--guidance_scale", GUIDANCE[name], "--train_batch_size", 2, "--learning_rate", 1e-2, "--lora_rank", 4,
+        "--max_train_steps", steps, "--validation_prompts", "a red cat", "--num_validation_images", 1,
+        "--validation_steps", 1000, "--report_to", "none", "--compile_sampler", "off", "--output_dir", output_dir, *extra]]
+
+
+def run_draftp(flags):
+    """train_draftp.main in this process (a subprocess would spend most of a tiny run importing), with a fresh
+    accelerate state as a new process has, and the signal handlers that main() installs put back."""
+    import signal
+
+    import train_draftp
+    from accelerate.state import AcceleratorState, GradientState
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        train_draftp.main(train_draftp.parse_args(flags))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lora_run(request, tmp_path_factory):
+    """DRaFT+ LoRA, 3 steps: SD3 with AlignProp's random K, FLUX with K = 2."""
+    name, out = request.param, tmp_path_factory.mktemp("flow") / request.param
+    extra = ["--kl_coeff", 0.1] + (["--truncation_steps_random", "1,3"] if name == "tiny-sd3" else [])
+    run_draftp(draftp_flags(name, out, steps=3, extra=extra))
+    return name, out
+
+
+def test_lora_run_writes_the_output_contract_and_kl_starts_at_zero(lora_run):
+    from utils.training import read_metrics
+
+    name, out = lora_run
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "validation-step-000003.png").exists()
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["kl"] == 0.0 and metrics[-1]["kl"] > 0  # the KL to the base: 0 before the first update
+    if name == "tiny-sd3":
+        assert all(1 <= m["truncation_steps"] <= 3 for m in metrics)
+
+
+def test_saved_lora_reproduces_the_validation_images_in_the_stock_pipeline(lora_run):
+    import json
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from utils.grids import read_cells
+    from utils.models import resolve_model_path
+
+    name, out = lora_run
+    grid = out / "samples" / "validation-step-000003.png"
+    cells = read_cells(grid, json.loads(grid.with_suffix(".json").read_text())["grid"])  # rows: base, trained
+    pipe = DiffusionPipeline.from_pretrained(resolve_model_path(name))
+    pipe.load_lora_weights(str(out))
+    image = pipe("a red cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE[name], height=RESOLUTION,
+                 width=RESOLUTION, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ours = cells[1, 0].astype(np.float32) / 255
+    assert np.abs(image - ours).max() <= 2 / 255  # PNG rounding only
+    assert np.abs(cells[0, 0].astype(np.float32) / 255 - ours).max() > 2 / 255  # and training changed it
+
+
+def test_full_transformer_draft_lv_saves_transformer(tmp_path):
+    """Full fine-tuning (a frozen copy is the KL's reference) with DRaFT-LV: transformer/ loads with from_pretrained."""
+    from diffusers import FluxTransformer2DModel
+
+    from utils.training import read_metrics
+
+    run_draftp(draftp_flags("tiny-flux", tmp_path, steps=2, extra=["--no-use_lora", "--learning_rate", 1e-3,
+                                                                    "--truncation_steps", 1, "--draft_lv_samples", 2,
+                                                                    "--kl_coeff", 0.1]))
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 2 and metrics[0]["kl"] == 0.0 and all(np.isfinite(m["loss"]) for m in metrics)
+    trained = FluxTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer")
+    base = FluxTransformer2DModel.from_pretrained(resolve_model_path("tiny-flux"), subfolder="transformer")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
+
+
+def test_resume_continues_metrics_exactly(tmp_path):
+    """A run checkpointed at step 2, cut off after step 4 before its last checkpoint, resumed: metrics.jsonl goes on
+    exactly as the uninterrupted run wrote it."""
+    import shutil
+
+    from utils.training import read_metrics
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_draftp(draftp_flags("tiny-sd3", straight, steps=4, extra=["--checkpointing_steps", 2, "--kl_coeff", 0.1]))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    run_draftp(draftp_flags("tiny-sd3", resumed, steps=4, extra=["--checkpointing_steps", 2, "--kl_coeff", 0.1,
+                                                                 "--resume_from_checkpoint", "latest"]))
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        x.pop("step_seconds"), y.pop("step_seconds")
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9), (k, x, y)
+
+
+@pytest.mark.parametrize("name, flags, named", [
+    ("tiny-sd3", ["--eta", "0.5"], "--eta"),
+    ("tiny-sd3", ["--true_cfg_scale", "2"], "--true_cfg_scale"),
+])
+def test_family_specific_flags_are_checked(name, flags, named, tmp_path):
+    from utils import UsageError
+
+    with pytest.raises(UsageError, match=named):
+        run_draftp(draftp_flags(name, tmp_path, steps=1, extra=flags))
