@@ -26,8 +26,9 @@ SD1.5 + PickScore, DRaFT+ (one or many GPUs; `accelerate config` picks DDP / Dee
 SD3.5-medium + PickScore, DRaFT+ (launchers/draftp_sd35.sh holds the recipe and the sources of its values):
 
     accelerate launch train_draftp.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \
-        --reward_model pickscore --prompts animals --kl_coeff 0.1 --num_inference_steps 28 --guidance_scale 7.0 \
-        --mixed_precision bf16 --gradient_checkpointing --output_dir outputs/draftp-sd35
+        --reward_model pickscore --prompts animals --kl_coeff 0.2 --resolution 512 --num_inference_steps 10 \
+        --guidance_scale 4.5 --lora_rank 32 --lora_alpha 64 --gradient_accumulation_steps 4 --mixed_precision bf16 \
+        --gradient_checkpointing --output_dir outputs/draftp-sd35
 """
 import argparse
 import copy

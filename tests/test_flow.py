@@ -91,6 +91,20 @@ def test_schedule_shift(parts):
     assert schedule.sigma_values == pytest.approx(expected + [0.0], abs=1e-6)
 
 
+def test_last_step_gain_is_minus_the_last_sigma():
+    """d(final latent)/d(v) of the last Euler step is -sigma_last; SD3's shift-3 schedule ends at sigma 0.0089 whatever
+    the step count (launchers/draftp_sd35.sh scales NeMo's kl_coeff by it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    for steps in (10, 28):
+        schedule = FlowSchedule(scheduler, "sd3", steps, (32, 32), "cpu")
+        assert schedule.sigma_values[-2] == pytest.approx(0.0089, abs=5e-5)
+        v = torch.zeros(1, 4, 2, 2, requires_grad=True)
+        schedule.step(v, steps - 1, torch.ones(1, 4, 2, 2)).sum().backward()
+        assert torch.allclose(v.grad, torch.full_like(v, -schedule.sigma_values[-2]))
+
+
 # --------------------------------------------------------------------------- the sampler
 def test_sampler_equals_the_stock_pipeline(parts):
     guidance = GUIDANCE[parts.tiny_name]
