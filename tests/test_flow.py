@@ -24,6 +24,10 @@ def parts(request):
     return parts
 
 
+def _x_T(parts, batch=1, seed=0):
+    return torch.randn(batch, *parts.latent_shape(RESOLUTION), generator=torch.Generator().manual_seed(seed))
+
+
 def _cond(parts, prompts, guidance):
     return cfg_conditioning(encode_prompts(parts, prompts, "cpu"), encode_prompts(parts, [""], "cpu"), guidance)
 
@@ -89,6 +93,34 @@ def test_schedule_shift(parts):
         raw = [1.0 - k * (1.0 - low) / 3 for k in range(4)]
         expected = [3 * s / (1 + 2 * s) for s in raw]
     assert schedule.sigma_values == pytest.approx(expected + [0.0], abs=1e-6)
+
+
+def test_t5_feed_forward_outputs_stay_float32_in_fp16():
+    parts = load_pipeline_parts("tiny-flux")
+    freeze_frozen_parts(parts, "cpu", torch.float16)
+    t5 = parts.text_encoders[-1]
+    dtypes = {n: p.dtype for n, p in t5.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".wo." in n)
+    assert all(d == torch.float16 for n, d in dtypes.items() if ".wo." not in n)
+
+
+def test_per_row_sigmas_noise_and_predict_each_row_as_alone(parts):
+    """Training on noised data (one sigma per row, `flow_noise`, `velocity` with a (B,) timestep) gives each row what
+    it gets alone."""
+    from dataclasses import replace
+
+    from utils.flow import flow_noise
+
+    x0, noise = _x_T(parts, 2, seed=1), _x_T(parts, 2, seed=2)
+    sigma = torch.tensor([0.3, 0.8])
+    x_t = flow_noise(x0, noise, sigma)
+    torch.testing.assert_close(x_t[1], 0.2 * x0[1] + 0.8 * noise[1])
+    cond = encode_prompts(parts, ["a red cat", "a blue dog"], "cpu")
+    with torch.no_grad():
+        both = cond.velocity(parts.unet, x_t, sigma * 1000, 3.5)
+        second = replace(cond, embeds=cond.embeds[1:], pooled=cond.pooled[1:])
+        alone = second.velocity(parts.unet, x_t[1:], sigma[1:] * 1000, 3.5)
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
 
 
 def test_last_step_gain_is_minus_the_last_sigma():
@@ -179,10 +211,6 @@ def lora_parts(parts):
     lora = copy.copy(parts)
     lora.unet = add_lora(copy.deepcopy(parts.unet), rank=4, seed=0)
     return lora
-
-
-def _x_T(parts, batch=1, seed=0):
-    return torch.randn(batch, *parts.latent_shape(RESOLUTION), generator=torch.Generator().manual_seed(seed))
 
 
 def _lora_grads(model):

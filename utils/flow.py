@@ -58,6 +58,14 @@ def transformer_family(model) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- loading
+# the pipelines' names of their text encoders, in the order of `PipelineParts.text_encoders` (tokenizers alike)
+ENCODER_NAMES = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
+
+
+def _tokenizer_name(encoder_name: str) -> str:
+    return encoder_name.replace("text_encoder", "tokenizer")
+
+
 def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None):
     """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32.
     `vae`: an AutoencoderKL to use instead of the pipeline's own (--pretrained_vae_model_name_or_path)."""
@@ -65,25 +73,19 @@ def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=Non
 
     kwargs = {"vae": vae} if vae is not None else {}
     pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
-    if family == "sd3":
-        encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
-    else:
-        encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    names = ENCODER_NAMES[family]
     return PipelineParts(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
-                         text_encoders=encoders, tokenizers=tokenizers, family=family)
+                         text_encoders=[getattr(pipe, n) for n in names],
+                         tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
 
 
 def build_flow_pipeline(parts, transformer=None):
     """A stock StableDiffusion3Pipeline / FluxPipeline around our parts (validation images, evaluation, tests)."""
-    if parts.family == "sd3":
-        names = dict(text_encoder=0, text_encoder_2=1, text_encoder_3=2)
-        tok_names = dict(tokenizer=0, tokenizer_2=1, tokenizer_3=2)
-    else:
-        names, tok_names = dict(text_encoder=0, text_encoder_2=1), dict(tokenizer=0, tokenizer_2=1)
-    return pipeline_class(parts.family)(
-        transformer=transformer or parts.unet, vae=parts.vae, scheduler=parts.scheduler,
-        **{k: parts.text_encoders[i] for k, i in names.items()}, **{k: parts.tokenizers[i] for k, i in tok_names.items()},
-    )
+    names = ENCODER_NAMES[parts.family]
+    encoders = dict(zip(names, parts.text_encoders))
+    tokenizers = {_tokenizer_name(n): t for n, t in zip(names, parts.tokenizers)}
+    return pipeline_class(parts.family)(transformer=transformer or parts.unet, vae=parts.vae, scheduler=parts.scheduler,
+                                        **encoders, **tokenizers)
 
 
 def default_sample_size(parts) -> int:
@@ -127,7 +129,8 @@ class FlowConditioning:
         return replace(FlowConditioning.cat([uncond, self]), cfg_scale=scale)
 
     def velocity(self, model, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The transformer's velocity for `latents` (B, C, h, w) at `timestep` (a 0-dim tensor, sigma * 1000), guided:
+        """The transformer's velocity for `latents` (B, C, h, w) at `timestep` (sigma * 1000: a 0-dim tensor, or (B,) one
+        per row, e.g. for training on noised data with `flow_noise`; text rows only then), guided:
         CFG over [uncond; text] rows when `cfg_scale` is set (SD3: `guidance_scale` itself), and for FLUX.1-dev
         the guidance embedding set to `guidance_scale`. Returns (B, C, h, w)."""
         rows = 2 if self.cfg_scale is not None else 1
@@ -221,6 +224,13 @@ class FlowSchedule:
         return latents + (self.sigmas[i + 1] - self.sigmas[i]) * velocity
 
     def renoise_last(self, x0, noise):
-        """x_0 noised to the last step's sigma (DRaFT-LV): (1 - sigma) * x_0 + sigma * noise."""
-        sigma = self.sigmas[-2]
-        return (1 - sigma) * x0 + sigma * noise
+        """x_0 noised to the last step's sigma (DRaFT-LV)."""
+        return flow_noise(x0, noise, self.sigmas[-2])
+
+
+def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """x_t = (1 - sigma) * x_0 + sigma * noise, for (B, C, h, w) latents and a float, 0-dim or (B,) sigma; the velocity
+    the transformer is trained to predict there is noise - x_0."""
+    if torch.is_tensor(sigma) and sigma.dim() == 1:
+        sigma = sigma.view(-1, 1, 1, 1)
+    return (1 - sigma) * x0 + sigma * noise

@@ -15,6 +15,8 @@ from typing import List, Optional
 import torch
 
 from . import UsageError
+from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, build_flow_pipeline, default_sample_size, encode_flow_prompts,
+                   flow_family, load_flow_parts, pipeline_class, transformer_family)
 from .toy import TINY_NAMES, TOY_NAMES
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
@@ -48,15 +50,11 @@ class PipelineParts:
 
     @property
     def name(self) -> str:
-        from .flow import FAMILY_NAMES
-
         return FAMILY_NAMES.get(self.family) or ("SDXL" if self.is_sdxl else "SD1.5")
 
     @property
     def default_resolution(self) -> int:
         if self.is_flow:
-            from .flow import default_sample_size
-
             return default_sample_size(self) * self.vae_scale_factor
         return self.unet.config.sample_size * self.vae_scale_factor
 
@@ -115,8 +113,6 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .flow import flow_family, load_flow_parts
-
     path = resolve_model_path(name_or_path)
     index = read_model_index(path, revision)
     kw = dict(revision=revision)
@@ -148,8 +144,21 @@ def freeze_frozen_parts(parts: PipelineParts, device, dtype):
     where `vae_needs_upcast` says so)."""
     for module in [parts.vae, *parts.text_encoders]:
         module.requires_grad_(False).eval().to(device, dtype=dtype)
+    if dtype == torch.float16:
+        keep_fp32_modules(parts.text_encoders)
     if vae_needs_upcast(parts, dtype):
         upcast_vae(parts.vae)
+
+
+def keep_fp32_modules(encoders):
+    """T5's feed-forward output projections (`wo`, its `_keep_in_fp32_modules`) overflow to inf in fp16; transformers
+    keeps them in float32 when a model loads with torch_dtype=float16, and T5 casts its activations to match, but a
+    later `.to(float16)` casts them too: put them back (SD3's and FLUX's T5-XXL in fp16)."""
+    for encoder in encoders:
+        names = getattr(encoder, "_keep_in_fp32_modules", None) or []
+        for name, module in encoder.named_modules():
+            if name.split(".")[-1] in names:
+                module.float()
 
 
 def vae_needs_upcast(parts: PipelineParts, dtype) -> bool:
@@ -183,8 +192,6 @@ def build_pipeline(parts: PipelineParts, unet=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if parts.is_flow:
-        from .flow import build_flow_pipeline
-
         return build_flow_pipeline(parts, unet)
     unet = unet or parts.unet
     if parts.is_sdxl:
@@ -254,8 +261,6 @@ def encode_prompts(parts: PipelineParts, prompts: List[str], device, resolution:
     (`encode_flow_prompts`).
     """
     if parts.is_flow:
-        from .flow import encode_flow_prompts
-
         return encode_flow_prompts(parts, prompts, device)
     if not parts.is_sdxl:
         embeds = parts.text_encoders[0](tokenize(parts.tokenizers[0], prompts).to(device))[0]
@@ -281,8 +286,6 @@ def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int]
     and text-stream projections, utils.flow.FLOW_LORA_TARGET_MODULES); only its weights stay trainable."""
     from peft import LoraConfig
 
-    from .flow import FLOW_LORA_TARGET_MODULES, transformer_family
-
     unet.requires_grad_(False)
     if seed is not None:
         torch.manual_seed(seed)  # LoRA A matrices are drawn at random: make the start reproducible
@@ -294,8 +297,6 @@ def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int]
 
 def weights_subfolder(unet) -> str:
     """Where a full fine-tune is saved: the pipeline's own folder name for its denoiser."""
-    from .flow import transformer_family
-
     return "transformer" if transformer_family(unet) else "unet"
 
 
@@ -310,8 +311,6 @@ def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from .flow import transformer_family
-
     state = get_peft_model_state_dict(unet, state_dict=state_dict)
     return state if transformer_family(unet) else convert_state_dict_to_diffusers(state)
 
@@ -319,8 +318,6 @@ def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict:
 def lora_pipeline_class(unet, is_sdxl: bool):
     """The stock pipeline whose `save_lora_weights` / `lora_state_dict` fit this denoiser."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .flow import pipeline_class, transformer_family
 
     family = transformer_family(unet)
     if family:
@@ -331,8 +328,6 @@ def lora_pipeline_class(unet, is_sdxl: bool):
 def save_lora(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
     """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged
     (SD3 / FLUX: the transformer's layers, which StableDiffusion3Pipeline / FluxPipeline load)."""
-    from .flow import transformer_family
-
     prefix = "transformer" if transformer_family(unet) else "unet"
     # The adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers' loader
     # assumes lora_alpha == rank, and a run with --lora_alpha != --lora_rank would reload at the wrong scale.
@@ -347,8 +342,6 @@ def load_lora_into_unet(unet, folder: str):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
-
-    from .flow import transformer_family
 
     if transformer_family(unet):  # our own file, in peft's names already (save_lora)
         from safetensors.torch import load_file
