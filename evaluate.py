@@ -238,7 +238,7 @@ def write_tables(rows, args):
         cells = [row["model"], *[f"{row[r + '_mean']:.4f} ± {row[r + '_std']:.4f}" for r in rewards],
                  *[f"{row[d]:.4f}" for d in diversity], str(row["images"])]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\n{len(rows)} models; {args.num_seeds} seeds per prompt; {args.num_inference_steps} DDIM steps, guidance "
+    note = (f"\n{len(rows)} models; {args.num_seeds} seeds per prompt; {args.num_inference_steps} sampling steps, guidance "
             f"{args.guidance_scale}; diversity: {args.diversity}. Paths are in results.csv.\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)

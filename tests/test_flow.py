@@ -352,9 +352,9 @@ def run_draftp(flags):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def lora_run(request, tmp_path_factory):
-    """DRaFT+ LoRA, 3 steps: SD3 with AlignProp's random K, FLUX with K = 2."""
+    """DRaFT+ LoRA, 3 steps: SD3 with AlignProp's random K, FLUX with K = 2 and gradient checkpointing."""
     name, out = request.param, tmp_path_factory.mktemp("flow") / request.param
-    extra = ["--kl_coeff", 0.1] + (["--truncation_steps_random", "1,3"] if name == "tiny-sd3" else [])
+    extra = ["--kl_coeff", 0.1] + (["--truncation_steps_random", "1,3"] if name == "tiny-sd3" else ["--gradient_checkpointing"])
     run_draftp(draftp_flags(name, out, steps=3, extra=extra))
     return name, out
 
@@ -390,6 +390,20 @@ def test_saved_lora_reproduces_the_validation_images_in_the_stock_pipeline(lora_
     ours = cells[1, 0].astype(np.float32) / 255
     assert np.abs(image - ours).max() <= 2 / 255  # PNG rounding only
     assert np.abs(cells[0, 0].astype(np.float32) / 255 - ours).max() > 2 / 255  # and training changed it
+
+
+def test_evaluate_scores_base_and_trained_flow_models(lora_run, tmp_path, run_script):
+    import csv
+
+    name, out = lora_run
+    run_script(["evaluate.py", "--pretrained_model_name_or_path", name, "--models", f"trained={out}", "--resolution",
+                RESOLUTION, "--prompts", "colored_animals", "--max_prompts", 2, "--num_seeds", 2, "--num_inference_steps",
+                STEPS, "--guidance_scale", GUIDANCE[name], "--reward_models", "brightness", "--diversity", "pixel",
+                "--output_dir", tmp_path / "eval"])
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
+    assert [r["model"] for r in rows] == ["base", "trained"]
+    base, trained = (float(r["brightness_mean"]) for r in rows)
+    assert base != trained  # the LoRA was applied
 
 
 def test_full_transformer_draft_lv_saves_transformer(tmp_path):
