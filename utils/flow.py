@@ -100,8 +100,9 @@ class FlowConditioning:
     unconditional rows come first, then the text rows, as `TextConditioning` of SD1.5."""
 
     family: str
-    embeds: torch.Tensor                 # (B, L, D): SD3: CLIP-L|CLIP-G hidden states padded to T5's width, then T5 tokens; FLUX: T5
-    pooled: torch.Tensor                 # (B, P): SD3: CLIP-L|CLIP-G pooled projections (P = 2048 for SD3); FLUX: CLIP-L pooled
+    # (B, L, D): SD3: 77 tokens of CLIP-L | CLIP-G hidden states padded to T5's width, then the T5 tokens; FLUX: T5's
+    embeds: torch.Tensor
+    pooled: torch.Tensor                 # (B, P): SD3: CLIP-L | CLIP-G pooled projections (2048); FLUX: CLIP-L's (768)
     text_ids: Optional[torch.Tensor] = None  # (L, 3) FLUX's text position ids (zeros), shared by the batch
     guidance_embeds: bool = False        # FLUX.1-dev: the guidance scale is an input of the transformer
     cfg_scale: Optional[float] = None    # the CFG scale when the rows are [uncond; text]; None: text rows only

@@ -35,7 +35,7 @@ SCORED_LATENTS = ("pred_x0", "x_prev")
 @dataclass
 class SampleResult:
     latents: torch.Tensor    # (B, C, h, w) the final latent (`scored_latent`); differentiable through the last K steps
-    kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2) (flow: of the velocity); zeros without a reference
+    kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2) (flow: velocities); zeros without a reference
     grad_steps: int          # UNet calls with grad per sample
 
 
@@ -159,8 +159,7 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
     last timestep with `num_samples` fresh noises (n, B, C, h, w), and denoise each once with grad. `x0` is detached:
     the gradient reaches the UNet only through these n steps. Returns the n results stacked along the batch,
     (n*B, C, h, w), and the KL (B,) as the mean over the n steps; the caller averages the n rewards.
-    `num_inference_steps`: the chain's steps (which fix the last timestep; DDIM: default the scheduler's current
-    ones, set by the chain)."""
+    `num_inference_steps`: the chain's steps, which fix the last timestep (default: those the chain set last)."""
     schedule = make_schedule(scheduler, cond, num_inference_steps or len(scheduler.timesteps), x0)
     last = len(schedule) - 1
     x0 = x0.detach()
