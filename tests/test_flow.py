@@ -217,7 +217,7 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("truncation_steps", [1, 2])
+@pytest.mark.parametrize("truncation_steps", [1, STEPS])  # DRaFT-1 and full DRaFT
 def test_grad_flows_through_exactly_the_last_k_steps_into_lora_only(lora_parts, truncation_steps):
     parts, prompts = lora_parts, ["a red cat", "a blue dog"]
     guidance = GUIDANCE[parts.tiny_name]
