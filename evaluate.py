@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
 from utils.grids import format_score, save_grid
-from utils.models import LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts
+from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
+                          weights_subfolder)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.toy.world import parse_prompt, prompt_accuracy
@@ -62,7 +63,7 @@ def parse_args(argv=None):
                    help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
     g.add_argument("--models", nargs="*", default=[], metavar="NAME=PATH",
                    help="trained outputs of train_draftp.py / train_dpo.py (or a checkpoint-N folder): a LoRA folder "
-                        f"holding {LORA_WEIGHT_NAME}, or a full-UNet output holding unet/")
+                        f"holding {LORA_WEIGHT_NAME}, or a full-UNet output holding unet/ (SD3 / FLUX: transformer/)")
     g = parser.add_argument_group("prompts and seeds")
     g.add_argument("--prompts", default="animals",
                    help=f"built-in set ({', '.join(BUILTIN_PROMPT_SETS)}), a .txt/.jsonl file, or a datasets id / folder")
@@ -86,8 +87,9 @@ def parse_args(argv=None):
     g.add_argument("--lpips_weights", default=None, metavar="PATH",
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")
     g = parser.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (SD3 / FLUX: Euler steps)")
+    g.add_argument("--guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale (1 = no guidance); FLUX.1-dev: its guidance embedding's value")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--batch_size", type=int, default=8, help="images per UNet call, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -143,7 +145,7 @@ def output_kind(path: str) -> str:
         raise UsageError(f"--models: {path!r} is not a folder; expected the --output_dir of a training run")
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         return "lora"
-    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+    if any(os.path.isfile(os.path.join(path, folder, "config.json")) for folder in ("unet", "transformer")):
         return "full"
     raise UsageError(f"--models: {path!r} holds neither {LORA_WEIGHT_NAME} (a LoRA run) nor unet/config.json "
                      f"(a full-UNet run); is the run finished? (its checkpoint-N folders hold the same files)")
@@ -167,11 +169,11 @@ class ModelSwitcher:
         if output_kind(path) == "lora":
             # peft refuses '.' in adapter names, which our model names allow (draftp-0.1)
             self.pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name.replace(".", "_"))
-            self.pipe.unet.to(self.device, self.dtype)
-            return self.pipe.unet
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(self.device, self.dtype).eval()
+            denoiser = self.pipe.transformer if self.parts.is_flow else self.pipe.unet
+            return denoiser.to(self.device, self.dtype)
+        # unet/ (SD1.5, SDXL) or transformer/ (SD3, FLUX), of the base's own class
+        base = self.parts.unet
+        return type(base).from_pretrained(path, subfolder=weights_subfolder(base)).to(self.device, self.dtype).eval()
 
     def release(self, path: str = None):
         if path is not None and output_kind(path) == "lora":
@@ -189,7 +191,7 @@ def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dt
         texts = [prompts[i] for i, _ in batch]
         # one generator per image: its noise does not depend on the batch it lands in
         x_T = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in batch])
-        cond = cfg_conditioning(encode_prompts(parts, texts, device, resolution), uncond)
+        cond = cfg_conditioning(encode_prompts(parts, texts, device, resolution), uncond, args.guidance_scale)
         latents = sample_latents(unet, parts.scheduler, cond, x_T.to(device, dtype), args.num_inference_steps,
                                  args.guidance_scale).latents
         images = decode_latents(parts.vae, latents)  # (B, 3, H, W) in [0, 1]
@@ -236,7 +238,7 @@ def write_tables(rows, args):
         cells = [row["model"], *[f"{row[r + '_mean']:.4f} ± {row[r + '_std']:.4f}" for r in rewards],
                  *[f"{row[d]:.4f}" for d in diversity], str(row["images"])]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\n{len(rows)} models; {args.num_seeds} seeds per prompt; {args.num_inference_steps} DDIM steps, guidance "
+    note = (f"\n{len(rows)} models; {args.num_seeds} seeds per prompt; {args.num_inference_steps} sampling steps, guidance "
             f"{args.guidance_scale}; diversity: {args.diversity}. Paths are in results.csv.\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)
@@ -321,7 +323,7 @@ def main(args):
     parts.unet.requires_grad_(False).eval().to(device, dtype)
     switcher = ModelSwitcher(parts, device, dtype)
     resolution = args.resolution or parts.default_resolution
-    latent_shape = (parts.unet.config.in_channels, resolution // parts.vae_scale_factor, resolution // parts.vae_scale_factor)
+    latent_shape = parts.latent_shape(resolution)
     uncond = encode_prompts(parts, [""], device, resolution)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
     seeds = [args.seed + j for j in range(args.num_seeds)]

@@ -1,8 +1,10 @@
-"""DRaFT, DRaFT-K, DRaFT-LV, AlignProp-style random truncation and DRaFT+ for SD1.5 and SDXL.
+"""DRaFT, DRaFT-K, DRaFT-LV, AlignProp-style random truncation and DRaFT+ for SD1.5, SDXL, SD3 / SD3.5 and FLUX.1.
 
 Sample with DDIM + classifier-free guidance, back-propagate the reward of the decoded image through the
 last K denoising steps into the UNet (LoRA or full), optionally held close to the frozen base model by a
-KL term on the guided noise predictions (DRaFT+).
+KL term on the guided noise predictions (DRaFT+). SD3 and FLUX (flow matching, read from model_index.json)
+sample with their Euler scheduler and guidance, the transformer in place of the UNet, the KL on the guided
+(FLUX.1-dev: guidance-embedded) velocity; the flags mean the same.
 
     DRaFT   (Clark et al. 2023, https://arxiv.org/abs/2309.17400)   --kl_coeff 0 --truncation_steps K
     DRaFT-LV (the chain without grad, N re-samples with grad)        --draft_lv_samples N
@@ -20,6 +22,13 @@ SD1.5 + PickScore, DRaFT+ (one or many GPUs; `accelerate config` picks DDP / Dee
     accelerate launch train_draftp.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --reward_model pickscore --prompts animals --kl_coeff 0.1 --mixed_precision bf16 \
         --train_batch_size 4 --learning_rate 1e-4 --max_train_steps 2000 --output_dir outputs/draftp-sd15
+
+SD3.5-medium + PickScore, DRaFT+ (launchers/draftp_sd35.sh holds the recipe and the sources of its values):
+
+    accelerate launch train_draftp.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \
+        --reward_model pickscore --prompts animals --kl_coeff 0.2 --resolution 512 --num_inference_steps 10 \
+        --guidance_scale 4.5 --lora_rank 32 --lora_alpha 64 --gradient_accumulation_steps 4 --mixed_precision bf16 \
+        --gradient_checkpointing --output_dir outputs/draftp-sd35
 """
 import argparse
 import copy
@@ -101,9 +110,15 @@ def parse_args(argv=None):
     g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
     g = parser.add_argument_group("sampling and DRaFT")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (SD3 / FLUX: Euler steps)")
+    g.add_argument("--guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale (1 = no guidance); FLUX.1-dev: the value of its guidance "
+                        "embedding, one pass, no CFG (FluxPipeline's default is 3.5)")
+    g.add_argument("--true_cfg_scale", type=float, default=1.0,
+                   help="FLUX only: classifier-free guidance against the empty prompt on top of the guidance "
+                        "embedding (FluxPipeline's true_cfg_scale; 1 = off, two transformer passes per step when > 1)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; SD3 / FLUX sample "
+                                                           "deterministically and take 0 only)")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: back-propagate through the last K steps (K = --num_inference_steps is full DRaFT)")
     g.add_argument("--truncation_steps_random", type=parse_truncation_range, default=None, metavar="MIN,MAX",
@@ -114,7 +129,8 @@ def parse_args(argv=None):
     g.add_argument("--scored_latent", choices=SCORED_LATENTS, default="pred_x0",
                    help="the latent decoded and scored: the last DDIM step's predicted x_0 (NeMo-Aligner's DRaFT+), "
                         "or its x_{t-1} (what a diffusers pipeline returns; about 3.4x weaker reward gradient on SD's "
-                        "schedule at 50 steps). Validation images are always the pipeline's x_{t-1}")
+                        "schedule at 50 steps). Validation images are always the pipeline's x_{t-1}. SD3 / FLUX: the "
+                        "same latent either way (their last Euler step ends at sigma 0)")
     g.add_argument("--kl_coeff", type=float, default=0.0,
                    help="DRaFT+ KL weight (0 = plain DRaFT; NeMo-Aligner's DRaFT+ config uses 1.0, "
                         "launchers/draftp_sd15.sh)")
@@ -155,10 +171,21 @@ def check_args(args):
                          f"grad and back-propagates through one re-sample step only; drop {flag}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.true_cfg_scale < 1:
+        raise UsageError(f"--true_cfg_scale must be >= 1 (1 = off), got {args.true_cfg_scale}")
     parse_reward_spec(args.reward_model)  # unknown names fail here, listing the valid ones
     args.reward_paths = parse_name_paths(args.reward_model_paths)
     if args.prompts.endswith((".txt", ".jsonl")):
         load_prompts(args.prompts, args.prompt_column)  # a missing or empty file fails here
+
+
+def check_family_args(args, parts):
+    """What only the loaded model's family can tell: flow models sample deterministically, true CFG is FLUX's."""
+    if parts.is_flow and args.eta > 0:
+        raise UsageError(f"--eta {args.eta}: {parts.name} samples with a deterministic Euler scheduler; pass --eta 0")
+    if args.true_cfg_scale > 1 and parts.family != "flux":
+        raise UsageError(f"--true_cfg_scale is FLUX's (its guidance is an embedding); {parts.name} guides with "
+                         f"--guidance_scale")
 
 
 # --------------------------------------------------------------------------- main
@@ -170,6 +197,7 @@ def main(args):
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full)
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
                                 args.pretrained_vae_model_name_or_path)
+    check_family_args(args, parts)
     freeze_frozen_parts(parts, device, dtype)
     unet, scheduler = parts.unet, parts.scheduler
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`
@@ -189,9 +217,9 @@ def main(args):
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
     resolution = args.resolution or parts.default_resolution
-    latent_shape = (unet.config.in_channels, resolution // parts.vae_scale_factor, resolution // parts.vae_scale_factor)
+    latent_shape = parts.latent_shape(resolution)
     uncond = encode_prompts(parts, [""], device, resolution)
-    logger.info(f"{'SDXL' if parts.is_sdxl else 'SD1.5'} at {resolution}px, {len(prompts)} prompts, reward "
+    logger.info(f"{parts.name} at {resolution}px, {len(prompts)} prompts, reward "
                 f"{args.reward_model}, K={args.truncation_steps_random or args.truncation_steps}, "
                 f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}, scored latent {args.scored_latent}")
 
@@ -247,14 +275,16 @@ def main(args):
             with accelerator.accumulate(unet), accelerator.autocast():
                 # ---- sample: no grad for the first T-K steps, grad (and KL) through the last K; DRaFT-LV: the
                 # whole chain without grad, then N re-noised copies of its x_0 denoised once each with grad
-                cond = cfg_conditioning(encode_prompts(parts, batch_prompts, device, resolution), uncond)
+                cond = cfg_conditioning(encode_prompts(parts, batch_prompts, device, resolution), uncond,
+                                        args.guidance_scale, args.true_cfg_scale)
                 sample = sample_latents(unet, scheduler, cond, x_T, args.num_inference_steps, args.guidance_scale,
                                         0 if args.draft_lv_samples else truncation_steps, args.eta,
                                         None if args.draft_lv_samples else training_reference, eta_generator,
                                         nograd_unet=sampling_unet, scored_latent=args.scored_latent)
                 if args.draft_lv_samples:
                     sample = low_variance_samples(unet, scheduler, cond, sample.latents, args.draft_lv_samples,
-                                                  args.guidance_scale, lv_noise, training_reference, args.scored_latent)
+                                                  args.guidance_scale, lv_noise, training_reference, args.scored_latent,
+                                                  args.num_inference_steps)
                 images_per_prompt = max(1, args.draft_lv_samples)  # (N*B, 4, h, w) for DRaFT-LV, N blocks of B
 
                 # ---- reward: decode through the frozen VAE (with grad) and score
@@ -317,7 +347,8 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
         prompts = [p for p in prompts for _ in range(args.num_validation_images)]
         seeds = [args.seed + j for _ in range(len(prompts) // args.num_validation_images) for j in range(args.num_validation_images)]
         x_T = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        cond = cfg_conditioning(encode_prompts(parts, prompts, accelerator.device, resolution), uncond)
+        cond = cfg_conditioning(encode_prompts(parts, prompts, accelerator.device, resolution), uncond,
+                                args.guidance_scale, args.true_cfg_scale)
 
         def generate(model):
             with accelerator.autocast():

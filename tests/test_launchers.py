@@ -16,8 +16,9 @@ from utils.training import read_metrics
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
 RECIPES = ["alignprop_sd15.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh", "draft_lv_sd15.sh", "draftp_sd15.sh",
-           "draftp_sdxl.sh", "sft_sd15.sh"]
-TINY = ["alignprop.sh", "dpo.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sdxl.sh", "sft.sh"]
+           "draftp_sd35.sh", "draftp_sdxl.sh", "sft_sd15.sh"]
+TINY = ["alignprop.sh", "dpo.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sd3.sh", "draftp_sdxl.sh",
+        "sft.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -48,7 +49,8 @@ def test_launcher_flags_are_accepted_by_the_script(launcher, tmp_path):
     module, args = launch(launcher, tmp_path)  # parse_args raises (or exits 2) on any unknown or invalid flag
     assert args.output_dir == str(tmp_path / "out")  # the variables at the top reach the flags
     if launcher.startswith("launchers/tiny/"):
-        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl") and args.mixed_precision == "no"
+        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+        assert args.mixed_precision == "no"
 
 
 def test_draftp_sd15_passes_nemo_aligner_defaults(tmp_path):
@@ -57,6 +59,16 @@ def test_draftp_sd15_passes_nemo_aligner_defaults(tmp_path):
     assert (a.kl_coeff, a.use_lora, a.lora_rank, a.learning_rate, a.reward_model) == (1.0, True, 32, 1e-4, "pickscore")
     assert a.train_batch_size * a.gradient_accumulation_steps == 4  # NeMo's global_batch_size on 1 GPU
     assert a.scored_latent == "pred_x0"  # NeMo scores the last DDIM step's predicted x_0
+
+
+def test_draftp_sd35_passes_its_sources_values(tmp_path):
+    _, a = launch("launchers/draftp_sd35.sh", tmp_path)
+    # Flow-GRPO's pickscore_sd3 sampling and LoRA
+    assert (a.resolution, a.num_inference_steps, a.guidance_scale, a.lora_rank, a.lora_alpha) == (512, 10, 4.5, 32, 64)
+    # NeMo-Aligner's DRaFT+ method values; its kl_coeff 1.0 scaled by the last step's gain, 0.0089 / 0.0413
+    assert (a.truncation_steps, a.learning_rate, a.max_grad_norm, a.reward_model) == (1, 1e-4, 10, "pickscore")
+    assert a.kl_coeff == 0.2
+    assert a.train_batch_size * a.gradient_accumulation_steps == 4
 
 
 @pytest.mark.parametrize("launcher, scored", [("launchers/draftp_sdxl.sh", "pred_x0"), ("launchers/draft_k1_sd15.sh", "pred_x0"),

@@ -1,7 +1,9 @@
-"""Loading a pipeline's parts (SD1.5 or SDXL), prompt encoding for both, LoRA set-up and saving.
+"""Loading a pipeline's parts (SD1.5, SDXL, SD3 / SD3.5, FLUX.1), prompt encoding, LoRA set-up and saving.
 
 Everything that differs between SD1.5 and SDXL (two text encoders, pooled embeddings, time ids) sits
 behind `encode_prompts` and `TextConditioning`, so the training loops never branch on the architecture.
+The flow-matching families (SD3, FLUX) load, encode and save through the same functions; what is theirs
+lives in utils/flow.py.
 """
 import functools
 import json
@@ -13,6 +15,8 @@ from typing import List, Optional
 import torch
 
 from . import UsageError
+from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, build_flow_pipeline, default_sample_size, encode_flow_prompts,
+                   flow_family, load_flow_parts, pipeline_class, transformer_family)
 from .toy import TINY_NAMES, TOY_NAMES
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
@@ -21,7 +25,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class PipelineParts:
-    """The parts of a text-to-image pipeline that training needs. The UNet is the only trainable one."""
+    """The parts of a text-to-image pipeline that training needs. The denoiser (`unet`: the UNet, or the SD3 / FLUX
+    transformer) is the only trainable one."""
 
     path: str
     is_sdxl: bool
@@ -32,14 +37,32 @@ class PipelineParts:
     tokenizers: list
     # SDXL sets the unconditional (empty prompt) embedding to zeros rather than encoding "" (model_index.json).
     force_zeros_for_empty_prompt: bool = False
+    # "sd" (SD1.5 / SDXL: DDIM, eps prediction) or a flow-matching family, "sd3" / "flux" (utils/flow.py)
+    family: str = "sd"
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def is_flow(self) -> bool:
+        return self.family != "sd"
+
+    @property
+    def name(self) -> str:
+        return FAMILY_NAMES.get(self.family) or ("SDXL" if self.is_sdxl else "SD1.5")
+
+    @property
     def default_resolution(self) -> int:
+        if self.is_flow:
+            return default_sample_size(self) * self.vae_scale_factor
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple:
+        """(C, h, w) of the latents of a square `resolution` image (FLUX's packing happens inside its transformer
+        call: the sampler's latents are unpacked for every family)."""
+        side = resolution // self.vae_scale_factor
+        return (self.vae.config.latent_channels, side, side)
 
 
 # --------------------------------------------------------------------------- loading
@@ -85,14 +108,19 @@ def is_sdxl_index(model_index: dict) -> bool:
 
 
 def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name_or_path=None) -> PipelineParts:
-    """Load UNet, VAE, scheduler, text encoder(s) and tokenizer(s) in fp32 (training casts the frozen parts)."""
+    """Load UNet (or transformer), VAE, scheduler, text encoder(s) and tokenizer(s) in fp32 (training casts the frozen
+    parts). The family comes from model_index.json: SD3 / FLUX pipelines load through utils.flow."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     path = resolve_model_path(name_or_path)
     index = read_model_index(path, revision)
-    sdxl = is_sdxl_index(index)
     kw = dict(revision=revision)
+    family = flow_family(index)
+    if family:
+        vae = AutoencoderKL.from_pretrained(resolve_model_path(vae_name_or_path), **kw) if vae_name_or_path else None
+        return load_flow_parts(path, family, revision, variant, vae)
+    sdxl = is_sdxl_index(index)
     # DDIM is the sampler of DRaFT and the scheduler whose noise schedule DPO trains against.
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **kw)]
@@ -116,8 +144,21 @@ def freeze_frozen_parts(parts: PipelineParts, device, dtype):
     where `vae_needs_upcast` says so)."""
     for module in [parts.vae, *parts.text_encoders]:
         module.requires_grad_(False).eval().to(device, dtype=dtype)
+    if dtype == torch.float16:
+        keep_fp32_modules(parts.text_encoders)
     if vae_needs_upcast(parts, dtype):
         upcast_vae(parts.vae)
+
+
+def keep_fp32_modules(encoders):
+    """T5's feed-forward output projections (`wo`, its `_keep_in_fp32_modules`) overflow to inf in fp16; transformers
+    keeps them in float32 when a model loads with torch_dtype=float16, and T5 casts its activations to match, but a
+    later `.to(float16)` casts them too: put them back (SD3's and FLUX's T5-XXL in fp16)."""
+    for encoder in encoders:
+        names = getattr(encoder, "_keep_in_fp32_modules", None) or []
+        for name, module in encoder.named_modules():
+            if name.split(".")[-1] in names:
+                module.float()
 
 
 def vae_needs_upcast(parts: PipelineParts, dtype) -> bool:
@@ -150,6 +191,8 @@ def build_pipeline(parts: PipelineParts, unet=None):
     """A stock diffusers pipeline around our parts (validation images, evaluation)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if parts.is_flow:
+        return build_flow_pipeline(parts, unet)
     unet = unet or parts.unet
     if parts.is_sdxl:
         return StableDiffusionXLPipeline(
@@ -214,8 +257,11 @@ def encode_prompts(parts: PipelineParts, prompts: List[str], device, resolution:
 
     SD1.5: last hidden state of the one encoder. SDXL: penultimate hidden states of both encoders
     concatenated, pooled projection of the second, and time ids for an uncropped square `resolution` image
-    (DPO replaces them per image with `with_time_ids`).
+    (DPO replaces them per image with `with_time_ids`). SD3 / FLUX: a `utils.flow.FlowConditioning`
+    (`encode_flow_prompts`).
     """
+    if parts.is_flow:
+        return encode_flow_prompts(parts, prompts, device)
     if not parts.is_sdxl:
         embeds = parts.text_encoders[0](tokenize(parts.tokenizers[0], prompts).to(device))[0]
         return TextConditioning(embeds)
@@ -236,15 +282,22 @@ def encode_prompts(parts: PipelineParts, prompts: List[str], device, resolution:
 
 # --------------------------------------------------------------------------- LoRA
 def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int] = None):
-    """Add a LoRA adapter (peft) to the UNet's attention projections; only its weights stay trainable."""
+    """Add a LoRA adapter (peft) to the denoiser's attention projections (SD3 / FLUX: the joint attention's image
+    and text-stream projections, utils.flow.FLOW_LORA_TARGET_MODULES); only its weights stay trainable."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     if seed is not None:
         torch.manual_seed(seed)  # LoRA A matrices are drawn at random: make the start reproducible
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    targets = FLOW_LORA_TARGET_MODULES if transformer_family(unet) else LORA_TARGET_MODULES
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(config)
     return unet
+
+
+def weights_subfolder(unet) -> str:
+    """Where a full fine-tune is saved: the pipeline's own folder name for its denoiser."""
+    return "transformer" if transformer_family(unet) else "unet"
 
 
 def has_lora(unet) -> bool:
@@ -253,33 +306,51 @@ def has_lora(unet) -> bool:
 
 def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict:
     """The adapter weights with the key names diffusers' `load_lora_weights` expects; taken from `state_dict`
-    (the gathered weights of a sharded UNet) where given."""
+    (the gathered weights of a sharded UNet) where given. SD3 / FLUX keep peft's names, as diffusers' DreamBooth
+    LoRA scripts for them save them (their loaders read peft names); the UNet's are converted."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    state = get_peft_model_state_dict(unet, state_dict=state_dict)
+    return state if transformer_family(unet) else convert_state_dict_to_diffusers(state)
+
+
+def lora_pipeline_class(unet, is_sdxl: bool):
+    """The stock pipeline whose `save_lora_weights` / `lora_state_dict` fit this denoiser."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = transformer_family(unet)
+    if family:
+        return pipeline_class(family)
+    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
 
 
 def save_lora(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
-    """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged
+    (SD3 / FLUX: the transformer's layers, which StableDiffusion3Pipeline / FluxPipeline load)."""
+    prefix = "transformer" if transformer_family(unet) else "unet"
     # The adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers' loader
     # assumes lora_alpha == rank, and a run with --lora_alpha != --lora_rank would reload at the wrong scale.
-    pipeline_cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet, state_dict), weight_name=LORA_WEIGHT_NAME,
-                                   safe_serialization=True,
-                                   unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    lora_pipeline_class(unet, is_sdxl).save_lora_weights(
+        output_dir, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+        **{f"{prefix}_lora_layers": lora_state_dict(unet, state_dict),
+           f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
 
 
 def load_lora_into_unet(unet, folder: str):
-    """Load weights written by `save_lora` back into a UNet that already has the adapter (resume)."""
+    """Load weights written by `save_lora` back into a UNet (or transformer) that already has the adapter (resume)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)
-    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if transformer_family(unet):  # our own file, in peft's names already (save_lora)
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    else:
+        state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     if result is not None and getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"LoRA weights in {folder} do not fit this UNet: unexpected keys {result.unexpected_keys[:3]}")

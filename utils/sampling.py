@@ -14,12 +14,18 @@ Which latent the last step returns (`scored_latent`):
 The two images are nearly the same, but d(latent)/d(eps) at the last step differs: on the SD1.5 schedule (50
 steps, t = 1) it is -0.0413 for pred_x0 and -0.0121 for x_prev, so the reward gradient of x_prev is 3.40x weaker
 (tests/test_draftp.py checks the ratio against the schedule).
+
+Flow-matching models (SD3 / FLUX, utils/flow.py) run the same loop with the Euler steps of their
+FlowMatchEulerDiscreteScheduler sigmas and the guided velocity in place of the guided eps: the schedule object
+(`DDIMSchedule` here, `utils.flow.FlowSchedule`) is chosen once, from the conditioning's type. Their last step
+ends at sigma 0, where x_prev and pred_x0 are the same latent (x_t - sigma * v), so `scored_latent` does not matter.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from .flow import FlowConditioning, FlowSchedule
 from .models import TextConditioning
 
 
@@ -28,8 +34,8 @@ SCORED_LATENTS = ("pred_x0", "x_prev")
 
 @dataclass
 class SampleResult:
-    latents: torch.Tensor    # (B, 4, h, w) the final latent (`scored_latent`); differentiable through the last K steps
-    kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2); zeros without a reference
+    latents: torch.Tensor    # (B, C, h, w) the final latent (`scored_latent`); differentiable through the last K steps
+    kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2) (flow: velocities); zeros without a reference
     grad_steps: int          # UNet calls with grad per sample
 
 
@@ -40,8 +46,14 @@ def guided_eps(unet, latents, t, cond: TextConditioning, guidance_scale: float) 
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
 
 
-def cfg_conditioning(text: TextConditioning, uncond: TextConditioning) -> TextConditioning:
-    """Stack [uncond; text] once per batch (uncond is one row, broadcast to the batch)."""
+def cfg_conditioning(text, uncond, guidance_scale: float = 1.0, true_cfg_scale: float = 1.0):
+    """Stack [uncond; text] once per batch (uncond is one row, broadcast to the batch).
+
+    Flow models: SD3 guides with `guidance_scale` as SD1.5 does; FLUX feeds `guidance_scale` to its guidance
+    embedding instead and runs CFG on [uncond; text] only with a `true_cfg_scale` > 1 (FluxPipeline's true CFG)."""
+    if isinstance(text, FlowConditioning):
+        scale = guidance_scale if text.family == "sd3" else true_cfg_scale
+        return text.with_cfg(uncond, scale) if scale > 1 else text
     batch = text.embeds.shape[0]
     if uncond.embeds.shape[0] == 1 and batch > 1:
         uncond = uncond.repeat(batch)
@@ -55,10 +67,45 @@ def ddim_step(scheduler, eps, t: int, latents, eta: float, generator: Optional[t
     return out.pred_original_sample if output == "pred_x0" else out.prev_sample
 
 
+class DDIMSchedule:
+    """The DDIM chain of SD1.5 / SDXL: timesteps, the guided eps, the step. `FlowSchedule` (utils/flow.py) is its
+    flow-matching twin, with the guided velocity."""
+
+    def __init__(self, scheduler, num_steps: int, device):
+        scheduler.set_timesteps(num_steps)
+        self.scheduler = scheduler
+        self.timesteps = [int(t) for t in scheduler.timesteps]  # python ints for the scheduler: no host sync inside the loop
+        # ... and one copy of all of them on the device for the UNet: a python int would be copied to the device
+        # (a host sync) inside every UNet call, and would make a compiled UNet recompile for every value.
+        self.model_timesteps = scheduler.timesteps.to(device)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def init(self, latents):
+        return latents * self.scheduler.init_noise_sigma
+
+    def predict(self, model, latents, i: int, cond, guidance_scale: float):
+        return guided_eps(model, latents, self.model_timesteps[i], cond, guidance_scale)
+
+    def step(self, eps, i: int, latents, eta: float = 0.0, generator=None, output: str = "x_prev"):
+        return ddim_step(self.scheduler, eps, self.timesteps[i], latents, eta, generator, output)
+
+    def renoise_last(self, x0, noise):
+        return self.scheduler.add_noise(x0, noise, torch.tensor([self.timesteps[-1]]))
+
+
+def make_schedule(scheduler, cond, num_steps: int, latents):
+    """DDIM for SD1.5 / SDXL, the flow-matching Euler chain for SD3 / FLUX (chosen by the conditioning's type)."""
+    if isinstance(cond, FlowConditioning):
+        return FlowSchedule(scheduler, cond.family, num_steps, latents.shape[-2:], latents.device)
+    return DDIMSchedule(scheduler, num_steps, latents.device)
+
+
 def sample_latents(
     unet: Callable,
     scheduler,
-    cond: TextConditioning,
+    cond,
     latents: torch.Tensor,
     num_inference_steps: int,
     guidance_scale: float,
@@ -69,63 +116,68 @@ def sample_latents(
     nograd_unet: Optional[Callable] = None,
     scored_latent: str = "x_prev",
 ) -> SampleResult:
-    """DDIM with CFG from x_T = `latents`; the last `truncation_steps` steps run with grad (0: none).
+    """DDIM with CFG (flow models: Euler with their guidance) from x_T = `latents`; the last `truncation_steps`
+    steps run with grad (0: none).
 
     `cond` is the CFG conditioning from `cfg_conditioning`. `reference_unet`, if given, is the frozen model
     (called under no_grad at each grad step) whose guided eps the KL term compares against. `nograd_unet`, if
     given, is the same model (e.g. compiled, `utils.speed`) called instead of `unet` at the steps without grad.
     `scored_latent` is what the last step returns (module docstring); "x_prev" gives the stock pipeline's image.
     """
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = [int(t) for t in scheduler.timesteps]  # python ints for the scheduler: no host sync inside the loop
-    # ... and one copy of all of them on the device for the UNet: a python int would be copied to the device
-    # (a host sync) inside every UNet call, and would make a compiled UNet recompile for every value.
-    unet_timesteps = scheduler.timesteps.to(latents.device)
+    schedule = make_schedule(scheduler, cond, num_inference_steps, latents)
     first_grad_step = num_inference_steps - truncation_steps
     kl_terms = []
-    latents = latents * scheduler.init_noise_sigma
-    for i, t in enumerate(timesteps):
+    latents = schedule.init(latents)
+    for i in range(len(schedule)):
         with_grad = i >= first_grad_step
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             model = nograd_unet if nograd_unet is not None and not with_grad else unet
-            eps = guided_eps(model, latents, unet_timesteps[i], cond, guidance_scale)
+            pred = schedule.predict(model, latents, i, cond, guidance_scale)
             if with_grad and reference_unet is not None:
-                kl_terms.append(kl_to_reference(eps, reference_unet, latents, unet_timesteps[i], cond, guidance_scale))
-            output = scored_latent if i == len(timesteps) - 1 else "x_prev"
-            latents = ddim_step(scheduler, eps, t, latents, eta, generator, output)
+                kl_terms.append(kl_to_reference(pred, reference_unet, latents, i, schedule, cond, guidance_scale))
+            output = scored_latent if i == len(schedule) - 1 else "x_prev"
+            latents = schedule.step(pred, i, latents, eta, generator, output)
     kl = torch.stack(kl_terms).mean(0) if kl_terms else torch.zeros(latents.shape[0], device=latents.device)
     return SampleResult(latents, kl, grad_steps=max(0, min(truncation_steps, num_inference_steps)))
 
 
-def kl_to_reference(eps, reference_unet, latents, t, cond, guidance_scale) -> torch.Tensor:
-    """Per-sample mean squared difference of the guided eps of the trained and the frozen model: (B,).
+def kl_to_reference(pred, reference_unet, latents, i: int, schedule, cond, guidance_scale) -> torch.Tensor:
+    """Per-sample mean squared difference of the guided predictions (eps; flow: velocity) of the trained and the
+    frozen model at step `i`: (B,).
 
-    For two Gaussians with equal variance this is the KL of one DDIM step up to a constant factor (DRaFT+)."""
+    For two Gaussians with equal variance this is the KL of one DDIM step up to a constant factor (DRaFT+); for an
+    Euler step of a flow model with a small added noise likewise, up to the factor (sigma_next - sigma)^2."""
     with torch.no_grad():
-        eps_ref = guided_eps(reference_unet, latents.detach(), t, cond, guidance_scale)
-    return (eps.float() - eps_ref.float()).pow(2).mean(dim=(1, 2, 3))
+        ref = schedule.predict(reference_unet, latents.detach(), i, cond, guidance_scale)
+    return (pred.float() - ref.float()).pow(2).mean(dim=(1, 2, 3))
 
 
 def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_scale: float,
-                         noise: torch.Tensor, reference_unet=None, scored_latent: str = "x_prev") -> SampleResult:
+                         noise: torch.Tensor, reference_unet=None, scored_latent: str = "x_prev",
+                         num_inference_steps: Optional[int] = None) -> SampleResult:
     """DRaFT-LV (Clark et al. 2023, Algorithm 2): re-noise the finished x_0 of a chain that ran without grad to the
-    last timestep with `num_samples` fresh noises (n, B, 4, h, w), and denoise each once with grad. `x0` is detached:
+    last timestep with `num_samples` fresh noises (n, B, C, h, w), and denoise each once with grad. `x0` is detached:
     the gradient reaches the UNet only through these n steps. Returns the n results stacked along the batch,
-    (n*B, 4, h, w), and the KL (B,) as the mean over the n steps; the caller averages the n rewards."""
-    t_last = int(scheduler.timesteps[-1])
+    (n*B, C, h, w), and the KL (B,) as the mean over the n steps; the caller averages the n rewards.
+    `num_inference_steps`: the chain's steps, which fix the last timestep (default: those the chain set last)."""
+    schedule = make_schedule(scheduler, cond, num_inference_steps or len(scheduler.timesteps), x0)
+    last = len(schedule) - 1
     x0 = x0.detach()
     outputs, kl_terms = [], []
     for i in range(num_samples):
-        x_t = scheduler.add_noise(x0, noise[i].to(x0.device, x0.dtype), torch.tensor([t_last]))
-        eps = guided_eps(unet, x_t, t_last, cond, guidance_scale)
+        x_t = schedule.renoise_last(x0, noise[i].to(x0.device, x0.dtype))
+        pred = schedule.predict(unet, x_t, last, cond, guidance_scale)
         if reference_unet is not None:
-            kl_terms.append(kl_to_reference(eps, reference_unet, x_t, t_last, cond, guidance_scale))
-        outputs.append(ddim_step(scheduler, eps, t_last, x_t, eta=0.0, generator=None, output=scored_latent))
+            kl_terms.append(kl_to_reference(pred, reference_unet, x_t, last, schedule, cond, guidance_scale))
+        outputs.append(schedule.step(pred, last, x_t, eta=0.0, generator=None, output=scored_latent))
     kl = torch.stack(kl_terms).mean(0) if kl_terms else torch.zeros(x0.shape[0], device=x0.device)
     return SampleResult(torch.cat(outputs), kl, grad_steps=num_samples)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Frozen VAE decode to images in [0, 1]; gradients flow through the decoder to the latents."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    """Frozen VAE decode to images in [0, 1]; gradients flow through the decoder to the latents. SD3's and FLUX's
+    VAEs also shift their latents (`shift_factor`; None for SD1.5 / SDXL)."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    images = vae.decode(latents + shift if shift else latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

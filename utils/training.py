@@ -31,7 +31,7 @@ STATE_FILE = "training_state.json"  # written last into a checkpoint: its presen
 # --------------------------------------------------------------------------- arguments
 DEFAULTS_NOTE = ("Defaults marked 'from ...' follow that source; the other defaults are this project's own choices\n"
                  "(README.md, 'Where the defaults come from').")
-EARLIER_RUN_FILES = ("args.json", "metrics.jsonl", "samples", "pytorch_lora_weights.safetensors", "unet")
+EARLIER_RUN_FILES = ("args.json", "metrics.jsonl", "samples", "pytorch_lora_weights.safetensors", "unet", "transformer")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -515,11 +515,11 @@ def build_lr_scheduler(args, optimizer, num_processes: int):
 
 # --------------------------------------------------------------------------- saving weights
 def save_unet_weights(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
-    """LoRA: pytorch_lora_weights.safetensors (diffusers format). Full: unet/ (from_pretrained format).
-    `state_dict`: the gathered weights of a sharded UNet (`full_state_dict`), written instead of the UNet's own."""
-    from .models import LORA_WEIGHT_NAME, has_lora, save_lora
+    """LoRA: pytorch_lora_weights.safetensors (diffusers format). Full: unet/ (SD3 / FLUX: transformer/; from_pretrained
+    format). `state_dict`: the gathered weights of a sharded UNet (`full_state_dict`), written instead of the UNet's own."""
+    from .models import LORA_WEIGHT_NAME, has_lora, save_lora, weights_subfolder
 
-    folder = os.path.join(output_dir, "unet")
+    folder = os.path.join(output_dir, weights_subfolder(unet))
     if has_lora(unet):
         save_lora(unet, output_dir, is_sdxl, state_dict)
         written = [os.path.join(output_dir, LORA_WEIGHT_NAME)]
@@ -555,9 +555,7 @@ def current_umask() -> int:
 def register_checkpoint_hooks(accelerator, is_sdxl: bool):
     """Make accelerate's save_state/load_state write the UNet in the diffusers format (LoRA: adapters only),
     so every checkpoint-N folder is also a loadable output."""
-    from diffusers import UNet2DConditionModel
-
-    from .models import has_lora, load_lora_into_unet
+    from .models import has_lora, load_lora_into_unet, weights_subfolder
 
     def save_hook(models, weights, output_dir):
         for model in models:
@@ -575,7 +573,7 @@ def register_checkpoint_hooks(accelerator, is_sdxl: bool):
             if has_lora(model):
                 load_lora_into_unet(model, input_dir)
             else:
-                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                loaded = type(model).from_pretrained(input_dir, subfolder=weights_subfolder(model))
                 model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -734,7 +732,8 @@ def set_aside_newer(output_dir: str, step: int):
         return
     from .models import LORA_WEIGHT_NAME
 
-    finals = [p for p in (os.path.join(output_dir, LORA_WEIGHT_NAME), os.path.join(output_dir, "unet")) if os.path.exists(p)]
+    finals = [os.path.join(output_dir, name) for name in (LORA_WEIGHT_NAME, "unet", "transformer")]
+    finals = [p for p in finals if os.path.exists(p)]
     target = os.path.join(output_dir, time.strftime("abandoned-%Y%m%d-%H%M%S"))
     os.makedirs(target, exist_ok=True)
     for p in newer + finals:

@@ -1,6 +1,7 @@
 """The toy world and the tiny models: test and demo infrastructure, kept apart from the product in utils/.
 
-- tiny.py          tiny random SD1.5 / SDXL pipelines built in code (`tiny-sd`, `tiny-sdxl`), for the tests
+- tiny.py          tiny random SD1.5 / SDXL / SD3 / FLUX pipelines built in code (`tiny-sd`, `tiny-sdxl`, `tiny-sd3`,
+                   `tiny-flux`), for the tests
 - tiny_rewards.py  tiny scoring-model checkpoints in the real file formats, for the loaders' tests
 - world.py         the procedural captioned toy world and its pixel judge
 - models.py        the toy world's own models (`toy-sd`, `toyclip`, committed in assets/) and their trainers
@@ -15,4 +16,4 @@ ASSETS = Path(__file__).parent / "assets"
 TOY_SD_PATH = ASSETS / "toy-sd"
 TOYCLIP_PATH = ASSETS / "toyclip"
 TOY_NAMES = {"toy-sd": TOY_SD_PATH}
-TINY_NAMES = ("tiny-sd", "tiny-sdxl")
+TINY_NAMES = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")

@@ -1,9 +1,10 @@
-"""Tiny SD1.5- and SDXL-style pipelines built in code, for tests and the offline quickstart.
+"""Tiny SD1.5-, SDXL-, SD3- and FLUX-style pipelines built in code, for tests and the offline quickstart.
 
 No model hub is reachable offline, so these pipelines are built from a fixed seed, written with
 `save_pretrained`, and then loaded back through the same `from_pretrained` path that hub ids take.
 The tokenizers are real CLIP BPE tokenizers (built from the vocabulary that open-clip-torch ships), so
-real English prompts tokenize as they would with the hub tokenizers.
+real English prompts tokenize as they would with the hub tokenizers. The T5 tokenizer of tiny-sd3 / tiny-flux
+is a character-level Unigram model built in code (T5's own sentencepiece vocabulary is not shipped offline).
 """
 import gzip
 import json
@@ -219,12 +220,14 @@ def _unet(sdxl: bool):
 
 
 def build_tiny_pipeline(name: str, seed: int = 0):
-    """Build the tiny pipeline `name` ("tiny-sd" or "tiny-sdxl") with weights drawn from `seed`."""
+    """Build the tiny pipeline `name` (one of TINY_NAMES) with weights drawn from `seed`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny pipeline {name!r}; expected one of {TINY_NAMES}")
     torch.manual_seed(seed)
+    if name in ("tiny-sd3", "tiny-flux"):
+        return _flow_pipeline(name)
     sdxl = name == "tiny-sdxl"
     unet, vae = _unet(sdxl), _vae()
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,6 +241,82 @@ def build_tiny_pipeline(name: str, seed: int = 0):
     return StableDiffusionPipeline(
         vae=vae, text_encoder=_text_encoder(), tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+# --------------------------------------------------------------------------- flow-matching (SD3, FLUX)
+T5_WIDTH = 64  # d_model of the tiny T5 = the transformers' joint_attention_dim (4096 in SD3 and FLUX)
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer (Unigram, </s> appended, <pad> = 0 as T5's) over single characters: each character, with or
+    without the word-start mark, is one piece, so any English prompt tokenizes without unknown tokens."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars] + [("\u2581", -3.0)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def _t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(build_t5_tokenizer()), d_model=T5_WIDTH, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    return T5EncoderModel(config)
+
+
+def _flow_scheduler(name: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if name == "tiny-sd3":  # SD3 / SD3.5's scheduler config: a fixed shift of 3
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    # FLUX.1-dev's: the shift follows the image's token count (256 -> 0.5, 4096 -> 1.15)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def _flow_vae():
+    """The tiny VAE (4 latent channels), with a shift_factor as SD3's and FLUX's VAEs have (0.0609, 0.1159): not 0, so
+    that a decode that forgets it differs from the stock pipeline's."""
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.1)
+    return vae
+
+
+def _flow_pipeline(name: str):
+    from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = save_clip_tokenizer_files(Path(tmp) / "tok")
+        tokenizer_2 = save_clip_tokenizer_files(Path(tmp) / "tok2", pad_token="!")
+    t5_tokenizer = build_t5_tokenizer()
+    if name == "tiny-sd3":
+        # pooled projections: CLIP-L | CLIP-G projections (32 + 32); tokens: the two CLIPs' hidden states side by
+        # side (32 + 32) zero-padded to T5's width, then T5's tokens
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
+            pooled_projection_dim=64, pos_embed_max_size=TINY_RESOLUTION // 4,
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=_flow_scheduler(name), vae=_flow_vae(),
+            text_encoder=_text_encoder(with_projection=True), tokenizer=tokenizer,
+            text_encoder_2=_text_encoder(with_projection=True), tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5_encoder(), tokenizer_3=t5_tokenizer,
+        )
+    # FLUX.1-dev-like: 2x2-packed latents (4 channels x 4 = 16 per token), guidance embedding, one double-stream and one
+    # single-stream block; rope axes sum to the head dim
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(
+        transformer=transformer, scheduler=_flow_scheduler(name), vae=_flow_vae(),
+        text_encoder=_text_encoder(), tokenizer=tokenizer, text_encoder_2=_t5_encoder(), tokenizer_2=t5_tokenizer,
     )
 
 

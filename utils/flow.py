@@ -1,0 +1,237 @@
+"""Flow-matching pipelines (SD3 / SD3.5, FLUX.1): loading, prompt encoding, the transformer call, the Euler schedule.
+
+    x_t = (1 - sigma) * x_0 + sigma * noise;   the transformer predicts the velocity v = noise - x_0
+    Euler step:  x_next = x_t + (sigma_next - sigma) * v;   predicted x_0 = x_t - sigma * v
+
+What differs between the two families sits here, behind three small interfaces that the DDIM path of SD1.5 / SDXL
+also has, so that the training scripts never branch on the family:
+- `load_flow_parts` fills the same `PipelineParts` as SD1.5 / SDXL (`parts.unet` is then the transformer);
+- `encode_flow_prompts` returns a `FlowConditioning`, which knows how to call its transformer (`guided_velocity`):
+  SD3 runs classifier-free guidance on [uncond; text] rows as SD1.5 does, FLUX.1-dev feeds the guidance scale to the
+  transformer's guidance embedding (one pass) and packs the latents 2x2 into tokens only around the call, so the
+  sampler, the VAE and the rewards see (B, C, h, w) latents for every family;
+- `FlowSchedule` holds the sigmas the stock pipeline would use (SD3: the scheduler's shift; FLUX: sigmas
+  linspace(1, 1/N, N) shifted by the image's token count) and takes the Euler steps.
+
+Prompt encoding, packing, image ids and the shift are diffusers' own code (the pipelines' `encode_prompt`,
+`_pack_latents`, `_unpack_latents`, `_prepare_latent_image_ids`, `calculate_shift`), called, not copied.
+"""
+from dataclasses import dataclass, replace
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+# model_index.json's `_class_name` -> family; anything else is SD1.5 / SDXL (utils.models)
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1"}
+# The joint-attention projections of the image stream (to_*) and of the text stream (add_*, to_add_out), the
+# defaults of diffusers' DreamBooth LoRA scripts for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
+# FLUX's single-stream blocks have to_q/k/v but no to_out (their output is proj_out, shared with the MLP).
+FLOW_LORA_TARGET_MODULES = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                            "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
+# The stock pipelines' defaults for the T5 prompt length (their `max_sequence_length`): following them keeps our
+# images the stock pipeline's.
+MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+
+
+def flow_family(model_index: dict) -> Optional[str]:
+    """"sd3" or "flux" from the pipeline's own model_index.json (never from its name); None for SD1.5 / SDXL."""
+    return FLOW_PIPELINES.get(model_index.get("_class_name"))
+
+
+def pipeline_class(family: str):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+
+
+def transformer_family(model) -> Optional[str]:
+    """"sd3" / "flux" for a flow transformer, None for a UNet: saving and reloading dispatch on the model itself."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
+    if isinstance(model, FluxTransformer2DModel):
+        return "flux"
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+# the pipelines' names of their text encoders, in the order of `PipelineParts.text_encoders` (tokenizers alike)
+ENCODER_NAMES = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
+
+
+def _tokenizer_name(encoder_name: str) -> str:
+    return encoder_name.replace("text_encoder", "tokenizer")
+
+
+def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None):
+    """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32.
+    `vae`: an AutoencoderKL to use instead of the pipeline's own (--pretrained_vae_model_name_or_path)."""
+    from .models import PipelineParts
+
+    kwargs = {"vae": vae} if vae is not None else {}
+    pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
+    names = ENCODER_NAMES[family]
+    return PipelineParts(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
+                         text_encoders=[getattr(pipe, n) for n in names],
+                         tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
+
+
+def build_flow_pipeline(parts, transformer=None):
+    """A stock StableDiffusion3Pipeline / FluxPipeline around our parts (validation images, evaluation, tests)."""
+    names = ENCODER_NAMES[parts.family]
+    encoders = dict(zip(names, parts.text_encoders))
+    tokenizers = {_tokenizer_name(n): t for n, t in zip(names, parts.tokenizers)}
+    return pipeline_class(parts.family)(transformer=transformer or parts.unet, vae=parts.vae, scheduler=parts.scheduler,
+                                        **encoders, **tokenizers)
+
+
+def default_sample_size(parts) -> int:
+    """Latent side of the default image: SD3's transformer config says it; FluxPipeline fixes 128 (1024 px)."""
+    return getattr(parts.unet.config, "sample_size", None) or 128
+
+
+# --------------------------------------------------------------------------- prompts
+@dataclass
+class FlowConditioning:
+    """What a flow transformer is conditioned on. With classifier-free guidance (SD3; FLUX with true CFG) the
+    unconditional rows come first, then the text rows, as `TextConditioning` of SD1.5."""
+
+    family: str
+    # (B, L, D): SD3: 77 tokens of CLIP-L | CLIP-G hidden states padded to T5's width, then the T5 tokens; FLUX: T5's
+    embeds: torch.Tensor
+    pooled: torch.Tensor                 # (B, P): SD3: CLIP-L | CLIP-G pooled projections (2048); FLUX: CLIP-L's (768)
+    text_ids: Optional[torch.Tensor] = None  # (L, 3) FLUX's text position ids (zeros), shared by the batch
+    guidance_embeds: bool = False        # FLUX.1-dev: the guidance scale is an input of the transformer
+    cfg_scale: Optional[float] = None    # the CFG scale when the rows are [uncond; text]; None: text rows only
+
+    def _map(self, fn) -> "FlowConditioning":
+        return replace(self, embeds=fn(self.embeds), pooled=fn(self.pooled))
+
+    def repeat(self, n: int) -> "FlowConditioning":
+        """Each row repeated n times in a block ([a, b] -> [a, b, a, b]), e.g. winner and loser of DPO pairs."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    def to(self, *args, **kwargs) -> "FlowConditioning":
+        moved = self._map(lambda t: t.to(*args, **kwargs))
+        return moved if self.text_ids is None else replace(moved, text_ids=self.text_ids.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(items: List["FlowConditioning"]) -> "FlowConditioning":
+        return replace(items[0], embeds=torch.cat([c.embeds for c in items]), pooled=torch.cat([c.pooled for c in items]))
+
+    def with_cfg(self, uncond: "FlowConditioning", scale: float) -> "FlowConditioning":
+        """Rows [uncond; text] (uncond is one row, broadcast to the batch), guided with `scale`."""
+        batch = self.embeds.shape[0]
+        if uncond.embeds.shape[0] == 1 and batch > 1:
+            uncond = uncond.repeat(batch)
+        return replace(FlowConditioning.cat([uncond, self]), cfg_scale=scale)
+
+    def velocity(self, model, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """The transformer's velocity for `latents` (B, C, h, w) at `timestep` (sigma * 1000: a 0-dim tensor, or (B,) one
+        per row, e.g. for training on noised data with `flow_noise`; text rows only then), guided:
+        CFG over [uncond; text] rows when `cfg_scale` is set (SD3: `guidance_scale` itself), and for FLUX.1-dev
+        the guidance embedding set to `guidance_scale`. Returns (B, C, h, w)."""
+        rows = 2 if self.cfg_scale is not None else 1
+        x = torch.cat([latents] * rows)
+        if self.family == "sd3":
+            v = model(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=self.embeds,
+                      pooled_projections=self.pooled, return_dict=False)[0]
+        else:
+            v = self._flux_velocity(model, x, timestep, guidance_scale)
+        if rows == 1:
+            return v
+        v_uncond, v_text = v.chunk(2)
+        return v_uncond + self.cfg_scale * (v_text - v_uncond)
+
+    def _flux_velocity(self, model, x, timestep, guidance_scale):
+        from diffusers import FluxPipeline
+
+        batch, channels, h, w = x.shape
+        packed = FluxPipeline._pack_latents(x, batch, channels, h, w)  # (B, h/2 * w/2, 4C): 2x2 patches as tokens
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, x.device, x.dtype)  # (h/2 * w/2, 3)
+        guidance = torch.full((batch,), guidance_scale, device=x.device, dtype=torch.float32) if self.guidance_embeds else None
+        # FluxPipeline passes timestep / 1000 (sigma) where SD3's takes sigma * 1000
+        t = timestep.expand(batch).to(x.dtype) / 1000
+        v = model(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=self.pooled,
+                  encoder_hidden_states=self.embeds, txt_ids=self.text_ids, img_ids=image_ids, return_dict=False)[0]
+        # _unpack_latents takes the image's pixel size and the VAE factor; latent sizes with factor 1 say the same
+        return FluxPipeline._unpack_latents(v, h, w, vae_scale_factor=1)
+
+
+@torch.no_grad()
+def encode_flow_prompts(parts, prompts: List[str], device) -> FlowConditioning:
+    """Encode prompts with the stock pipeline's own `encode_prompt` (SD3: CLIP-L and CLIP-G penultimate hidden states
+    side by side, zero-padded to T5's width, then the T5 tokens; pooled = both CLIPs' projections. FLUX: the T5 tokens
+    and CLIP-L's pooled output, text ids zeros). The text rows only; `FlowConditioning.with_cfg` adds the uncond rows."""
+    pipe = build_flow_pipeline(parts)
+    length = MAX_SEQUENCE_LENGTH[parts.family]
+    if parts.family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=length)
+        return FlowConditioning("sd3", embeds, pooled)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=length)
+    return FlowConditioning("flux", embeds, pooled, text_ids, guidance_embeds=bool(parts.unet.config.guidance_embeds))
+
+
+# --------------------------------------------------------------------------- the schedule
+class FlowSchedule:
+    """The sigmas of the stock pipeline's FlowMatchEulerDiscreteScheduler for `num_steps` steps on latents of side
+    (h, w), and the Euler step. The scheduler itself is only asked for its sigmas: its `step` keeps a step index
+    (one chain at a time) and rounds the latent to the velocity's dtype, where ours stays float32 under autocast."""
+
+    def __init__(self, scheduler, family: str, num_steps: int, latent_size, device, patch_size: int = 2):
+        h, w = latent_size
+        image_seq_len = (h // patch_size) * (w // patch_size)  # tokens of the image: FLUX packs 2x2, SD3 patches 2x2
+        config = scheduler.config
+        if family == "flux":
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            # FluxPipeline: sigmas linspace(1, 1/N, N), shifted by the token count (use_dynamic_shifting)
+            sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+            mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        else:
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            # StableDiffusion3Pipeline: the scheduler's own timesteps with its fixed shift (3.0), unless the config
+            # asks for dynamic shifting
+            sigmas, mu = None, None
+            if config.get("use_dynamic_shifting"):
+                mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                     config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
+        self.timesteps = scheduler.timesteps  # (N,) sigma * 1000, on `device`
+        self.sigmas = scheduler.sigmas        # (N + 1,) ending in 0
+        self.sigma_values = self.sigmas.tolist()  # python floats: no host sync inside the loop
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def init(self, latents):
+        return latents  # x_T at sigma 1 is the noise itself
+
+    def predict(self, model, latents, i: int, cond: FlowConditioning, guidance_scale: float):
+        return cond.velocity(model, latents, self.timesteps[i], guidance_scale)
+
+    def step(self, velocity, i: int, latents, eta: float = 0.0, generator=None, output: str = "x_prev"):
+        """x_t -> x_{t_next} (Euler), or the predicted x_0 when `output` is "pred_x0". At the last step sigma_next is
+        0, so the two are the same latent: x_t + (0 - sigma) * v = x_t - sigma * v. The chain is deterministic: `eta`
+        and `generator` are DDIM's (train_draftp.py refuses --eta > 0 for flow models)."""
+        if output == "pred_x0":
+            return latents - self.sigmas[i] * velocity
+        return latents + (self.sigmas[i + 1] - self.sigmas[i]) * velocity
+
+    def renoise_last(self, x0, noise):
+        """x_0 noised to the last step's sigma (DRaFT-LV)."""
+        return flow_noise(x0, noise, self.sigmas[-2])
+
+
+def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """x_t = (1 - sigma) * x_0 + sigma * noise, for (B, C, h, w) latents and a float, 0-dim or (B,) sigma; the velocity
+    the transformer is trained to predict there is noise - x_0."""
+    if torch.is_tensor(sigma) and sigma.dim() == 1:
+        sigma = sigma.view(-1, 1, 1, 1)
+    return (1 - sigma) * x0 + sigma * noise
