@@ -1,9 +1,12 @@
-"""Diffusion-DPO and SFT for SD1.5 and SDXL (full UNet or LoRA), on preference pairs or image-caption data.
+"""Diffusion-DPO and SFT for SD1.5, SDXL, SD3 / SD3.5 and FLUX.1 (full model or LoRA), on preference pairs or
+image-caption data.
 
 Diffusion-DPO (Wallace et al. 2023, https://arxiv.org/abs/2311.12908): winner and loser of a pair are noised
 with one noise sample at one timestep; the loss rewards the trained UNet for lowering its denoising error on
 the winner more than the frozen reference does, relative to the loser. `--sft` is plain noise-prediction
-fine-tuning on the preferred image (or on ordinary image-caption data with `--image_column`).
+fine-tuning on the preferred image (or on ordinary image-caption data with `--image_column`). Flow-matching models
+(SD3, FLUX; read from model_index.json) train the same loss on velocity errors (target noise - x_0), with t drawn as
+the model was trained (--weighting_scheme).
 
 Quickstart (offline, the toy world: AI feedback from the `toyclip` scorer on pairs sampled from `toy-sd`, the best
 and the worst of 4 base images each; about 14 minutes on a busy 2-core CPU; samples/validation-step-000032.png shows
@@ -37,9 +40,12 @@ SDXL (the original always used Adafactor and gradient checkpointing there), LoRA
 import argparse
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +55,9 @@ from utils import UsageError
 from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
                         LatentCacheDataset, check_bad_rows, check_enough_rows, collate_images, next_batch,
                         open_image_dataset, require_columns, scan_rows, select_pairs)
+from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
-                          load_pipeline_parts, sdxl_time_ids)
+                          load_pipeline_parts, model_prediction, read_family, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
@@ -130,6 +137,37 @@ def noise_pairs(scheduler, latents, noise, timesteps):
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps
     return noisy, noise, timesteps
+
+
+def flow_noise_pairs(latents, noise, timesteps, num_train_timesteps: int = 1000):
+    """`noise_pairs` for flow matching (SD3 / FLUX): x_t = (1 - sigma) * x_0 + sigma * noise with sigma = t / 1000,
+    and the velocity target noise - x_0; winner and loser share the row's noise and sigma."""
+    n = latents.shape[0] // noise.shape[0]
+    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
+    return flow_noise(latents, noise, timesteps / num_train_timesteps), noise - latents, timesteps
+
+
+@dataclass
+class Noising:
+    """What the model's family fixes about training on noised data, chosen once at start (`family_noising`)."""
+
+    draw: Callable         # (n, generator) -> (n,) timesteps: DDPM steps, or sigma * 1000
+    pairs: Callable        # (latents, noise, timesteps) -> (noisy, target, timesteps): `noise_pairs`' contract
+    sft_weights: Callable  # (timesteps,) -> (n,) per-sample weights of the SFT loss, or None
+
+
+def family_noising(parts, args) -> Noising:
+    """SD1.5 / SDXL: t uniform over the DDPM steps, eps (or v) target, min-SNR for SFT. SD3 / FLUX: t drawn as the
+    model was trained (--weighting_scheme), the velocity target, SD3's loss weights for SFT (DPO's errors stay plain
+    per-sample MSE: a weight w(t) would only rescale beta at each t)."""
+    scheduler = parts.scheduler
+    if parts.is_flow:
+        t = FlowTrainingTimesteps(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+        return Noising(t.draw, functools.partial(flow_noise_pairs, num_train_timesteps=t.num_train_timesteps),
+                       t.loss_weights)
+    return Noising(lambda n, g: torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g),
+                   functools.partial(noise_pairs, scheduler),
+                   lambda t: min_snr_weights(scheduler, t, args.snr_gamma) if args.snr_gamma else None)
 
 
 @torch.no_grad()
@@ -218,6 +256,19 @@ def parse_args(argv=None):
     g.add_argument("--sdxl", action="store_true", help="assert the model is SDXL (it is read from model_index.json)")
     g.add_argument("--snr_gamma", type=float, default=None, help="--sft: min-SNR loss weighting (5.0 is usual)")
     g.add_argument("--noise_offset", type=float, default=0.0, help="offset noise scale (0 = off)")
+    g = parser.add_argument_group("flow-matching models (SD3 / SD3.5, FLUX.1)")
+    g.add_argument("--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
+                   help="how t is drawn (logit_normal, mode) or, with t uniform, how the --sft loss is weighted (cosmap, "
+                        "sigma_sqrt), as diffusers' SD3 / FLUX training examples (default: logit_normal for SD3, the "
+                        "SD3 paper's; none (uniform) for FLUX, diffusers' FLUX script's)")
+    g.add_argument("--logit_mean", type=float, default=None, help="logit_normal: mean of the logit of t (default 0.0)")
+    g.add_argument("--logit_std", type=float, default=None, help="logit_normal: std of the logit of t (default 1.0)")
+    g.add_argument("--mode_scale", type=float, default=None, help="mode: the density's scale (default 1.29)")
+    g.add_argument("--train_guidance_scale", type=float, default=None,
+                   help="FLUX.1-dev (guidance-distilled): the value of its guidance embedding in the training passes of "
+                        "model and reference (default 1.0: the denoising loss on real images is least for the unguided "
+                        "velocity, which the distilled model gives at 1, as diffusers' FLUX DreamBooth README trains); "
+                        "--guidance_scale stays the validation images'")
 
     g = parser.add_argument_group("validation images")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the validation images")
@@ -256,6 +307,8 @@ def check_args(args):
         raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
     if args.scan_data and args.cache_latents:
         raise UsageError("--scan_data and --cache_latents: caching already reads every row; drop --scan_data")
+    if args.logit_std is not None and args.logit_std <= 0:
+        raise UsageError(f"--logit_std must be > 0, got {args.logit_std}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UsageError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
     if args.num_inference_steps < 1:
@@ -274,6 +327,37 @@ def check_args(args):
             raise UsageError(f"--choice_model {args.choice_model!r}: {e}") from None
         args.choice_model = spec
     args.reward_paths = parse_name_paths(args.reward_model_paths)
+
+
+FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+# diffusers' SD3 / FLUX training examples' defaults
+FLOW_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+
+
+def check_family_args(args, family: str, is_sdxl: bool):
+    """What the model's family (read from model_index.json before any weight loads) rules out; fills the flow flags'
+    per-family defaults, so args.json holds the values the run used."""
+    name = {"sd": "SDXL" if is_sdxl else "SD1.5", "sd3": "SD3", "flux": "FLUX.1"}[family]
+    if args.sdxl and not is_sdxl:
+        raise UsageError(f"--sdxl given, but {args.pretrained_model_name_or_path} is a {name} pipeline (its "
+                         f"model_index.json says so); drop --sdxl")
+    if family == "sd":
+        given = [f"--{f}" for f in (*FLOW_FLAGS, "train_guidance_scale") if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: flow-matching (SD3 / FLUX) flags; {name} trains on DDPM timesteps")
+        return
+    if args.snr_gamma is not None:
+        raise UsageError(f"--snr_gamma (min-SNR) weights DDPM timesteps; for {name} use --weighting_scheme")
+    if args.train_guidance_scale is not None and family != "flux":
+        raise UsageError(f"--train_guidance_scale sets FLUX's guidance embedding; {name} has none")
+    args.weighting_scheme = args.weighting_scheme or DEFAULT_WEIGHTING[family]
+    if not args.sft and args.weighting_scheme in ("cosmap", "sigma_sqrt"):
+        raise UsageError(f"--weighting_scheme {args.weighting_scheme} weights the --sft loss (t uniform); DPO draws t only "
+                         f"and keeps plain errors: use logit_normal, mode or none")
+    for flag, value in FLOW_DEFAULTS.items():
+        setattr(args, flag, value if getattr(args, flag) is None else getattr(args, flag))
+    if family == "flux" and args.train_guidance_scale is None:
+        args.train_guidance_scale = 1.0
 
 
 # --------------------------------------------------------------------------- main
@@ -295,6 +379,8 @@ def main(args):
     # that is not text fails in seconds, not after the models load. SFT without a scorer never reads the loser.
     ImagePairDataset(ds, image_columns, args.caption_column, data_rows[:1], winner_first[:1], resolution=8,
                      decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
+    # the model's family from its model_index.json (no weights yet): flags that cannot work with it fail here
+    check_family_args(args, *read_family(args.pretrained_model_name_or_path, args.revision))
 
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
@@ -310,13 +396,10 @@ def main(args):
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full), reference
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
                                 args.pretrained_vae_model_name_or_path)
-    if args.sdxl and not parts.is_sdxl:
-        raise UsageError(f"--sdxl given, but {args.pretrained_model_name_or_path} is not an SDXL pipeline "
-                         f"(its model_index.json has no text_encoder_2)")
     if args.unet_init:
-        parts.unet = load_unet_init(args.unet_init)
+        parts.unet = load_unet_init(args.unet_init, type(parts.unet))
     freeze_frozen_parts(parts, device, dtype)
-    unet, scheduler = parts.unet, parts.scheduler
+    unet = parts.unet
     frozen_unet = None
     if args.use_lora:
         add_lora(unet, args.lora_rank, args.lora_alpha, seed=args.seed)
@@ -345,9 +428,9 @@ def main(args):
     if args.choice_model:
         scorer = load_reward(args.choice_model, paths=args.reward_paths, device=device, dtype=dtype)
     resolution = args.resolution or parts.default_resolution
-    latent_shape = (unet.config.in_channels, resolution // parts.vae_scale_factor, resolution // parts.vae_scale_factor)
+    latent_shape = parts.latent_shape(resolution)
     n_images = 1 if args.sft else 2  # images per row that the loss sees (winner, loser)
-    logger.info(f"{'SDXL' if parts.is_sdxl else 'SD1.5'} at {resolution}px, {'SFT' if args.sft else 'DPO'}, "
+    logger.info(f"{parts.name} at {resolution}px, {'SFT' if args.sft else 'DPO'}, "
                 f"{'LoRA rank ' + str(args.lora_rank) if args.use_lora else 'full UNet'}, beta {args.beta_dpo}, "
                 f"loss {args.loss_type}, choice model {args.choice_model}")
 
@@ -388,13 +471,16 @@ def main(args):
     # The objective, chosen once: both take the trained model's per-image errors and the noised inputs.
     def dpo_objective(err, noisy, timesteps, cond, target):
         with torch.no_grad():
-            ref_err = per_sample_error(reference_unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)
+            ref_err = per_sample_error(predict(reference_unet, noisy, timesteps, cond), target)
         return dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.loss_type)
 
     def sft_objective(err, noisy, timesteps, cond, target):
-        return sft_loss(err, min_snr_weights(scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None)
+        return sft_loss(err, noising.sft_weights(timesteps))
 
     objective = sft_objective if args.sft else dpo_objective
+    # the family's timesteps, noising and target, and its model call (FLUX: the guidance embedding at a fixed value)
+    noising = family_noising(parts, args)
+    predict = functools.partial(model_prediction, guidance_scale=args.train_guidance_scale)
     validation_prompts = args.validation_prompts or [dataset_prompt(dataset, i) for i in range(min(2, len(dataset)))]
     has_reference = args.use_lora or frozen_unet is not None
 
@@ -415,7 +501,7 @@ def main(args):
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
             g = step_generator(args.seed, step, micro)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,), generator=g)[rows]
+            timesteps = noising.draw(global_batch, g)[rows]
             noise = torch.randn(global_batch, *latent_shape, generator=g)[rows]
             offset = torch.randn(global_batch, latent_shape[0], 1, 1, generator=g)[rows]
             posterior_eps = torch.randn(global_batch, 2, *latent_shape, generator=g)[rows]  # VAE posterior sample
@@ -430,11 +516,11 @@ def main(args):
             latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution)
 
             # ---- noise: one noise sample and one timestep per pair, shared by winner and loser
-            noisy, target, timesteps = noise_pairs(scheduler, latents, noise, timesteps)
+            noisy, target, timesteps = noising.pairs(latents, noise, timesteps)
 
             with accelerator.accumulate(unet), accelerator.autocast():
                 # ---- loss
-                err = per_sample_error(unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)  # (n*B,)
+                err = per_sample_error(predict(unet, noisy, timesteps, cond), target)  # (n*B,)
                 loss, metrics = objective(err, noisy, timesteps, cond, target)
 
                 # ---- update (skipped on every process if any loss or gradient is not finite); a stop request
@@ -531,17 +617,17 @@ def scan_dataset(dataset, args, accelerator):
     return dataset
 
 
-def load_unet_init(path):
-    """--unet_init: a folder holding unet/ (e.g. an earlier full-UNet run's output) or a UNet folder / hub id."""
+def load_unet_init(path, model_class):
+    """--unet_init: a folder holding unet/ or transformer/ (e.g. an earlier full fine-tune's output), or the model's
+    own folder / hub id; `model_class`: the pipeline's denoiser class (UNet, SD3 or FLUX transformer)."""
     import os
 
-    from diffusers import UNet2DConditionModel
-
-    subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
+    subfolder = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(path, s))), None)
     try:
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder)
+        return model_class.from_pretrained(path, subfolder=subfolder)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--unet_init {path}: not a UNet folder or a folder with unet/ ({type(e).__name__})") from None
+        raise UsageError(f"--unet_init {path}: not a {model_class.__name__} folder or a folder with unet/ or "
+                         f"transformer/ ({type(e).__name__})") from None
 
 
 def dataset_prompt(dataset, position):
@@ -576,7 +662,7 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
     """Fixed prompts and seeds through a stock diffusers pipeline: the base model's images (first row) beside
     the trained model's (second row), with the scoring model's scores when --choice_model is set."""
     if accelerator.is_main_process or shards_parameters(accelerator):  # a sharded UNet needs every process
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
         prompts = [p for p in prompts for _ in range(args.num_validation_images)]
         seeds = [args.seed + j for _ in range(len(prompts) // args.num_validation_images) for j in range(args.num_validation_images)]
@@ -587,7 +673,9 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
         rows, scores = [], {}
         for name, (unet, context) in models.items():
             pipe = build_pipeline(parts, unet=unet)
-            pipe.scheduler = DDIMScheduler.from_config(parts.scheduler.config)  # the training scheduler stays untouched
+            # a copy: the training scheduler stays untouched (flow models sample with their own Euler scheduler)
+            sampler = FlowMatchEulerDiscreteScheduler if parts.is_flow else DDIMScheduler
+            pipe.scheduler = sampler.from_config(parts.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
             with context, accelerator.autocast():
                 images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,

@@ -122,6 +122,10 @@ class FlowConditioning:
     def cat(items: List["FlowConditioning"]) -> "FlowConditioning":
         return replace(items[0], embeds=torch.cat([c.embeds for c in items]), pooled=torch.cat([c.pooled for c in items]))
 
+    def with_time_ids(self, time_ids) -> "FlowConditioning":
+        """SDXL's size / crop micro-conditioning: SD3 and FLUX have none (train_dpo.py's batches carry it for SDXL)."""
+        return self
+
     def with_cfg(self, uncond: "FlowConditioning", scale: float) -> "FlowConditioning":
         """Rows [uncond; text] (uncond is one row, broadcast to the batch), guided with `scale`."""
         batch = self.embeds.shape[0]
@@ -235,3 +239,53 @@ def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     if torch.is_tensor(sigma) and sigma.dim() == 1:
         sigma = sigma.view(-1, 1, 1, 1)
     return (1 - sigma) * x0 + sigma * noise
+
+
+# --------------------------------------------------------------------------- training on noised data (train_dpo.py)
+# diffusers' SD3 / FLUX training examples' names: how t is drawn (logit_normal, mode) or how the loss is weighted
+# (cosmap, sigma_sqrt; t uniform then); none: uniform t, unweighted loss.
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+# --weighting_scheme when not given: SD3's own (the SD3 paper's logit-normal(0, 1), the default of diffusers'
+# train_dreambooth_lora_sd3.py); FLUX: uniform, the default of diffusers' train_dreambooth_lora_flux.py (Black Forest
+# Labs did not publish FLUX's training density).
+DEFAULT_WEIGHTING = {"sd3": "logit_normal", "flux": "none"}
+
+
+class FlowTrainingTimesteps:
+    """Timesteps for training on noised data, drawn as diffusers' SD3 / FLUX DreamBooth scripts draw them: u from
+    `compute_density_for_timestep_sampling` in [0, 1], then index (u * N) into the N = 1000 training sigmas of a freshly
+    configured FlowMatchEulerDiscreteScheduler. Those carry the scheduler's fixed shift (SD3 / SD3.5: 3.0,
+    sigma' = 3 sigma / (1 + 2 sigma)); a scheduler with `use_dynamic_shifting` (FLUX) shifts only at sampling time, by
+    the image's token count, so its training sigmas are unshifted, as in diffusers' FLUX script.
+
+    The table is taken once from the config, not from the pipeline's scheduler: a validation pipeline's
+    `set_timesteps` replaces that scheduler's sigmas with its sampling schedule."""
+
+    def __init__(self, scheduler, weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        self.sigmas = fresh.sigmas.float()        # (N,) descending from 1 to 1/N (shifted where the config says)
+        self.num_train_timesteps = fresh.config.num_train_timesteps
+        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = (
+            weighting_scheme, logit_mean, logit_std, mode_scale)
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) timesteps, sigma * 1000 (what the transformer is called with; `sigma_of` gives sigma back)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, n, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, generator=generator)
+        # u = 1 exactly (the mode density at a uniform draw of 0, probability 2^-24) would index one past the end
+        indices = (u * len(self.sigmas)).long().clamp(max=len(self.sigmas) - 1)
+        return self.sigmas[indices] * self.num_train_timesteps
+
+    def sigma_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps / self.num_train_timesteps
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) SD3's loss weights (`compute_loss_weighting_for_sd3`: cosmap, sigma_sqrt; ones for the density schemes)."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma_of(timesteps).float())

@@ -15,8 +15,8 @@ from typing import List, Optional
 import torch
 
 from . import UsageError
-from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, build_flow_pipeline, default_sample_size, encode_flow_prompts,
-                   flow_family, load_flow_parts, pipeline_class, transformer_family)
+from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, FlowConditioning, build_flow_pipeline, default_sample_size,
+                   encode_flow_prompts, flow_family, load_flow_parts, pipeline_class, transformer_family)
 from .toy import TINY_NAMES, TOY_NAMES
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
@@ -238,6 +238,20 @@ class TextConditioning:
     def cat(items: List["TextConditioning"]) -> "TextConditioning":
         fields = [[getattr(c, name) for c in items] for name in ("embeds", "pooled", "time_ids")]
         return TextConditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
+
+
+def model_prediction(model, latents, timesteps, cond, guidance_scale: Optional[float] = None) -> torch.Tensor:
+    """The denoiser's output on text rows (training on noised data): the UNet's eps (or v), a flow transformer's
+    velocity (FLUX.1-dev with its guidance embedding at `guidance_scale`). timesteps (B,): DDPM steps, or sigma * 1000."""
+    if isinstance(cond, FlowConditioning):
+        return cond.velocity(model, latents, timesteps, guidance_scale)
+    return model(latents, timesteps, **cond.unet_kwargs()).sample
+
+
+def read_family(name_or_path: str, revision=None):
+    """(family, is_sdxl) from the pipeline's model_index.json, before any weight loads (argument checks)."""
+    index = read_model_index(resolve_model_path(name_or_path), revision)
+    return flow_family(index) or "sd", is_sdxl_index(index)
 
 
 def sdxl_time_ids(original_sizes, crops, target_sizes) -> torch.Tensor:
