@@ -251,7 +251,8 @@ def model_prediction(model, latents, timesteps, cond, guidance_scale: Optional[f
 def read_family(name_or_path: str, revision=None):
     """(family, is_sdxl) from the pipeline's model_index.json, before any weight loads (argument checks)."""
     index = read_model_index(resolve_model_path(name_or_path), revision)
-    return flow_family(index) or "sd", is_sdxl_index(index)
+    family = flow_family(index) or "sd"
+    return family, family == "sd" and is_sdxl_index(index)  # FLUX has a text_encoder_2 too (its T5)
 
 
 def sdxl_time_ids(original_sizes, crops, target_sizes) -> torch.Tensor:
