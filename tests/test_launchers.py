@@ -15,10 +15,10 @@ from utils.training import read_metrics
 
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
-RECIPES = ["alignprop_sd15.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh", "draft_lv_sd15.sh", "draftp_sd15.sh",
-           "draftp_sd35.sh", "draftp_sdxl.sh", "sft_sd15.sh"]
-TINY = ["alignprop.sh", "dpo.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sd3.sh", "draftp_sdxl.sh",
-        "sft.sh"]
+RECIPES = ["alignprop_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh", "draft_lv_sd15.sh",
+           "draftp_sd15.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "sft_sd15.sh"]
+TINY = ["alignprop.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sd3.sh",
+        "draftp_sdxl.sh", "sft.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -69,6 +69,17 @@ def test_draftp_sd35_passes_its_sources_values(tmp_path):
     assert (a.truncation_steps, a.learning_rate, a.max_grad_norm, a.reward_model) == (1, 1e-4, 10, "pickscore")
     assert a.kl_coeff == 0.2
     assert a.train_batch_size * a.gradient_accumulation_steps == 4
+
+
+def test_dpo_flux_passes_its_sources_values(tmp_path):
+    _, a = launch("launchers/dpo_flux.sh", tmp_path)
+    # diffusers' Diffusion-DPO LoRA command (SDXL): rank 8, lr 1e-5 constant, 16 pairs per step, 2000 steps
+    assert (a.use_lora, a.lora_rank, a.learning_rate, a.lr_scheduler, a.lr_warmup_steps) == (True, 8, 1e-5, "constant", 0)
+    assert a.train_batch_size * a.gradient_accumulation_steps == 16 and a.max_train_steps == 2000
+    # the paper's beta and data; diffusers' FLUX training: uniform t, guidance embedding 1 in training, 3.5 to sample
+    assert (a.beta_dpo, a.dataset_name, a.resolution) == (5000, "yuvalkirstain/pickapic_v2", 1024)
+    assert (a.weighting_scheme, a.train_guidance_scale, a.guidance_scale, a.num_inference_steps) == ("none", 1.0, 3.5, 28)
+    assert a.gradient_checkpointing and a.mixed_precision == "bf16"
 
 
 @pytest.mark.parametrize("launcher, scored", [("launchers/draftp_sdxl.sh", "pred_x0"), ("launchers/draft_k1_sd15.sh", "pred_x0"),
