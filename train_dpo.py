@@ -352,8 +352,8 @@ def check_family_args(args, family: str, is_sdxl: bool):
         raise UsageError(f"--train_guidance_scale sets FLUX's guidance embedding; {name} has none")
     args.weighting_scheme = args.weighting_scheme or DEFAULT_WEIGHTING[family]
     if not args.sft and args.weighting_scheme in ("cosmap", "sigma_sqrt"):
-        raise UsageError(f"--weighting_scheme {args.weighting_scheme} weights the --sft loss (t uniform); DPO draws t only "
-                         f"and keeps plain errors: use logit_normal, mode or none")
+        raise UsageError(f"--weighting_scheme {args.weighting_scheme} weights the --sft loss (t uniform); DPO draws t "
+                         f"only and keeps plain errors: use logit_normal, mode or none")
     for flag, value in FLOW_DEFAULTS.items():
         setattr(args, flag, value if getattr(args, flag) is None else getattr(args, flag))
     if family == "flux" and args.train_guidance_scale is None:

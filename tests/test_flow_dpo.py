@@ -84,7 +84,8 @@ def test_winner_and_loser_share_one_noise_sample_and_one_sigma(parts):
     noisy, target, t = noising.pairs(torch.cat([winners, losers]), noise, timesteps)
     sigma = (timesteps / 1000).view(-1, 1, 1, 1)
     assert torch.equal(t, timesteps.repeat(2))
-    torch.testing.assert_close(noisy, torch.cat([(1 - sigma) * winners + sigma * noise, (1 - sigma) * losers + sigma * noise]))
+    torch.testing.assert_close(noisy, torch.cat([(1 - sigma) * winners + sigma * noise,
+                                                 (1 - sigma) * losers + sigma * noise]))
     torch.testing.assert_close(target, torch.cat([noise - winners, noise - losers]))
 
 
@@ -112,7 +113,8 @@ def test_dpo_loss_is_log2_and_grads_reach_only_the_lora_weights(parts):
 
 def test_sft_loss_is_the_flow_matching_mse_at_a_known_point():
     """--sft --weighting_scheme cosmap: mean over the batch of w(sigma) * mean((v - (noise - x_0))^2), the transformer
-    called by hand on x_t = (1 - sigma) x_0 + sigma noise at timestep sigma * 1000, w = 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
+    called by hand on x_t = (1 - sigma) x_0 + sigma noise at timestep sigma * 1000,
+    w = 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
     parts = load_pipeline_parts("tiny-sd3")
     x0, noise = _latents(parts, 2, 0), _latents(parts, 2, 1)
     sigma = torch.tensor([0.25, 0.7])

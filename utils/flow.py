@@ -285,7 +285,7 @@ class FlowTrainingTimesteps:
         return timesteps / self.num_train_timesteps
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """(B,) SD3's loss weights (`compute_loss_weighting_for_sd3`: cosmap, sigma_sqrt; ones for the density schemes)."""
+        """(B,) SD3's loss weights (`compute_loss_weighting_for_sd3`: cosmap, sigma_sqrt; ones for the others)."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma_of(timesteps).float())
