@@ -39,7 +39,6 @@ SDXL (the original always used Adafactor and gradient checkpointing there), LoRA
 """
 import argparse
 import contextlib
-import copy
 import functools
 import logging
 import os
@@ -57,7 +56,7 @@ from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, 
                         open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
-                          load_pipeline_parts, model_prediction, read_family, sdxl_time_ids)
+                          frozen_copy, load_pipeline_parts, model_prediction, read_family, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
@@ -410,7 +409,7 @@ def main(args):
     else:
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
-            frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
+            frozen_unet = frozen_copy(unet, dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
         # the full-UNet reference copy runs every step too. FSDP and DeepSpeed need the trained UNet contiguous,
         # and then the reference stays NCHW as well: other bf16 convolution kernels would make it differ from the

@@ -227,10 +227,13 @@ def test_resume_continues_metrics_exactly(lora_run, prefs, tmp_path):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_full_fine_tune_first_loss_is_log2_and_saves_transformer(name, prefs, tmp_path):
-    """The reference is a frozen copy of the transformer; the output is transformer/, loadable by from_pretrained."""
+    """The reference is a frozen bf16 copy of the transformer (utils.models.frozen_copy), the trained float32 model runs
+    under bf16 autocast: they compute the same at step 0 (SD3's float32 pos_embed buffer stays float32 in the copy).
+    The output is transformer/, loadable by from_pretrained."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    run_dpo(dpo_flags(name, prefs, tmp_path, "--no-use_lora", "--learning_rate", 1e-4, "--max_train_steps", 1))
+    run_dpo(dpo_flags(name, prefs, tmp_path, "--no-use_lora", "--learning_rate", 1e-4, "--max_train_steps", 1,
+                      "--mixed_precision", "bf16"))
     assert read_metrics(str(tmp_path))[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     cls = SD3Transformer2DModel if name == "tiny-sd3" else FluxTransformer2DModel
     assert isinstance(cls.from_pretrained(tmp_path, subfolder="transformer"), cls)

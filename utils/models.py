@@ -371,6 +371,20 @@ def load_lora_into_unet(unet, folder: str):
         raise RuntimeError(f"LoRA weights in {folder} do not fit this UNet: unexpected keys {result.unexpected_keys[:3]}")
 
 
+def frozen_copy(model, dtype):
+    """The frozen reference of a full fine-tune: a copy with its parameters in the mixed-precision `dtype` and its
+    buffers as they are. Under autocast the trained float32 model's matmuls and convolutions run on the same rounded
+    weights, so the two compute the same at step 0 (DPO's first loss log 2, DRaFT+'s KL 0). A float32 buffer cast too
+    would differ: SD3's `pos_embed` is added in float32 by the trained model, in bf16 by a `.to(dtype)` copy (first
+    DPO loss 0.37 instead of log 2 on tiny-sd3 in bf16)."""
+    import copy
+
+    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    for p in frozen.parameters():
+        p.data = p.data.to(dtype)
+    return frozen
+
+
 @contextmanager
 def adapters_disabled(unet):
     """The frozen base model for free: the same UNet with its LoRA adapters switched off."""
