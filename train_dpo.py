@@ -270,9 +270,11 @@ def parse_args(argv=None):
                         "--guidance_scale stays the validation images'")
 
     g = parser.add_argument_group("validation images")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the validation images")
+    g.add_argument("--num_inference_steps", type=int, default=50,
+                   help="sampling steps of the validation images (DDIM; SD3 / FLUX: their Euler scheduler)")
     g.add_argument("--guidance_scale", type=float, default=7.5,
-                   help="classifier-free guidance scale of the validation images (1 = no guidance)")
+                   help="classifier-free guidance scale of the validation images (1 = no guidance); FLUX.1-dev: its "
+                        "guidance embedding's value (3.5 is FluxPipeline's default)")
     add_speed_args(parser, sampling=False)
     describe_defaults(parser, "the Diffusion-DPO train.py", beta_dpo=5000.0, proportion_empty_prompts=0.2,
                       adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
