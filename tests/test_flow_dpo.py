@@ -225,19 +225,38 @@ def test_resume_continues_metrics_exactly(lora_run, prefs, tmp_path):
         assert x == y
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_full_fine_tune_first_loss_is_log2_and_saves_transformer(name, prefs, tmp_path):
-    """The reference is a frozen bf16 copy of the transformer (utils.models.frozen_copy), the trained float32 model runs
-    under bf16 autocast: they compute the same at step 0 (SD3's float32 pos_embed buffer stays float32 in the copy).
-    The output is transformer/, loadable by from_pretrained."""
+@pytest.fixture(scope="module", params=FAMILIES)
+def full_run(request, prefs, tmp_path_factory):
+    """Full fine-tune, 1 step in bf16: the reference is a frozen bf16 copy of the transformer (utils.models.frozen_copy)."""
+    out = tmp_path_factory.mktemp("flow_full") / request.param
+    run_dpo(dpo_flags(request.param, prefs, out, "--no-use_lora", "--learning_rate", 1e-4, "--max_train_steps", 1,
+                      "--mixed_precision", "bf16"))
+    return request.param, out
+
+
+def test_full_fine_tune_first_loss_is_log2_and_saves_transformer(full_run):
+    """The trained float32 transformer runs under bf16 autocast, the reference is its bf16 copy: they compute the same
+    at step 0 (SD3's float32 pos_embed buffer stays float32 in the copy). transformer/ loads with from_pretrained."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    run_dpo(dpo_flags(name, prefs, tmp_path, "--no-use_lora", "--learning_rate", 1e-4, "--max_train_steps", 1,
-                      "--mixed_precision", "bf16"))
-    assert read_metrics(str(tmp_path))[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    name, out = full_run
+    assert read_metrics(str(out))[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     cls = SD3Transformer2DModel if name == "tiny-sd3" else FluxTransformer2DModel
-    assert isinstance(cls.from_pretrained(tmp_path, subfolder="transformer"), cls)
-    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert isinstance(cls.from_pretrained(out, subfolder="transformer"), cls)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_evaluate_scores_the_base_and_the_dpo_transformer(full_run, tmp_path, run_script):
+    import csv
+
+    name, out = full_run
+    run_script(["evaluate.py", "--pretrained_model_name_or_path", name, "--models", f"dpo={out}", "--resolution",
+                RESOLUTION, "--prompts", "colored_animals", "--max_prompts", 1, "--num_seeds", 2,
+                "--num_inference_steps", 2, "--guidance_scale", VALIDATION[name], "--reward_models", "brightness",
+                "--diversity", "pixel", "--output_dir", tmp_path / "eval"])
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
+    assert [r["model"] for r in rows] == ["base", "dpo"]
+    assert rows[0]["brightness_mean"] != rows[1]["brightness_mean"]  # the trained transformer was used
 
 
 @pytest.mark.parametrize("name, flags, named", [
