@@ -352,6 +352,12 @@ def check_family_args(args, family: str, is_sdxl: bool):
     if args.train_guidance_scale is not None and family != "flux":
         raise UsageError(f"--train_guidance_scale sets FLUX's guidance embedding; {name} has none")
     args.weighting_scheme = args.weighting_scheme or DEFAULT_WEIGHTING[family]
+    # each density's own parameters; the other schemes draw t uniformly and take none
+    shapes = {"logit_normal": ("logit_mean", "logit_std"), "mode": ("mode_scale",)}.get(args.weighting_scheme, ())
+    given = [f"--{f}" for f in FLOW_DEFAULTS if f not in shapes and getattr(args, f) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not used by --weighting_scheme {args.weighting_scheme} (the {name} "
+                         f"default when not given); --logit_mean / --logit_std shape logit_normal, --mode_scale mode")
     if not args.sft and args.weighting_scheme in ("cosmap", "sigma_sqrt"):
         raise UsageError(f"--weighting_scheme {args.weighting_scheme} weights the --sft loss (t uniform); DPO draws t "
                          f"only and keeps plain errors: use logit_normal, mode or none")

@@ -264,6 +264,8 @@ def test_evaluate_scores_the_base_and_the_dpo_transformer(full_run, tmp_path, ru
     ("tiny-sd3", ["--sft", "--snr_gamma", "5"], "--snr_gamma"),
     ("tiny-sd3", ["--train_guidance_scale", "3.5"], "--train_guidance_scale"),
     ("tiny-sd3", ["--weighting_scheme", "cosmap"], "--weighting_scheme cosmap"),
+    ("tiny-flux", ["--logit_std", "0.5"], "--logit_std: not used by --weighting_scheme none"),  # FLUX's default
+    ("tiny-sd3", ["--mode_scale", "1.0"], "--mode_scale: not used by --weighting_scheme logit_normal"),
     ("tiny-sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme"),
     ("tiny-sd", ["--logit_std", "0.5"], "--logit_std"),
 ])
