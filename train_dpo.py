@@ -39,7 +39,6 @@ import contextlib
 import copy
 import logging
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +51,14 @@ from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, 
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
-from utils.speed import add_speed_args
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
-                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
-                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
-                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
-                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, set_help,
-                            shards_parameters, step_generator, stop_run, unet_is_wrapped)
+from utils.speed import add_speed_args, compile_training_unet
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
+                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
+                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
+                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, set_help, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped, validation_due, validation_wanted)
 
 
 logger = logging.getLogger("train_dpo")
@@ -190,7 +190,10 @@ def parse_args(argv=None):
     g.add_argument("--no_hflip", action="store_true", help="no random horizontal flips")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.2,
                    help="share of captions replaced by the empty prompt, in [0,1] (CFG dropout)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding images, per GPU")
+    g.add_argument("--dataloader_num_workers", type=int, default=None,
+                   help="processes decoding images, per GPU (default: half the CPU cores of each GPU's process, at most "
+                        "8, where the platform forks; 0 (the main process decodes) below 4 cores per process, on "
+                        "platforms that spawn, and with --cache_latents)")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image once before training (small data sets; crop/flip then drawn once per image)")
     g.add_argument("--max_bad_rows", type=int, default=None,
@@ -250,7 +253,7 @@ def check_args(args):
         raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.noise_offset < 0 or args.dataloader_num_workers < 0:
+    if args.noise_offset < 0 or (args.dataloader_num_workers or 0) < 0:
         raise UsageError("--noise_offset and --dataloader_num_workers must be >= 0")
     if args.max_bad_rows is not None and args.max_bad_rows < 0:
         raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
@@ -298,6 +301,11 @@ def main(args):
 
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers(args, accelerator.num_processes)
+    if args.compile_unet != "off" and unet_is_wrapped(accelerator):
+        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
+                         f"{accelerator.distributed_type}: drop it")
     device, dtype = accelerator.device, compute_dtype(accelerator)
     stop = StopRequest()
     global_batch = accelerator.num_processes * args.train_batch_size
@@ -364,12 +372,15 @@ def main(args):
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
-    guard, bad_rows_total = NonFiniteGuard(start_step=start_step), 0
+    guard, bad_rows_total = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator)), 0
     # Our own sharding (not accelerate's): this process's slice of each global batch, from the step we start at.
     sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
-                                              num_workers=args.dataloader_num_workers))
+                                              num_workers=args.dataloader_num_workers,
+                                              pin_memory=accelerator.device.type == "cuda"))
+    logger.info(f"{args.dataloader_num_workers} data-loader workers per process")
+    train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
 
     def reference_unet(*a, **kw):
         """The frozen reference: LoRA adapters off, or the frozen copy of the full UNet."""
@@ -395,15 +406,14 @@ def main(args):
         validation(args, accelerator, parts, trained, frozen_unet, has_reference, validation_prompts, scorer,
                    resolution, step)
 
-    if start_step == 0:
-        validate(0)
+    # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="SFT" if args.sft else "DPO")
-    stopping = False
+    stopping, clock = False, StepClock()
 
     for step in progress:
         unet.train()
-        started, micro_metrics, skipped, stopping, bad_rows = time.time(), [], False, False, 0
+        micro_metrics, skipped, stopping, bad_rows = [], False, False, 0
         for micro in range(args.gradient_accumulation_steps):
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
@@ -416,7 +426,8 @@ def main(args):
             timesteps = timesteps.to(device)
 
             # ---- encode: order by the scoring model, images -> latents, captions -> text conditioning
-            batch = next_batch(loader)
+            with clock.data():
+                batch = next_batch(loader)
             bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
                 batch = swap_pairs(batch, choose_winners(scorer, batch))
@@ -427,7 +438,7 @@ def main(args):
 
             with accelerator.accumulate(unet), accelerator.autocast():
                 # ---- loss
-                err = per_sample_error(unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)  # (n*B,)
+                err = per_sample_error(train_unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)  # (n*B,)
                 loss, metrics = objective(err, noisy, timesteps, cond, target)
 
                 # ---- update (skipped on every process if any loss or gradient is not finite); a stop request
@@ -441,7 +452,8 @@ def main(args):
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped)
+                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped,
+                                                          guard.take_pending())
             micro_metrics.append(metrics)
         if stopping:
             stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
@@ -449,20 +461,20 @@ def main(args):
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
         global_step = step + 1
         logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts={"bad_rows": bad_rows})
-        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped),
-                    step_seconds=round(time.time() - started, 3))
+        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped), **clock.lap())
         log_step(accelerator, metrics_log, progress, logs, shown=("loss", "implicit_acc"))
         bad_rows_total += logs["bad_rows"]
         check_bad_rows(bad_rows_total, args.max_bad_rows)
         guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
 
-        stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
-        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            validate(global_step)
+        with clock.paused():  # checkpoints and grids are not steps
+            stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
+            if validation_due(args, global_step):
+                validate(global_step)
 
     # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
     save_outputs(accelerator, args, trained, parts.is_sdxl)
-    if not stopping:
+    if not stopping and validation_wanted(args):
         validate(args.max_train_steps)
     logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite), "
                 f"{bad_rows_total} unreadable rows skipped in this run")
@@ -471,6 +483,17 @@ def main(args):
 
 
 # --------------------------------------------------------------------------- helpers of main
+def default_num_workers(args, num_processes: int) -> int:
+    """--dataloader_num_workers not given: decode images off the training process where that pays (see its help)."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", num_processes)))
+    if args.cache_latents or per_process < 4 or multiprocessing.get_start_method() == "spawn":
+        return 0  # nothing to decode; workers would take cores from the step; spawned workers re-import everything
+    return min(8, per_process // 2)
+
+
 @torch.no_grad()
 def vae_moments(vae, pixels):
     """(B, n, 3, R, R) in [-1,1] -> mean and std of the VAE posterior, each (B, n, C, h, w) float32."""

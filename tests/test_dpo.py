@@ -293,7 +293,7 @@ def dpo_flags(base, dataset, output_dir, *extra):
 
 def numbers(metrics):
     """The deterministic numbers of metrics.jsonl (not the wall-clock ones)."""
-    return [{k: v for k, v in m.items() if k != "step_seconds"} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
 
 
 def free_port():
@@ -322,7 +322,8 @@ LORA_RUN = ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-3", "--trai
 def lora_run(pref_data, tiny_sd_path, tmp_path_factory):
     """LoRA DPO on tiny-sd: 3 steps of 2 pairs, a checkpoint at step 2 (VAE posterior sampled)."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3), launch=True)
+    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
+                                "--validation_steps", 3), launch=True)
     return {"out": out, "log": proc.stdout + proc.stderr, "metrics": read_metrics(str(out))}
 
 
@@ -333,7 +334,8 @@ def test_lora_first_loss_is_log2_and_every_step_is_logged(lora_run):
     assert metrics[0]["loss"] == pytest.approx(LOG2, abs=1e-4)
     assert metrics[0]["implicit_acc"] == 0.5 and metrics[0]["model_mse"] == metrics[0]["ref_mse"]
     assert metrics[-1]["loss"] != pytest.approx(LOG2, abs=1e-4)  # the adapter did train
-    assert (lora_run["out"] / "samples" / "validation-step-000000.png").exists()
+    # grids at the multiples of --validation_steps and the end only: the base row of each is the step-0 model
+    assert sorted(p.name for p in (lora_run["out"] / "samples").glob("*.png")) == ["validation-step-000003.png"]
     info = json.loads((lora_run["out"] / "samples" / "validation-step-000003.json").read_text())
     assert info["rows"] == ["base", "trained"] and len(info["prompts"]) == 2
     grid = info["grid"]  # no --choice_model: no scores, so no caption band under the images
@@ -404,7 +406,7 @@ def full_run(pref_data, tiny_sd_path, tmp_path_factory):
     data = write_preference_set(rows, str(root / "data"), "jsonl")
     out = root / "run"
     proc = run_script(dpo_flags(tiny_sd_path, data, out, "--choice_model", "brightness", "--learning_rate", "1e-4",
-                                "--train_batch_size", 3, "--max_train_steps", 1), launch=True)
+                                "--train_batch_size", 3, "--max_train_steps", 1, "--validation_steps", 1), launch=True)
     return {"out": out, "log": proc.stdout + proc.stderr, "metrics": read_metrics(str(out))}
 
 
