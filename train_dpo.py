@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import os
 
 import torch
@@ -46,8 +47,8 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        LatentCacheDataset, check_bad_rows, check_enough_rows, collate_images, next_batch,
-                        open_image_dataset, require_columns, scan_rows, select_pairs)
+                        LatentCacheDataset, PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows,
+                        collate_images, next_batch, open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           load_pipeline_parts, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
@@ -69,6 +70,11 @@ CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2"}
 # effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
 # (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
 FULL_UNET_LEARNING_RATE, LORA_LEARNING_RATE = 1e-8, 5e-4
+
+
+# --latent_cache auto keeps the VAE posteriors of a run that sees its data more than once up to this size (CPU memory;
+# SD1.5 at 512 px: 64 KiB per image and flip in bf16, so 4 GiB hold 32k pairs with both flips).
+LATENT_CACHE_AUTO_BYTES = 4 * 2**30
 
 
 # --------------------------------------------------------------------------- the method
@@ -196,6 +202,12 @@ def parse_args(argv=None):
                         "platforms that spawn, and with --cache_latents)")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image once before training (small data sets; crop/flip then drawn once per image)")
+    g.add_argument("--latent_cache", default="auto", choices=["auto", "on", "off"],
+                   help="keep each image's VAE posterior (mean, std; per flip) from its first encoding, so later epochs "
+                        "neither decode nor encode it; the posterior sample stays random per step, so results are "
+                        "unchanged. auto: on when the run sees its data more than once and the cache fits "
+                        f"{LATENT_CACHE_AUTO_BYTES / 2**30:g} GiB of CPU memory. Not with --random_crop, --choice_model "
+                        "or --cache_latents")
     g.add_argument("--max_bad_rows", type=int, default=None,
                    help="unreadable rows (image or caption) are skipped, replaced by the next readable row, and counted "
                         "(metrics.jsonl: bad_rows); stop with an error once more than N were skipped in this run "
@@ -257,6 +269,10 @@ def check_args(args):
         raise UsageError("--noise_offset and --dataloader_num_workers must be >= 0")
     if args.max_bad_rows is not None and args.max_bad_rows < 0:
         raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
+    if args.latent_cache == "on" and (args.random_crop or args.choice_model or args.cache_latents):
+        raise UsageError("--latent_cache on keeps one posterior per image and flip: it does not combine with "
+                         "--random_crop (a crop per draw), --choice_model (the scorer reads every image each step) or "
+                         "--cache_latents (encodes everything up front); drop one")
     if args.scan_data and args.cache_latents:
         raise UsageError("--scan_data and --cache_latents: caching already reads every row; drop --scan_data")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -376,10 +392,14 @@ def main(args):
     # Our own sharding (not accelerate's): this process's slice of each global batch, from the step we start at.
     sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
+    cache = PosteriorCache(parts.vae.dtype) if latent_cache_applies(args, dataset, global_batch, parts, latent_shape,
+                                                                    n_images) else None
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=SkipCachedSampler(sampler, dataset, cache)
+                                              if cache is not None else sampler, collate_fn=collate_images,
                                               num_workers=args.dataloader_num_workers,
                                               pin_memory=accelerator.device.type == "cuda"))
-    logger.info(f"{args.dataloader_num_workers} data-loader workers per process")
+    logger.info(f"{args.dataloader_num_workers} data-loader workers per process; VAE posterior cache "
+                f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
 
     def reference_unet(*a, **kw):
@@ -431,7 +451,7 @@ def main(args):
             bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
                 batch = swap_pairs(batch, choose_winners(scorer, batch))
-            latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution)
+            latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution, cache)
 
             # ---- noise: one noise sample and one timestep per pair, shared by winner and loser
             noisy, target, timesteps = noise_pairs(scheduler, latents, noise, timesteps)
@@ -503,14 +523,17 @@ def vae_moments(vae, pixels):
 
 
 @torch.no_grad()
-def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int):
+def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, cache=None):
     """A collated batch -> (latents (n*B, C, h, w) stacked [winners; losers], TextConditioning of n*B rows).
 
     The first `n_images` images of each row are used (SFT: the winner). `posterior_eps` (B, >=n, C, h, w) draws
-    the VAE posterior sample. SDXL time ids come from each image's own original size and crop.
+    the VAE posterior sample. SDXL time ids come from each image's own original size and crop. `cache`
+    (--latent_cache): the posteriors of images seen before come from there, the others are encoded into it.
     """
     device = parts.text_encoders[0].device
-    if "pixels" in batch:
+    if cache is not None:
+        mean, std, batch = cache.moments(lambda pixels: vae_moments(parts.vae, pixels), batch, n_images, device)
+    elif "pixels" in batch:
         mean, std = vae_moments(parts.vae, batch["pixels"][:, :n_images])
     else:  # --cache_latents
         mean, std = batch["latent_mean"][:, :n_images].float(), batch["latent_std"][:, :n_images].float()
@@ -524,6 +547,20 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int):
     time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
     cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
     return latents, cond
+
+
+def latent_cache_applies(args, dataset, global_batch: int, parts, latent_shape, n_images: int) -> bool:
+    """--latent_cache: on, off, or (auto) on where it pays: the run draws more batches than one epoch holds (each
+    epoch is a permutation cut into whole global batches), and the posteriors of every image and flip fit
+    LATENT_CACHE_AUTO_BYTES."""
+    if args.latent_cache == "off" or args.cache_latents or args.random_crop or args.choice_model:
+        return False
+    if args.latent_cache == "on":
+        return True
+    one_image = 2 * math.prod(latent_shape) * parts.vae.dtype.itemsize  # mean and std
+    size = len(dataset) * n_images * (1 if args.no_hflip else 2) * one_image
+    more_than_one_epoch = args.max_train_steps * args.gradient_accumulation_steps > len(dataset) // global_batch
+    return more_than_one_epoch and size <= LATENT_CACHE_AUTO_BYTES
 
 
 def scan_dataset(dataset, args, accelerator):
