@@ -3,7 +3,8 @@ diffusers' Diffusion-DPO examples on the same data, batch, LoRA rank, resolution
 
 Each (section, script) runs twice, N and M optimizer steps; throughput = (N - M) x items per step / (wall time of
 the N-step run - wall time of the M-step run), so start-up and the end of a run cancel out. Beside it, per script:
-the fixed cost (wall_M - M x seconds per step: start-up plus saving), the time from process start to the first
+the fixed cost (wall_M - M x seconds per step: start-up plus saving; with a warm compile cache where the script
+compiles: a 1-step run goes first and is reported as the cold start), the time from process start to the first
 finished step (the first line of metrics.jsonl; the peers, which write none: tqdm's "1/N"), the peak GPU memory sampled with nvidia-smi (the
 whole GPU: one run at a time, less what was in use before it), and for this project's scripts the medians of
 metrics.jsonl's step_seconds / data_seconds and torch's peak. Results go to OUT/e2e.json and OUT/e2e.md, rewritten
@@ -20,9 +21,11 @@ On the GPU (each line one call of under 10 minutes on an H200; --peers holds the
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4            # DPO LoRA, 4 pairs/step
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo16           # DPO LoRA, 16 pairs/step
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4_full dpo16_full   # full UNet (peer: LoRA)
-    python3 bench/e2e.py --out $OUT --assets .bench_assets --sdxl --sections sdxl_dpo # SDXL DPO LoRA, 1024 px
-    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp4 draftp8 # DRaFT+ K=1, batch 4 / 8
-    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp16
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sdxl --sections          # builds the SDXL model only
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections sdxl_dpo        # SDXL DPO LoRA, 1024 px
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp4         # DRaFT+ K=1, batch 4
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp8         # batch 8
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp16        # batch 16
     python3 bench/e2e.py --smoke --out /tmp/e2e                                      # CPU, tiny-sd, 2 steps
 Extra flags for this project's DPO runs (a speed lever under test) go after --dpo_flags, e.g.
 `--dpo_flags --compile_unet default`; they are recorded in the results.
@@ -53,7 +56,7 @@ SECTIONS = {
     "dpo16": ("dpo", 16, (30, 10), False, False),
     "dpo4_full": ("dpo", 4, (40, 10), True, False),
     "dpo16_full": ("dpo", 16, (30, 10), True, False),
-    "sdxl_dpo": ("dpo", 4, (20, 5), False, True),
+    "sdxl_dpo": ("dpo", 2, (12, 4), False, True),
     "draftp4": ("draftp", 4, (30, 10), False, False),
     "draftp8": ("draftp", 8, (20, 5), False, False),
     "draftp16": ("draftp", 16, (15, 5), False, False),
@@ -171,9 +174,19 @@ def draftp_command(args, model, scorer, batch, steps, resolution, out):
 
 
 # --------------------------------------------------------------------------- measuring
-def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout):
-    """Both run lengths of one script: the derived row (rate, fixed cost, first step, memory) and the raw runs."""
-    runs = []
+def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout, warmup=False):
+    """Both run lengths of one script: the derived row (rate, fixed cost, first step, memory) and the raw runs.
+
+    warmup: a 1-step run first (its wall time and first step are the cold start, reported as such), so that both
+    measured runs find inductor's compile cache equally warm and the compilation cancels in their difference."""
+    runs, row = [], dict(section=name, script=runner, items_per_step=items)
+    if warmup:
+        out = os.path.join(work, f"{name}-{runner}-warmup")
+        code, wall, first, _ = run(commands(1, out), os.path.join(logs, f"{name}-{runner}-warmup.log"), 1, env, timeout,
+                                   os.path.join(out, "metrics.jsonl"))
+        row.update(cold_wall_s=round(wall, 2), cold_first_step_s=None if first is None else round(first, 2),
+                   cold_rc=code)
+        shutil.rmtree(out, ignore_errors=True)
     for n in steps:
         out = os.path.join(work, f"{name}-{runner}-{n}")
         shutil.rmtree(out, ignore_errors=True)
@@ -192,7 +205,7 @@ def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout)
                           peak_gib_torch=max((m.get("peak_mem_gib", 0.0) for m in metrics), default=None))
         runs.append(record)
         shutil.rmtree(out, ignore_errors=True)  # full-UNet weights are GBs
-    row = dict(section=name, script=runner, items_per_step=items, runs=runs)
+    row["runs"] = runs
     long, short = runs
     if long["rc"] == 0 and short["rc"] == 0 and long["wall_s"] > short["wall_s"]:
         per_step = (long["wall_s"] - short["wall_s"]) / (long["steps"] - short["steps"])
@@ -213,8 +226,8 @@ def markdown(results):
     unit = {"dpo": "pairs/s", "draftp": "images/s"}
     lines = [f"Device: {results['device']}; {results['note']}", "",
              "| section | script | rate (N-M runs) | s/step | fixed s (start + end) | to 1st step s | peak GiB (smi) | "
-             "step_seconds median | data_seconds median | peak GiB (torch) | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step_seconds median | data_seconds median | peak GiB (torch) | first loss | cold: to 1st step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         failed = [x.get("error", f"rc {x['rc']}") for x in r["runs"] if x["rc"] != 0]
         rate = f"{r['rate']} {unit[r['kind']]}" if "rate" in r else "failed: " + "; ".join(failed) if failed else \
@@ -222,7 +235,7 @@ def markdown(results):
         lines.append("| " + " | ".join([r["section"], r["script"], rate] + [
             str(r[k]) if r.get(k) is not None else "-"
             for k in ("s_per_step", "fixed_s", "first_step_s", "peak_gib_smi", "step_seconds_median",
-                      "data_seconds_median", "peak_gib_torch", "first_loss")]) + " |")
+                      "data_seconds_median", "peak_gib_torch", "first_loss", "cold_first_step_s")]) + " |")
     if results["ratios"]:
         lines += ["", "| section | this project / diffusers' example (throughput) | fixed s: project vs example | "
                       "peak GiB (smi): project vs example |", "|---|---|---|---|"]
@@ -313,7 +326,7 @@ def main(argv=None):
         if kind == "draftp":
             row = measure_runs(name, "train_draftp.py",
                                lambda n, out: draftp_command(args, model, scorer, batch, n, resolution, out),
-                               steps, batch, work, logs, env, args.timeout)
+                               steps, batch, work, logs, env, args.timeout, warmup=not args.smoke)
             results["rows"].append({**row, "kind": kind})
             write_results(results, args.out)
             continue
@@ -325,8 +338,10 @@ def main(argv=None):
         for label, peer in runners:
             commands = (lambda n, out, peer=peer: dpo_command(peer, args, model, data, batch, n, full, is_xl,
                                                               resolution, out))
+            compiles = not peer and "--compile_unet" in args.dpo_flags  # the sampler of train_dpo.py is eager
             rows[peer] = {**measure_runs(name, label.split()[0] + ("-peer" if peer else ""), commands, steps, batch,
-                                         work, logs, env, args.timeout), "script": label, "kind": kind}
+                                         work, logs, env, args.timeout, warmup=compiles), "script": label,
+                          "kind": kind}
             results["rows"].append(rows[peer])
             write_results(results, args.out)
         if True in rows and ratio(rows[False], rows[True]):
