@@ -354,7 +354,8 @@ def main(args):
             frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
         # the full-UNet reference copy runs every step too; FSDP and DeepSpeed need the trained UNet contiguous
-        for model in filter(None, (None if unet_is_wrapped(accelerator) else unet, frozen_unet)):
+        # and the VAE, whose encoder runs on every image of every step (the latent cache aside)
+        for model in filter(None, (None if unet_is_wrapped(accelerator) else unet, frozen_unet, parts.vae)):
             model.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

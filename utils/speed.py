@@ -46,7 +46,7 @@ def keep_compile_cache(environ=os.environ) -> str:
 def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
     """The speed flags; sampling=False: the training-step ones (train_dpo.py samples no images while training)."""
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
-    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy)"
+    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy) and the VAE"
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help=f"keep {what} in channels-last (NHWC) memory format")
     g.add_argument("--defer_loss_check", action=argparse.BooleanOptionalAction, default=True,
