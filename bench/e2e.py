@@ -191,9 +191,11 @@ def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout,
         out = os.path.join(work, f"{name}-{runner}-{n}")
         shutil.rmtree(out, ignore_errors=True)
         log = os.path.join(logs, f"{name}-{runner}-{n}.log")
-        code, wall, first, peak = run(commands(n, out), log, n, env, timeout, os.path.join(out, "metrics.jsonl"))
+        command = commands(n, out)
+        code, wall, first, peak = run(command, log, n, env, timeout, os.path.join(out, "metrics.jsonl"))
         metrics = distributed.read_metrics(out)
-        record = dict(steps=n, rc=code, wall_s=round(wall, 2), first_step_s=None if first is None else round(first, 2),
+        record = dict(steps=n, command="python " + " ".join(command[1:]), rc=code, wall_s=round(wall, 2),
+                      first_step_s=None if first is None else round(first, 2),
                       peak_gib_smi=None if peak is None else round(peak, 2))
         if code != 0:
             record["error"] = distributed.last_error_line(log)
@@ -330,7 +332,8 @@ def main(argv=None):
             results["rows"].append({**row, "kind": kind})
             write_results(results, args.out)
             continue
-        data = write_pairs(os.path.join(data_root, f"pairs{resolution}"), resolution, 8 if args.smoke else NUM_PAIRS)
+        # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
+        data = write_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution, 8 if args.smoke else NUM_PAIRS)
         runners = [("train_dpo.py" + (" (full UNet)" if full else ""), False)]
         if not args.no_peers:
             runners.append((PEER_SCRIPTS[is_xl].replace("diffusers_dpo_", "diffusers ") + " (LoRA)", True))
