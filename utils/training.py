@@ -985,7 +985,7 @@ class NonFiniteGuard:
         if injected("SIGNAL", accelerator, step, micro):
             os.kill(os.getpid(), signal.SIGUSR1)  # the real handler, at a known micro-step
         if injected("NAN", accelerator, step, micro):
-            loss.detach().fill_(float("nan"))  # the loss and its logged value; backward is then skipped
+            loss.detach().fill_(float("nan"))  # the loss and its logged value; its update is then skipped
         if self.defer:  # the update is skipped through `take_pending`; the gradients of this backward are dropped
             bad = ~torch.isfinite(loss.detach()).all()
             self.pending = bad if self.pending is None else self.pending | bad
