@@ -302,6 +302,11 @@ def prepare_models(args, sdxl_needed):
 
 def main(argv=None):
     args = parse_args(argv)
+    wanted = {PEER_SCRIPTS[SECTIONS[s][4]] for s in args.sections if SECTIONS[s][0] == "dpo"} if not args.no_peers else ()
+    missing = [name for name in sorted(wanted) if not os.path.isfile(os.path.join(args.peers, name))]
+    if missing:
+        raise SystemExit(f"error: --peers {args.peers} lacks {', '.join(missing)} (diffusers' DPO examples: copy them "
+                         f"there, e.g. from ../shared/peers/), or pass --no_peers")
     os.makedirs(args.out, exist_ok=True)
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)

@@ -397,7 +397,8 @@ class PosteriorCache:
         are encoded with `encode` ((1, 1, 3, R, R) -> moments) and cached. One image per encoder call: the batch
         size changes the kernels' summation order, so an image's moments would otherwise depend on the batch it
         first came in, and a resumed run (empty cache) would not continue the uninterrupted one exactly."""
-        keys = [row_keys[:n] for row_keys in batch["image_keys"]]
+        keys = [[tuple(key) for key in row_keys[:n]] for row_keys in batch["image_keys"]]  # pin_memory of older
+        # torch versions turns tuples into lists
         skipped = batch["skipped"][:, :n] if "skipped" in batch else torch.zeros(len(keys), n, dtype=torch.bool)
         fresh = (~skipped).nonzero().tolist()  # [(b, i)] to encode
         if fresh:
