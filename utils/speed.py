@@ -57,7 +57,8 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
         g.add_argument("--compile_unet", default="off", choices=TRAIN_COMPILE_MODES,
                        help="torch.compile mode of the trained UNet's forward (backward follows through AOTAutograd); "
                             "one process or DDP only. The first step pays the compilation (cached across runs, "
-                            "README 'Start-up')")
+                            "README 'Start-up'). Inductor's kernels round differently from the eager reference UNet "
+                            "and beta multiplies that: the first loss is log 2 only to about 1e-4 (README)")
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "
