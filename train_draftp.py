@@ -44,13 +44,13 @@ from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_fro
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
-from utils.training import StepClock, defers_loss_check, validation_due, validation_wanted
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
-                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
-                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
-                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
-                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, shards_parameters,
-                            step_generator, stop_run, unet_is_wrapped)
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
+                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
+                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
+                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped, validation_due, validation_wanted)
 
 
 logger = logging.getLogger("train_draftp")
