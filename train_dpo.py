@@ -41,8 +41,8 @@ import argparse
 import contextlib
 import functools
 import logging
+import math
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,19 +52,20 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        LatentCacheDataset, check_bad_rows, check_enough_rows, collate_images, next_batch,
-                        open_image_dataset, require_columns, scan_rows, select_pairs)
+                        LatentCacheDataset, PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows,
+                        collate_images, next_batch, open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           frozen_copy, load_pipeline_parts, model_prediction, read_family, sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
-from utils.speed import add_speed_args
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
-                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
-                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
-                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
-                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, set_help,
-                            shards_parameters, step_generator, stop_run, unet_is_wrapped)
+from utils.speed import add_speed_args, compile_training_unet
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
+                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
+                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
+                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, set_help, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped, validation_due, validation_wanted)
 
 
 logger = logging.getLogger("train_dpo")
@@ -75,6 +76,11 @@ CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2"}
 # effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
 # (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
 FULL_UNET_LEARNING_RATE, LORA_LEARNING_RATE = 1e-8, 5e-4
+
+
+# --latent_cache auto keeps the VAE posteriors of a run that sees its data more than once up to this size (CPU memory;
+# SD1.5 at 512 px: 64 KiB per image and flip in bf16, so 4 GiB hold 32k pairs with both flips).
+LATENT_CACHE_AUTO_BYTES = 4 * 2**30
 
 
 # --------------------------------------------------------------------------- the method
@@ -227,9 +233,18 @@ def parse_args(argv=None):
     g.add_argument("--no_hflip", action="store_true", help="no random horizontal flips")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.2,
                    help="share of captions replaced by the empty prompt, in [0,1] (CFG dropout)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding images, per GPU")
+    g.add_argument("--dataloader_num_workers", type=int, default=None,
+                   help="processes decoding images, per GPU (default: half the CPU cores of each GPU's process, at most "
+                        "8, where the platform forks; 0 (the main process decodes) below 4 cores per process, on "
+                        "platforms that spawn, and with --cache_latents)")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image once before training (small data sets; crop/flip then drawn once per image)")
+    g.add_argument("--latent_cache", default="auto", choices=["auto", "on", "off"],
+                   help="keep each image's VAE posterior (mean, std; per flip) from its first encoding, so later epochs "
+                        "neither decode nor encode it; the posterior sample stays random per step, so results are "
+                        "unchanged. auto: on when the run sees its data more than once and the cache fits "
+                        f"{LATENT_CACHE_AUTO_BYTES / 2**30:g} GiB of CPU memory. Not with --random_crop, --choice_model "
+                        "or --cache_latents")
     g.add_argument("--max_bad_rows", type=int, default=None,
                    help="unreadable rows (image or caption) are skipped, replaced by the next readable row, and counted "
                         "(metrics.jsonl: bad_rows); stop with an error once more than N were skipped in this run "
@@ -302,10 +317,14 @@ def check_args(args):
         raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.noise_offset < 0 or args.dataloader_num_workers < 0:
+    if args.noise_offset < 0 or (args.dataloader_num_workers or 0) < 0:
         raise UsageError("--noise_offset and --dataloader_num_workers must be >= 0")
     if args.max_bad_rows is not None and args.max_bad_rows < 0:
         raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
+    if args.latent_cache == "on" and (args.random_crop or args.choice_model or args.cache_latents):
+        raise UsageError("--latent_cache on keeps one posterior per image and flip: it does not combine with "
+                         "--random_crop (a crop per draw), --choice_model (the scorer reads every image each step) or "
+                         "--cache_latents (encodes everything up front); drop one")
     if args.scan_data and args.cache_latents:
         raise UsageError("--scan_data and --cache_latents: caching already reads every row; drop --scan_data")
     if args.logit_std is not None and args.logit_std <= 0:
@@ -391,6 +410,11 @@ def main(args):
 
     # ---- set-up
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers(args, accelerator.num_processes)
+    if args.compile_unet != "off" and unet_is_wrapped(accelerator):
+        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
+                         f"{accelerator.distributed_type}: drop it")
     device, dtype = accelerator.device, compute_dtype(accelerator)
     stop = StopRequest()
     global_batch = accelerator.num_processes * args.train_batch_size
@@ -419,12 +443,13 @@ def main(args):
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = frozen_copy(unet, dtype)
     if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
-        # the full-UNet reference copy runs every step too. FSDP and DeepSpeed need the trained UNet contiguous,
-        # and then the reference stays NCHW as well: other bf16 convolution kernels would make it differ from the
-        # model at step 0 (first loss 0.72 instead of log 2 under ZeRO-2 on an H200, BENCHMARKS.md "Distributed")
-        if not unet_is_wrapped(accelerator):
-            for model in filter(None, (unet, frozen_unet)):
-                model.to(memory_format=torch.channels_last)
+        # the full-UNet reference copy runs every step too, and so does the VAE's encoder (the latent cache aside).
+        # FSDP and DeepSpeed need the trained UNet contiguous, and then the reference stays NCHW as well: other bf16
+        # convolution kernels would make it differ from the model at step 0 (first loss 0.72 instead of log 2 under
+        # ZeRO-2 on an H200, BENCHMARKS.md "Distributed")
+        unets = () if unet_is_wrapped(accelerator) else (unet, frozen_unet)
+        for model in filter(None, (*unets, parts.vae)):
+            model.to(memory_format=torch.channels_last)
     if frozen_unet is not None and shards_parameters(accelerator):
         logger.warning("FSDP2, full UNet: the frozen reference does not compute exactly what the sharded UNet computes "
                        "in bf16 (first loss 0.702, not log 2, measured on an H200; the cause is open). For an exact "
@@ -461,12 +486,19 @@ def main(args):
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
-    guard, bad_rows_total = NonFiniteGuard(start_step=start_step), 0
+    guard, bad_rows_total = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator)), 0
     # Our own sharding (not accelerate's): this process's slice of each global batch, from the step we start at.
     sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
-                                              num_workers=args.dataloader_num_workers))
+    cache = PosteriorCache(parts.vae.dtype) if latent_cache_applies(args, dataset, global_batch, parts, latent_shape,
+                                                                    n_images) else None
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=SkipCachedSampler(sampler, dataset, cache)
+                                              if cache is not None else sampler, collate_fn=collate_images,
+                                              num_workers=args.dataloader_num_workers,
+                                              pin_memory=accelerator.device.type == "cuda"))
+    logger.info(f"{args.dataloader_num_workers} data-loader workers per process; VAE posterior cache "
+                f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
+    train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
 
     def reference_unet(*a, **kw):
         """The frozen reference: LoRA adapters off, or the frozen copy of the full UNet."""
@@ -495,15 +527,14 @@ def main(args):
         validation(args, accelerator, parts, trained, frozen_unet, has_reference, validation_prompts, scorer,
                    resolution, step)
 
-    if start_step == 0:
-        validate(0)
+    # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="SFT" if args.sft else "DPO")
-    stopping = False
+    stopping, clock = False, StepClock()
 
     for step in progress:
         unet.train()
-        started, micro_metrics, skipped, stopping, bad_rows = time.time(), [], False, False, 0
+        micro_metrics, skipped, stopping, bad_rows = [], False, False, 0
         for micro in range(args.gradient_accumulation_steps):
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
@@ -516,18 +547,19 @@ def main(args):
             timesteps = timesteps.to(device)
 
             # ---- encode: order by the scoring model, images -> latents, captions -> text conditioning
-            batch = next_batch(loader)
+            with clock.data():
+                batch = next_batch(loader)
             bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
                 batch = swap_pairs(batch, choose_winners(scorer, batch))
-            latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution)
+            latents, cond = encode_batch(parts, batch, posterior_eps, n_images, resolution, cache)
 
             # ---- noise: one noise sample and one timestep per pair, shared by winner and loser
             noisy, target, timesteps = noising.pairs(latents, noise, timesteps)
 
             with accelerator.accumulate(unet), accelerator.autocast():
                 # ---- loss
-                err = per_sample_error(predict(unet, noisy, timesteps, cond), target)  # (n*B,)
+                err = per_sample_error(predict(train_unet, noisy, timesteps, cond), target)  # (n*B,)
                 loss, metrics = objective(err, noisy, timesteps, cond, target)
 
                 # ---- update (skipped on every process if any loss or gradient is not finite); a stop request
@@ -541,7 +573,8 @@ def main(args):
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped)
+                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped,
+                                                          guard.take_pending())
             micro_metrics.append(metrics)
         if stopping:
             stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
@@ -549,20 +582,20 @@ def main(args):
         # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
         global_step = step + 1
         logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts={"bad_rows": bad_rows})
-        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped),
-                    step_seconds=round(time.time() - started, 3))
+        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped), **clock.lap())
         log_step(accelerator, metrics_log, progress, logs, shown=("loss", "implicit_acc"))
         bad_rows_total += logs["bad_rows"]
         check_bad_rows(bad_rows_total, args.max_bad_rows)
         guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
 
-        stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
-        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            validate(global_step)
+        with clock.paused():  # checkpoints and grids are not steps
+            stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
+            if validation_due(args, global_step):
+                validate(global_step)
 
     # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
     save_outputs(accelerator, args, trained, parts.is_sdxl)
-    if not stopping:
+    if not stopping and validation_wanted(args):
         validate(args.max_train_steps)
     logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite), "
                 f"{bad_rows_total} unreadable rows skipped in this run")
@@ -571,6 +604,17 @@ def main(args):
 
 
 # --------------------------------------------------------------------------- helpers of main
+def default_num_workers(args, num_processes: int) -> int:
+    """--dataloader_num_workers not given: decode images off the training process where that pays (see its help)."""
+    import multiprocessing
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", num_processes)))
+    if args.cache_latents or per_process < 4 or multiprocessing.get_start_method() == "spawn":
+        return 0  # nothing to decode; workers would take cores from the step; spawned workers re-import everything
+    return min(8, per_process // 2)
+
+
 @torch.no_grad()
 def vae_moments(vae, pixels):
     """(B, n, 3, R, R) in [-1,1] -> mean and std of the VAE posterior, each (B, n, C, h, w) float32."""
@@ -580,14 +624,17 @@ def vae_moments(vae, pixels):
 
 
 @torch.no_grad()
-def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int):
+def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, cache=None):
     """A collated batch -> (latents (n*B, C, h, w) stacked [winners; losers], TextConditioning of n*B rows).
 
     The first `n_images` images of each row are used (SFT: the winner). `posterior_eps` (B, >=n, C, h, w) draws
-    the VAE posterior sample. SDXL time ids come from each image's own original size and crop.
+    the VAE posterior sample. SDXL time ids come from each image's own original size and crop. `cache`
+    (--latent_cache): the posteriors of images seen before come from there, the others are encoded into it.
     """
     device = parts.text_encoders[0].device
-    if "pixels" in batch:
+    if cache is not None:
+        mean, std, batch = cache.moments(lambda pixels: vae_moments(parts.vae, pixels), batch, n_images, device)
+    elif "pixels" in batch:
         mean, std = vae_moments(parts.vae, batch["pixels"][:, :n_images])
     else:  # --cache_latents
         mean, std = batch["latent_mean"][:, :n_images].float(), batch["latent_std"][:, :n_images].float()
@@ -601,6 +648,20 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int):
     time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
     cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
     return latents, cond
+
+
+def latent_cache_applies(args, dataset, global_batch: int, parts, latent_shape, n_images: int) -> bool:
+    """--latent_cache: on, off, or (auto) on where it pays: the run draws more batches than one epoch holds (each
+    epoch is a permutation cut into whole global batches), and the posteriors of every image and flip fit
+    LATENT_CACHE_AUTO_BYTES."""
+    if args.latent_cache == "off" or args.cache_latents or args.random_crop or args.choice_model:
+        return False
+    if args.latent_cache == "on":
+        return True
+    one_image = 2 * math.prod(latent_shape) * parts.vae.dtype.itemsize  # mean and std
+    size = len(dataset) * n_images * (1 if args.no_hflip else 2) * one_image
+    more_than_one_epoch = args.max_train_steps * args.gradient_accumulation_steps > len(dataset) // global_batch
+    return more_than_one_epoch and size <= LATENT_CACHE_AUTO_BYTES
 
 
 def scan_dataset(dataset, args, accelerator):

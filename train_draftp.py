@@ -34,7 +34,6 @@ import argparse
 import copy
 import logging
 import os
-import time
 
 import torch
 from tqdm.auto import tqdm
@@ -45,12 +44,13 @@ from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_fro
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StopRequest, add_common_args,
-                            build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop, compute_dtype,
-                            describe_defaults, log_step, log_validation, make_accelerator, optimizer_update,
-                            parse_name_paths, prepare_for_training, reduce_step_metrics, register_checkpoint_hooks,
-                            resume_from_checkpoint, run_main, save_outputs, scaled_learning_rate, shards_parameters,
-                            step_generator, stop_run, unet_is_wrapped)
+from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
+                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
+                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
+                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
+                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
+                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
+                            unet_is_wrapped, validation_due, validation_wanted)
 
 
 logger = logging.getLogger("train_draftp")
@@ -232,7 +232,7 @@ def main(args):
     trained = accelerator.unwrap_model(unet)
     start_step = resume_from_checkpoint(accelerator, args)
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
-    guard = NonFiniteGuard(start_step=start_step)
+    guard = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator))
 
     def reference_unet(*a, **kw):
         """The frozen base model: LoRA adapters off, or the frozen copy of a full UNet."""
@@ -250,26 +250,28 @@ def main(args):
         validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step,
                    base_model=reference_unet if use_reference else None)
 
-    if start_step == 0:
+    # a grid at step 0 only where later grids need it: without a base model in memory its images are the base row
+    if start_step == 0 and not use_reference and validation_wanted(args):
         validate(0)
     global_batch = accelerator.num_processes * args.train_batch_size
     rows = slice(accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size)
     progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="DRaFT+" if args.kl_coeff > 0 else "DRaFT")
-    stopping = False
+    stopping, clock = False, StepClock()
 
     for step in progress:
         unet.train()
-        started, micro_metrics, skipped, stopping = time.time(), [], False, False
+        micro_metrics, skipped, stopping = [], False, False
         for micro in range(args.gradient_accumulation_steps):
             # ---- the batch: prompts, x_T and K drawn for the whole global batch from (seed, step, micro),
             # then sliced, so resume and any number of processes give the same samples
-            g = step_generator(args.seed, step, micro)
-            truncation_steps = draw_truncation_steps(args, g)
-            prompt_ids = torch.randint(len(prompts), (global_batch,), generator=g)[rows]
-            batch_prompts = [prompts[i] for i in prompt_ids]
-            x_T = torch.randn(global_batch, *latent_shape, generator=g)[rows].to(device)
-            lv_noise = torch.randn(args.draft_lv_samples, global_batch, *latent_shape, generator=g)[:, rows]
+            with clock.data():
+                g = step_generator(args.seed, step, micro)
+                truncation_steps = draw_truncation_steps(args, g)
+                prompt_ids = torch.randint(len(prompts), (global_batch,), generator=g)[rows]
+                batch_prompts = [prompts[i] for i in prompt_ids]
+                x_T = torch.randn(global_batch, *latent_shape, generator=g)[rows].to(device)
+                lv_noise = torch.randn(args.draft_lv_samples, global_batch, *latent_shape, generator=g)[:, rows]
             eta_generator = step_generator(args.seed, step, micro, accelerator.process_index)
 
             with accelerator.accumulate(unet), accelerator.autocast():
@@ -308,7 +310,8 @@ def main(args):
                 else:
                     skipped = True
                 if accelerator.sync_gradients:
-                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped)
+                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped,
+                                                          guard.take_pending())
             micro_metrics.append(metrics)
         if stopping:
             stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
@@ -317,17 +320,18 @@ def main(args):
         global_step = step + 1
         logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm)
         logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], truncation_steps=truncation_steps,
-                    skipped=int(skipped), step_seconds=round(time.time() - started, 3))
+                    skipped=int(skipped), **clock.lap())
         log_step(accelerator, metrics_log, progress, logs, shown=("loss", "reward", "kl"))
         guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
 
-        stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
-        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            validate(global_step)
+        with clock.paused():  # checkpoints and grids are not steps
+            stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
+            if validation_due(args, global_step):
+                validate(global_step)
 
     # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
     save_outputs(accelerator, args, trained, parts.is_sdxl)
-    if not stopping:
+    if not stopping and validation_wanted(args):
         validate(args.max_train_steps)
     logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite)")
     metrics_log.close()

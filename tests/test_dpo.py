@@ -293,7 +293,7 @@ def dpo_flags(base, dataset, output_dir, *extra):
 
 def numbers(metrics):
     """The deterministic numbers of metrics.jsonl (not the wall-clock ones)."""
-    return [{k: v for k, v in m.items() if k != "step_seconds"} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
 
 
 def free_port():
@@ -322,7 +322,8 @@ LORA_RUN = ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-3", "--trai
 def lora_run(pref_data, tiny_sd_path, tmp_path_factory):
     """LoRA DPO on tiny-sd: 3 steps of 2 pairs, a checkpoint at step 2 (VAE posterior sampled)."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3), launch=True)
+    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
+                                "--validation_steps", 3), launch=True)
     return {"out": out, "log": proc.stdout + proc.stderr, "metrics": read_metrics(str(out))}
 
 
@@ -333,7 +334,8 @@ def test_lora_first_loss_is_log2_and_every_step_is_logged(lora_run):
     assert metrics[0]["loss"] == pytest.approx(LOG2, abs=1e-4)
     assert metrics[0]["implicit_acc"] == 0.5 and metrics[0]["model_mse"] == metrics[0]["ref_mse"]
     assert metrics[-1]["loss"] != pytest.approx(LOG2, abs=1e-4)  # the adapter did train
-    assert (lora_run["out"] / "samples" / "validation-step-000000.png").exists()
+    # grids at the multiples of --validation_steps and the end only: the base row of each is the step-0 model
+    assert sorted(p.name for p in (lora_run["out"] / "samples").glob("*.png")) == ["validation-step-000003.png"]
     info = json.loads((lora_run["out"] / "samples" / "validation-step-000003.json").read_text())
     assert info["rows"] == ["base", "trained"] and len(info["prompts"]) == 2
     grid = info["grid"]  # no --choice_model: no scores, so no caption band under the images
@@ -404,7 +406,7 @@ def full_run(pref_data, tiny_sd_path, tmp_path_factory):
     data = write_preference_set(rows, str(root / "data"), "jsonl")
     out = root / "run"
     proc = run_script(dpo_flags(tiny_sd_path, data, out, "--choice_model", "brightness", "--learning_rate", "1e-4",
-                                "--train_batch_size", 3, "--max_train_steps", 1), launch=True)
+                                "--train_batch_size", 3, "--max_train_steps", 1, "--validation_steps", 1), launch=True)
     return {"out": out, "log": proc.stdout + proc.stderr, "metrics": read_metrics(str(out))}
 
 
@@ -540,3 +542,100 @@ def test_bad_input_is_one_line_with_exit_code_2(case, pref_data, tiny_sd_path, t
     needle = {"missing_column": "has no column 'label_0' (found: jpg_0, jpg_1, caption); set --label_column",
               "beta": "--beta_dpo must be > 0", "choice_model": "--choice_model 'nope'"}[case]
     assert needle in proc.stderr
+
+
+# --------------------------------------------------------------------------- speed levers: the same numbers
+# 12 pairs (the 4 ties dropped), 2 per step: 6 steps an epoch, so 9 steps see most images a second time and the
+# posterior cache is used. Baseline: images decoded in the training process, the loss checked on the host every
+# micro-step, no cache, eager UNet.
+LEVERS_RUN = ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-3", "--train_batch_size", "2",
+              "--max_train_steps", 9, "--checkpointing_steps", 1000]
+BASELINE = ["--dataloader_num_workers", 0, "--no-defer_loss_check", "--latent_cache", "off"]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("levers") / "baseline"
+    run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE))
+    return numbers(read_metrics(str(out)))
+
+
+@pytest.mark.parametrize("lever", [
+    ["--dataloader_num_workers", 2],  # items are a function of (seed, step, row): workers change nothing
+    ["--defer_loss_check"],  # the same update decisions, read once per step
+    ["--latent_cache", "on", "--dataloader_num_workers", 2],  # cached moments, and workers told to skip decoding
+], ids=["workers", "deferred_check", "latent_cache"])
+def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data, tiny_sd_path, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever))
+    metrics = numbers(read_metrics(str(out)))
+    if "--latent_cache" not in lever:
+        assert metrics == baseline_run  # bit for bit
+        return
+    assert "VAE posterior cache on" in proc.stderr
+    # the cache encodes one image per VAE call, the baseline a whole batch: float32 summation order, ~1e-7 relative
+    # in the latents; beta 5000 scales the error difference inside the sigmoid, so the loss agrees to ~1e-4
+    for ours, plain in zip(metrics, baseline_run):
+        assert ours["step"] == plain["step"] and ours["implicit_acc"] == plain["implicit_acc"]
+        assert ours["loss"] == pytest.approx(plain["loss"], abs=1e-3)
+        for key in ("model_mse", "ref_mse", "grad_norm"):
+            assert ours[key] == pytest.approx(plain[key], rel=1e-3), key
+
+
+def test_latent_cache_auto_is_on_only_past_one_epoch(pref_data, tiny_sd_path, tmp_path):
+    args = T.parse_args([str(f) for f in dpo_flags("tiny-sd", pref_data["train"], tmp_path, *LEVERS_RUN)[1:]])
+    parts = type("Parts", (), {"vae": type("VAE", (), {"dtype": torch.float32})})()
+    shape = (4, 4, 4)
+    assert T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # 9 steps x 2 > 12 pairs
+    args.max_train_steps = 6
+    assert not T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # exactly one epoch: nothing to reuse
+    args.max_train_steps, args.random_crop = 9, True
+    assert not T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # a new crop every draw
+
+
+def test_compiled_training_unet_gives_the_same_numbers(baseline_run, pref_data, tiny_sd_path, tmp_path, monkeypatch,
+                                                       fresh_accelerate_state):
+    """--compile_unet: dynamo captures the LoRA UNet's training forward (backend "eager" here: the capture, guards
+    and graph breaks are what is tested; inductor's kernels are measured on the GPU, bench/e2e.py)."""
+    import signal
+
+    from utils.speed import compile_training_unet
+
+    monkeypatch.setattr(T, "compile_training_unet", lambda unet, mode: compile_training_unet(unet, mode, "eager"))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        T.main(T.parse_args([str(f) for f in dpo_flags(tiny_sd_path, pref_data["train"], tmp_path, *LEVERS_RUN,
+                                                       *BASELINE, "--compile_unet", "default")[1:]]))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    compiled = numbers(read_metrics(str(tmp_path)))
+    assert [m["step"] for m in compiled] == list(range(1, 10))
+    for ours, eager in zip(compiled, baseline_run):  # float32; the same kernels, so equal but for the reduction order
+        for key in ("loss", "model_mse", "ref_mse", "grad_norm"):
+            assert ours[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), key
+
+
+def test_posterior_cache_skips_decoding_and_encoding_of_images_seen_before(pref_data):
+    from utils.data import PosteriorCache, SkipCachedSampler
+
+    ds, base_dir, _ = open_image_dataset(pref_data["train"])
+    rows, winner_first, _ = select_pairs(ds, "label_0")
+    dataset = ImagePairDataset(ds, ["jpg_0", "jpg_1"], "caption", rows, winner_first, resolution=16, seed=0,
+                               base_dir=base_dir)
+    cache, encoded = PosteriorCache(torch.float32), []
+
+    def encode(pixels):  # (F, 1, 3, R, R) -> a 1x1x1 "posterior" per image: its mean pixel
+        encoded.append(len(pixels))
+        mean = pixels.mean(dim=(2, 3, 4))[:, :, None, None, None]
+        return mean, mean + 1
+
+    keys = iter(SkipCachedSampler([[(0, 0, 0), (3, 0, 1)], [(0, 0, 0), (3, 0, 1)]], dataset, cache))
+    first = collate_images([dataset[k] for k in next(keys)])
+    mean, std, filled = cache.moments(encode, first, 2, "cpu")
+    again = collate_images([dataset[k] for k in next(keys)])  # the same draws: every image is cached now
+    assert again["skipped"].all() and not again["pixels"].any() and not again["original_size"].any()
+    mean2, std2, filled2 = cache.moments(encode, again, 2, "cpu")
+    assert encoded == [1] * 4  # one encoder call per image of the first batch (2 pairs), none for the second
+    assert torch.equal(mean, mean2) and torch.equal(std, std2)
+    assert torch.equal(filled["original_size"], filled2["original_size"]) and torch.equal(filled["crop"], filled2["crop"])

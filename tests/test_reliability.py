@@ -212,7 +212,7 @@ def dpo(data, out, *extra):
 
 
 def numbers(metrics):
-    return [{k: v for k, v in m.items() if k != "step_seconds"} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
 
 
 @pytest.fixture(scope="module")

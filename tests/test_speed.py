@@ -135,3 +135,45 @@ def test_channels_last_keeps_the_dpo_step_equal_and_is_train_dpos_default(tiny_s
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-3 * float(ref_grads[name].abs().max()))
     base = ["--pretrained_model_name_or_path", "tiny-sd", "--dataset_name", "x"]
     assert train_dpo.parse_args(base).channels_last and not train_dpo.parse_args(base + ["--no-channels_last"]).channels_last
+
+
+# --------------------------------------------------------------------------- start-up and step timing
+def test_compile_cache_defaults_to_the_project_cache_unless_the_user_set_one():
+    from utils.speed import keep_compile_cache
+
+    environ = {}
+    assert keep_compile_cache(environ).endswith("/.cache/diffusion-align/inductor")
+    assert environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    mine = {"TORCHINDUCTOR_CACHE_DIR": "/shared/inductor", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
+    assert keep_compile_cache(mine) == "/shared/inductor" and mine["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"
+
+
+@pytest.mark.parametrize("flags, due, last", [
+    (dict(validation_prompts=None, validation_steps=100), [], False),  # nothing asked for: no grid at all
+    (dict(validation_prompts=["a cat"], validation_steps=100), [], True),  # prompts given: the final grid
+    (dict(validation_prompts=None, validation_steps=4), [4, 8], True),  # multiples below the end, then the end
+    (dict(validation_prompts=[], validation_steps=5), [5], True),  # 10 is the final grid, drawn once
+])
+def test_validation_grids_only_when_asked_for(flags, due, last):
+    from utils.training import validation_due, validation_wanted
+
+    args = argparse.Namespace(max_train_steps=10, **flags)
+    assert [step for step in range(1, 11) if validation_due(args, step)] == due
+    assert validation_wanted(args) == last
+
+
+def test_step_clock_counts_data_and_leaves_out_pauses(monkeypatch):
+    """step_seconds spans log to log (data included, grids and checkpoints not); a fake clock, no real timing."""
+    from utils import training
+
+    now = [100.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    clock = training.StepClock()
+    with clock.data():
+        now[0] += 2.0  # waiting for the batch
+    now[0] += 3.0  # the step's GPU work
+    assert clock.lap() == {"step_seconds": 5.0, "data_seconds": 2.0}
+    with clock.paused():
+        now[0] += 60.0  # a validation grid
+    now[0] += 4.0
+    assert clock.lap() == {"step_seconds": 4.0, "data_seconds": 0.0}

@@ -256,13 +256,18 @@ class ImagePairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         """The item of `key`. An unreadable row (image or caption) is replaced by the next readable row in `rows`,
         with the same random draws, so the batch keeps its size on every process (DDP) and stays a function of
-        the key; the replaced rows are listed in the item's `bad_rows` (counted by the training loop)."""
-        position, micro_step, global_row = key
+        the key; the replaced rows are listed in the item's `bad_rows` (counted by the training loop).
+
+        A 4th element of the key (SkipCachedSampler) lists, per image, whether its VAE posterior is cached: those
+        images are not decoded (zeros in `pixels`, `original_size`, `crop`; `skipped` marks them)."""
+        position, micro_step, global_row, *cached = key
         bad_rows, first = [], None
         for attempt in range(len(self.rows)):
             candidate = (position + attempt) % len(self.rows)
+            # a replaced row is not the one whose images are cached: decode all of it
+            skip = None if not cached else cached[0] if attempt == 0 else (False,) * len(cached[0])
             try:
-                item = self._item(candidate, micro_step, global_row)
+                item = self._item(candidate, micro_step, global_row, skip)
             except BadRow as e:
                 logger.warning(f"{e}; skipped (replaced by the next readable row)")
                 bad_rows.append(int(self.rows[candidate]))
@@ -280,13 +285,31 @@ class ImagePairDataset(torch.utils.data.Dataset):
             return str(e)
         return None
 
-    def _read(self, position: int):
-        """(decoded images, winner first; caption value) of a row, or BadRow naming the row and the column."""
+    def _columns(self, position: int):
+        """The image columns of a row in the order the loss sees them (winner first), as many as are decoded."""
+        return (self.image_columns if self.winner_first[position] else self.image_columns[::-1])[: self.decode]
+
+    def _draws(self, micro_step: int, global_row: int):
+        # A fixed number of draws, whatever the options: flip, crop top, crop left per image; empty prompt; caption.
+        return torch.rand(3 * len(self.image_columns) + 2,
+                          generator=step_generator(self.seed, AUGMENT_TAG, micro_step, global_row)).tolist()
+
+    def image_keys(self, position: int, micro_step: int, global_row: int):
+        """What decides each decoded image's pixels (center crop): (row, column, flipped), without decoding it."""
+        u = self._draws(micro_step, global_row)
+        return [(int(self.rows[position]), column, self.hflip and u[3 * i] < 0.5)
+                for i, column in enumerate(self._columns(position))]
+
+    def _read(self, position: int, skip=()):
+        """(decoded images, winner first, None where `skip` says so; caption value) of a row, or BadRow naming the
+        row and the column."""
         row = int(self.rows[position])
-        columns = self.image_columns if self.winner_first[position] else self.image_columns[::-1]
         record = self.ds[row]
         images = []
-        for column in columns[: self.decode]:
+        for i, column in enumerate(self._columns(position)):
+            if i < len(skip) and skip[i]:
+                images.append(None)
+                continue
             try:
                 images.append(decode_image(record[column], self.base_dir))
             except Exception as e:
@@ -302,22 +325,26 @@ class ImagePairDataset(torch.utils.data.Dataset):
                          f"expected a caption string")
         return images, caption
 
-    def _item(self, position, micro_step, global_row):
+    def _item(self, position, micro_step, global_row, skip=None):
         row = int(self.rows[position])
-        # A fixed number of draws, whatever the options: flip, crop top, crop left per image; empty prompt; caption.
-        u = torch.rand(3 * len(self.image_columns) + 2,
-                       generator=step_generator(self.seed, AUGMENT_TAG, micro_step, global_row)).tolist()
-        images, caption_value = self._read(position)
+        u = self._draws(micro_step, global_row)
+        images, caption_value = self._read(position, skip or ())
         pixels, originals, crops = [], [], []
         for i, image in enumerate(images):
-            p, original, crop = resize_crop_flip(image, self.resolution, self.random_crop,
-                                                 self.hflip and u[3 * i] < 0.5, u[3 * i + 1], u[3 * i + 2])
+            if image is None:  # cached: the training process fills in its posterior, size and crop
+                p, original, crop = torch.zeros(3, self.resolution, self.resolution), (0, 0), (0, 0)
+            else:
+                p, original, crop = resize_crop_flip(image, self.resolution, self.random_crop,
+                                                     self.hflip and u[3 * i] < 0.5, u[3 * i + 1], u[3 * i + 2])
             pixels.append(p)
             originals.append(original)
             crops.append(crop)
         caption, prompt = _pick_caption(caption_value, u[-2], u[-1], self.proportion_empty, row, self.caption_column)
         item = {"pixels": torch.stack(pixels), "original_size": torch.tensor(originals), "crop": torch.tensor(crops),
                 "caption": caption, "prompt": prompt, "row": row}
+        if skip is not None:  # --latent_cache: which images the cache fills in, and the keys to file the others under
+            item["skipped"] = torch.tensor([image is None for image in images])
+            item["image_keys"] = self.image_keys(position, micro_step, global_row)
         if self.keep_pil:
             item["pil"] = images
         return item
@@ -350,6 +377,56 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 "original_size": self.original_size[position], "crop": self.crop[position],
                 "caption": "" if u[0] < self.proportion_empty else prompt, "prompt": prompt,
                 "row": int(self.rows[position])}
+
+
+class PosteriorCache:
+    """`--latent_cache`: the VAE posterior (mean, std) of each image as first encoded, kept on the CPU in the VAE's
+    dtype (the moments come out of the VAE in that dtype, so keeping them loses nothing), with the image's
+    original size and crop; keyed by (row, column, flipped) of `ImagePairDataset.image_keys` (center crop only).
+    The posterior sample is still drawn per step: only the encoder's work and the image decoding are saved."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.entries = dtype, {}
+
+    def __contains__(self, key):
+        return key in self.entries
+
+    def moments(self, encode, batch, n: int, device):
+        """The first `n` images of each row of `batch`: (mean, std) each (B, n, C, h, w) float32 on `device`, and
+        the batch with the cached images' original sizes and crops filled in. Images the batch carries pixels for
+        are encoded with `encode` ((1, 1, 3, R, R) -> moments) and cached. One image per encoder call: the batch
+        size changes the kernels' summation order, so an image's moments would otherwise depend on the batch it
+        first came in, and a resumed run (empty cache) would not continue the uninterrupted one exactly."""
+        keys = [[tuple(key) for key in row_keys[:n]] for row_keys in batch["image_keys"]]  # pin_memory of older
+        # torch versions turns tuples into lists
+        skipped = batch["skipped"][:, :n] if "skipped" in batch else torch.zeros(len(keys), n, dtype=torch.bool)
+        fresh = (~skipped).nonzero().tolist()  # [(b, i)] to encode
+        if fresh:
+            moments = [encode(batch["pixels"][b, i][None, None]) for b, i in fresh]  # each (1, 1, C, h, w)
+            mean, std = (torch.cat([m[j][:, 0] for m in moments]) for j in (0, 1))  # (F, C, h, w)
+            for k, (b, i) in enumerate(fresh):
+                self.entries[keys[b][i]] = (mean[k].to("cpu", self.dtype), std[k].to("cpu", self.dtype),
+                                            batch["original_size"][b, i].clone(), batch["crop"][b, i].clone())
+        rows = [[self.entries[key] for key in row_keys] for row_keys in keys]
+        mean, std = (torch.stack([torch.stack([e[j] for e in r]) for r in rows]).to(device).float() for j in (0, 1))
+        out = dict(batch)
+        for j, name in ((2, "original_size"), (3, "crop")):
+            out[name] = batch[name].clone()
+            out[name][:, :n] = torch.stack([torch.stack([e[j] for e in r]) for r in rows])
+        return mean, std, out
+
+
+class SkipCachedSampler(torch.utils.data.Sampler):
+    """Wraps a batch sampler of `ImagePairDataset` keys: each key gets a 4th element, per image, whether the cache
+    holds it, so the data-loader workers skip decoding those images. The keys are computed in this process, where
+    the cache is; a key sent out before its image was cached (the workers run a few batches ahead) just decodes it."""
+
+    def __init__(self, batch_sampler, dataset, cache: PosteriorCache):
+        self.batch_sampler, self.dataset, self.cache = batch_sampler, dataset, cache
+
+    def __iter__(self):
+        for keys in self.batch_sampler:
+            yield [(*key, tuple(k in self.cache for k in self.dataset.image_keys(*key))) for key in keys]
 
 
 def collate_images(items):

@@ -12,24 +12,53 @@ flag that turns it off. Measured on an H100 in bench/bench.py; numbers and what 
 - VAE decoder gradient checkpointing: the decode with grad of a 512 px image stores GBs of activations
   per image; recomputing them costs one more decoder forward.
 
+- inductor's compile cache kept across runs (`keep_compile_cache`): the first step of a cold run pays the
+  compilation, a warm cache replays it in a fraction of that time.
+
 Not here, and why: fused QKV projections (`unet.fuse_qkv_projections()`) replace to_q/to_k/to_v by one
 to_qkv with the base weights only, so LoRA adapters on those projections would be silently dropped.
 """
 import argparse
+import os
 from typing import Callable, Optional
 
 import torch
 
 COMPILE_MODES = ["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+# Compiling the training UNet's forward: backward runs through it, so no CUDA graphs ("reduce-overhead" would replay
+# captured buffers that the saved activations of a pending backward still point to).
+TRAIN_COMPILE_MODES = ["off", "default", "max-autotune-no-cudagraphs"]
+# Where inductor keeps compiled graphs unless the user says otherwise: torch's default is /tmp/torchinductor_$USER,
+# which many clusters and fresh machines wipe, so every run would pay the full compilation again.
+COMPILE_CACHE_DIR = os.path.join("~", ".cache", "diffusion-align", "inductor")
+
+
+def keep_compile_cache(environ=os.environ) -> str:
+    """Point inductor's caches (compiled graphs, AOTAutograd, autotuning) at COMPILE_CACHE_DIR unless
+    TORCHINDUCTOR_CACHE_DIR is set, and keep the FX graph cache on unless TORCHINDUCTOR_FX_GRAPH_CACHE is set.
+    Must run before the first torch.compile; returns the folder."""
+    environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(COMPILE_CACHE_DIR))
+    environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
-    """The speed flags; sampling=False: only --channels_last (train_dpo.py samples no images while training)."""
+    """The speed flags; sampling=False: the training-step ones (train_dpo.py samples no images while training)."""
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
-    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy)"
+    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy) and the VAE"
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help=f"keep {what} in channels-last (NHWC) memory format")
+    g.add_argument("--defer_loss_check", action=argparse.BooleanOptionalAction, default=True,
+                   help="check the loss for NaN/inf once per optimizer step, with the gradient norm, instead of waiting "
+                        "for the GPU after every micro-step's forward (one process without fp16 or DeepSpeed; "
+                        "elsewhere it is checked per micro-step). A non-finite loss still skips its update")
     if not sampling:
+        g.add_argument("--compile_unet", default="off", choices=TRAIN_COMPILE_MODES,
+                       help="torch.compile mode of the trained UNet's forward (backward follows through AOTAutograd); "
+                            "one process or DDP only. The first step pays the compilation (cached across runs, "
+                            "README 'Start-up'). Inductor's kernels round differently from the eager reference UNet "
+                            "and beta multiplies that: the first loss is log 2 only to about 1e-4 (README)")
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "
@@ -37,6 +66,15 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                         "(about 100 s for SD1.5 on an H100)")
     g.add_argument("--vae_gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute the VAE decoder's activations in backward (saves GBs per 512 px image)")
+
+
+def compile_training_unet(unet, mode: str, backend: str = "inductor"):
+    """--compile_unet: the trained UNet (or its DDP wrapper) compiled for the training forward, or the UNet itself
+    when off. The parameters are shared, so the optimizer, checkpoints and the eager reference see the same weights."""
+    if mode == "off":
+        return unet
+    # dynamic=False: the batch is fixed during training, so one static graph without shape guards
+    return torch.compile(unet, mode=None if mode == "default" else mode, dynamic=False, backend=backend)
 
 
 def compile_mode(requested: str, device) -> Optional[str]:

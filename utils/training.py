@@ -3,6 +3,7 @@
 The scripts keep their method (sampling + loss) and their loop; everything here is method-agnostic.
 """
 import argparse
+import contextlib
 import errno
 import importlib.util
 import json
@@ -131,8 +132,12 @@ def add_common_args(parser: argparse.ArgumentParser):
 
     g = parser.add_argument_group("validation")
     g.add_argument("--validation_prompts", nargs="*", default=None,
-                   help="prompts drawn every --validation_steps (default: the first two training prompts)")
-    g.add_argument("--validation_steps", type=int, default=100, help="optimizer steps between validation images")
+                   help="prompts drawn every --validation_steps (default: the first two training prompts). Validation "
+                        "grids are drawn at the multiples of --validation_steps up to --max_train_steps and at the end, "
+                        "and only when asked for: --validation_prompts given or --validation_steps <= --max_train_steps")
+    g.add_argument("--validation_steps", type=int, default=100,
+                   help="optimizer steps between validation images (above --max_train_steps and without "
+                        "--validation_prompts: no validation images at all)")
     g.add_argument("--num_validation_images", type=int, default=2, help="seeds per validation prompt")
     return parser
 
@@ -254,7 +259,10 @@ def run_main(main, parse_args):
     request exits 3 and a diverged run 4 (one line each). 0 means the final weights were written."""
     import sys
 
+    from .speed import keep_compile_cache
+
     args = None
+    keep_compile_cache()  # before any torch.compile: compiled graphs survive the run (README "Start-up")
     try:
         args = parse_args()
         quiet_libraries(getattr(args, "verbose", False))
@@ -671,6 +679,7 @@ SAFE_TO_CHANGE_ON_RESUME = {
     "logging_dir", "push_to_hub", "hub_model_id", "dataloader_num_workers", "cache_dir", "reward_model_paths",
     "reward_paths", "max_bad_rows", "scan_data", "gradient_checkpointing", "allow_tf32",
     "channels_last", "compile_sampler", "vae_gradient_checkpointing",  # speed only (utils/speed.py)
+    "defer_loss_check", "compile_unet", "latent_cache",
 }
 
 
@@ -750,20 +759,21 @@ def reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts: Optional[
     logs["grad_norm"] = torch.as_tensor(grad_norm, device=accelerator.device).float()
     counts = counts or {}
     logs.update({k: torch.tensor(float(v), device=accelerator.device) for k, v in counts.items()})
-    reduced = accelerator.reduce(torch.stack(list(logs.values())), "mean")
-    out = {k: v.item() for k, v in zip(logs, reduced)}
+    reduced = accelerator.reduce(torch.stack(list(logs.values())), "mean").tolist()  # one transfer, one host sync
+    out = dict(zip(logs, reduced))
     out.update({k: int(round(out[k] * accelerator.num_processes)) for k in counts})  # mean x processes = sum
     if torch.cuda.is_available():  # this process's peak since the start: what decides the GPU a run needs
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
-def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped: bool):
+def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped: bool, nonfinite_loss=None):
     """The update at the end of an accumulation: clip, then step unless the loss or the gradient was not finite.
 
     The gradient norm is computed even with clipping off (max norm inf: the gradients are multiplied by 1), so a
     finite loss with an infinite gradient skips the step (on every process: its flag is all-reduced) instead of
-    writing inf into the weights. Returns (grad_norm, skipped)."""
+    writing inf into the weights. `nonfinite_loss`: NonFiniteGuard's deferred flag (a device tensor, any loss of
+    the accumulation not finite), checked in the same host sync as the gradient. Returns (grad_norm, skipped)."""
     from accelerate.utils import DistributedType
 
     grad_norm = torch.zeros((), device=accelerator.device)
@@ -777,7 +787,9 @@ def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped:
         grad_norm = grad_norm if norm is None else torch.as_tensor(norm, device=accelerator.device).float()
         if accelerator.scaler is None:  # fp16's GradScaler skips overflowing steps itself, and must see them to
             # lower its scale (a few at the start are normal), so only unscaled runs check here
-            bad = torch.tensor(float(not torch.isfinite(torch.as_tensor(grad_norm)).all()), device=accelerator.device)
+            bad = (~torch.isfinite(grad_norm).all()).float()  # on the device: the .item() below is the one sync
+            if nonfinite_loss is not None:
+                bad = torch.maximum(bad, nonfinite_loss.float())
             skipped = accelerator.reduce(bad, reduction="sum").item() > 0
         if not skipped:
             optimizer.step()
@@ -817,6 +829,38 @@ def end_logs(accelerator, metrics_log=None):
     if metrics_log is not None:
         metrics_log.close()
     accelerator.end_training()
+
+
+class StepClock:
+    """The wall-clock fields of a step's metrics. step_seconds runs from the end of the previous step's log (or the
+    loop's start) to the end of this step's metrics, whose reduction waits for the GPU: data loading, host work and
+    GPU work all count, and the sum over steps is the loop's wall time less the validation grids and checkpoint
+    saves (`paused`), which are not steps. data_seconds: the part spent waiting for the batch (`data`)."""
+
+    def __init__(self):
+        self.last, self.data_total = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def data(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_total += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last += time.perf_counter() - started
+
+    def lap(self) -> dict:
+        now = time.perf_counter()
+        out = {"step_seconds": round(now - self.last, 3), "data_seconds": round(self.data_total, 3)}
+        self.last, self.data_total = now, 0.0
+        return out
 
 
 def log_step(accelerator, metrics_log: "MetricsLog", progress, logs: dict, shown=("loss",)):
@@ -907,6 +951,9 @@ class StopRequest:
         self.requested = True
 
     def any_process(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:  # nothing to all-reduce: no host sync with the GPU
+            self.stopping = self.requested
+            return self.stopping
         flag = torch.tensor(float(self.requested), device=accelerator.device)
         self.stopping = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
         return self.stopping
@@ -929,22 +976,36 @@ class NonFiniteGuard:
     """Skip updates whose loss (any micro-step) or gradient is not finite on any process; after `patience`
     such steps in a row, checkpoint the last good step and stop (Diverged, exit code 4).
 
-    `check` is the one collective of a micro-step: it all-reduces the loss's finiteness and the stop flag."""
+    `check` is the one collective of a micro-step: it all-reduces the loss's finiteness and the stop flag, which
+    waits for the GPU to finish the forward before the host may queue the backward. `defer=True` (one process, see
+    `defers_loss_check`) waits for nothing: the loss's finiteness is kept on the device (`pending`) for the update's
+    one host sync, and the stop flag is this process's own."""
 
-    def __init__(self, patience: int = 3, start_step: int = 0):
+    def __init__(self, patience: int = 3, start_step: int = 0, defer: bool = False):
         self.patience, self.in_a_row, self.total, self.last_good = patience, 0, 0, start_step
+        self.defer, self.pending = defer, None
 
     def check(self, accelerator, loss: torch.Tensor, stop: StopRequest, step: int, micro: int = 0):
         """(every process's loss is finite, some process asked to stop); `step` is the step being computed (from 1)."""
         if injected("SIGNAL", accelerator, step, micro):
             os.kill(os.getpid(), signal.SIGUSR1)  # the real handler, at a known micro-step
         if injected("NAN", accelerator, step, micro):
-            loss.detach().fill_(float("nan"))  # the loss and its logged value; backward is then skipped
+            loss.detach().fill_(float("nan"))  # the loss and its logged value; its update is then skipped
+        if self.defer:  # the update is skipped through `take_pending`; the gradients of this backward are dropped
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.pending = bad if self.pending is None else self.pending | bad
+            stop.stopping = stop.requested
+            return True, stop.stopping
         flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop.requested)],
                              device=accelerator.device)
         bad, stopping = accelerator.reduce(flags, reduction="sum").tolist()
         stop.stopping = stopping > 0
         return bad == 0, stop.stopping
+
+    def take_pending(self):
+        """The deferred flag of the accumulation now ending (None when not deferred); reset for the next one."""
+        pending, self.pending = self.pending, None
+        return pending
 
     def end_step(self, accelerator, args, global_step: int, skipped: bool, metrics_log=None):
         """Count the step; `patience` skipped steps in a row: checkpoint the last good one and raise Diverged."""
@@ -963,6 +1024,16 @@ class NonFiniteGuard:
                        f"fp16, or check the reward / data (see metrics.jsonl)", self.last_good)
 
 
+def defers_loss_check(args, accelerator) -> bool:
+    """--defer_loss_check applies: one process (stop flags from others need a collective each micro-step), no fp16
+    GradScaler (it would see a non-finite loss's gradients and lower its scale) and no DeepSpeed (its engine steps
+    inside backward, before the deferred flag is read)."""
+    from accelerate.utils import DistributedType
+
+    return (getattr(args, "defer_loss_check", False) and accelerator.num_processes == 1 and accelerator.scaler is None
+            and accelerator.distributed_type != DistributedType.DEEPSPEED)
+
+
 def step_generator(seed: int, *indices: int) -> torch.Generator:
     """A CPU generator seeded from (seed, step, micro-step, ...): noise that depends only on the step, so
     resuming and changing the number of processes reproduce the same samples."""
@@ -972,6 +1043,17 @@ def step_generator(seed: int, *indices: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------- validation images
+def validation_wanted(args) -> bool:
+    """Validation grids were asked for: --validation_prompts given, or --validation_steps within the run."""
+    return bool(args.validation_prompts) or args.validation_steps <= args.max_train_steps
+
+
+def validation_due(args, global_step: int) -> bool:
+    """A grid after this step, inside the loop: a multiple of --validation_steps before the last step (the last
+    one is drawn after the final weights are saved, when `validation_wanted`)."""
+    return validation_wanted(args) and global_step % args.validation_steps == 0 and global_step < args.max_train_steps
+
+
 def log_validation(accelerator, output_dir, step, images, rows, prompts, info: dict, scores=None, score_name="reward",
                    tag="validation"):
     """Write samples/<tag>-step-N.png: `images` (len(rows) * len(prompts), 3, H, W) in [0,1], one row per name of

@@ -1,0 +1,364 @@
+"""End to end: the training scripts run as a user runs them (one process each, `python train_dpo.py ...`), beside
+diffusers' Diffusion-DPO examples on the same data, batch, LoRA rank, resolution, steps and GPU, in one call.
+
+Each (section, script) runs twice, N and M optimizer steps; throughput = (N - M) x items per step / (wall time of
+the N-step run - wall time of the M-step run), so start-up and the end of a run cancel out. Beside it, per script:
+the fixed cost (wall_M - M x seconds per step: start-up plus saving; with a warm compile cache where the script
+compiles: a 1-step run goes first and is reported as the cold start), the time from process start to the first
+finished step (the first line of metrics.jsonl; the peers, which write none: tqdm's "1/N"), the peak GPU memory sampled with nvidia-smi (the
+whole GPU: one run at a time, less what was in use before it), and for this project's scripts the medians of
+metrics.jsonl's step_seconds / data_seconds and torch's peak. Results go to OUT/e2e.json and OUT/e2e.md, rewritten
+after every run, so a call cut short keeps what it measured; the logs go to OUT/logs/.
+
+Models: full-size SD1.5 / SDXL and a PickScore-size scorer with random weights, built and saved by
+bench/distributed.py (--models, default /tmp/bench-models; --assets as there). Data: 256 Pick-a-Pic-layout pairs
+(jpg_0 / jpg_1 PNG bytes, label_0, caption) written as one parquet file in a folder, which both kinds of script
+read through `load_dataset`, each run with a fresh datasets cache. The peers (diffusers' research example
+examples/research_projects/diffusion_dpo, third-party code, run unchanged) come from --peers DIR; they import
+wandb, so a stub module is put on their PYTHONPATH.
+
+On the GPU (each line one call of under 10 minutes on an H200; --peers holds the two peer scripts):
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4            # DPO LoRA, 4 pairs/step
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo16           # DPO LoRA, 16 pairs/step
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4_full dpo16_full   # full UNet (peer: LoRA)
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sdxl --sections          # builds the SDXL model only
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections sdxl_dpo        # SDXL DPO LoRA, 1024 px
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp4         # DRaFT+ K=1, batch 4
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp8         # batch 8
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp16        # batch 16
+    python3 bench/e2e.py --smoke --out /tmp/e2e                                      # CPU, tiny-sd, 2 steps
+Extra flags for this project's DPO runs (a speed lever under test) go after --dpo_flags, e.g.
+`--dpo_flags --compile_unet default`; they are recorded in the results.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)  # bench/distributed.py: the random-weight models and its helpers
+
+import distributed  # noqa: E402
+
+PEER_SCRIPTS = {False: "diffusers_dpo_train_diffusion_dpo.py", True: "diffusers_dpo_train_diffusion_dpo_sdxl.py"}
+NUM_PAIRS, LORA_RANK = 256, 8
+# name: (script, batch, (N, M) steps, full UNet, SDXL); the DRaFT+ sections have no peer script to run beside
+SECTIONS = {
+    "dpo4": ("dpo", 4, (40, 10), False, False),
+    "dpo16": ("dpo", 16, (30, 10), False, False),
+    "dpo4_full": ("dpo", 4, (40, 10), True, False),
+    "dpo16_full": ("dpo", 16, (30, 10), True, False),
+    "sdxl_dpo": ("dpo", 2, (12, 4), False, True),
+    "draftp4": ("draftp", 4, (30, 10), False, False),
+    "draftp8": ("draftp", 8, (20, 5), False, False),
+    "draftp16": ("draftp", 16, (15, 5), False, False),
+}
+
+
+# --------------------------------------------------------------------------- set-up
+def wandb_stub(folder):
+    """The peers `import wandb` at the top and use wandb.Image only when reporting to wandb."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "wandb.py"), "w") as f:
+        f.write('"""Stub for benchmarks: the peer scripts import wandb; they report to tensorboard here."""\n\n\n'
+                "class Image:\n    pass\n")
+    return folder
+
+
+def write_pairs(folder, size, num_pairs):
+    """A Pick-a-Pic-layout parquet file (no ties: diffusers' example does not drop them) in `folder`."""
+    from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
+
+    if not os.path.isfile(os.path.join(folder, "train.parquet")):
+        write_preference_set(synthetic_preference_rows(num_pairs, seed=0, sizes=((size, size),)), folder, "parquet")
+    return folder
+
+
+class MemorySampler:
+    """Peak GPU memory of the whole machine (nvidia-smi every 0.2 s), less what was in use when it started; None
+    without nvidia-smi (CPU smoke runs)."""
+
+    def __init__(self):
+        self.baseline = self._used()
+        self.peak, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _used():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return sum(float(x) for x in out.split()) / 1024  # GiB
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return None
+
+    def _run(self):
+        while not self._stop.is_set():
+            used = self._used()
+            if used is not None:
+                self.peak = max(self.peak or 0.0, used - self.baseline)
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        if self.baseline is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def run(cmd, log_path, steps, env, timeout, metrics_path):
+    """Run one training process; returns (exit code, wall s, s to the first finished step or None, peak GiB)."""
+    # the peers' tqdm bar after their first step (this project's bar shows the first step's loss before its "1/N")
+    first_step = re.compile(rf"\|\s*1/{steps}\s*\[")
+    started, first = time.perf_counter(), None
+    with open(log_path, "w") as log, MemorySampler() as memory:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(log_path, errors="replace") as reader:
+            seen = ""
+            while proc.poll() is None:
+                if time.perf_counter() - started > timeout:
+                    proc.kill()
+                    proc.wait()
+                    break
+                if first is None:
+                    seen = (seen + reader.read())[-2000:]
+                    if first_step.search(seen) or (os.path.exists(metrics_path) and os.path.getsize(metrics_path)):
+                        first = time.perf_counter() - started
+                time.sleep(0.05)
+            if first is None and first_step.search(seen + reader.read()):
+                first = time.perf_counter() - started  # the run ended within one poll of its first step
+    return proc.returncode, time.perf_counter() - started, first, memory.peak
+
+
+# --------------------------------------------------------------------------- the command lines
+def dpo_command(peer, args, model, data, batch, steps, full, sdxl, resolution, out):
+    """The same run for both kinds of script: data, batch, LoRA rank, resolution, steps, bf16, no validation, no
+    checkpoint, constant lr; everything else each script's default (data-loader workers, VAE encoding, ...)."""
+    common = ["--pretrained_model_name_or_path", model, "--dataset_name", data, "--resolution", str(resolution),
+              "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--learning_rate", "1e-5",
+              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--checkpointing_steps", "100000",
+              "--output_dir", out, "--cache_dir", os.path.join(out, "datasets-cache")]
+    if args.mixed_precision != "no":
+        common += ["--mixed_precision", args.mixed_precision]
+    if peer:  # diffusers' beta has no 0.5 factor: its 2500 is the project's 5000
+        script = os.path.join(args.peers, PEER_SCRIPTS[sdxl])
+        return [sys.executable, script, *common, "--dataset_split_name", "train", "--rank", str(LORA_RANK),
+                "--beta_dpo", "2500", "--report_to", "tensorboard"]
+    lora = ["--no-use_lora"] if full else ["--use_lora", "--lora_rank", str(LORA_RANK)]
+    return [sys.executable, "train_dpo.py", *common, *lora, "--beta_dpo", "5000", "--report_to", "none",
+            *(["--sdxl"] if sdxl else []), *args.dpo_flags]
+
+
+def draftp_command(args, model, scorer, batch, steps, resolution, out):
+    """DRaFT+ as BENCHMARKS.md measures it: K=1, 50 DDIM steps, CFG 7.5, kl 0.1, LoRA rank 8, UNet checkpointing."""
+    reward = ["--reward_model", "brightness"] if args.smoke else \
+        ["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"]
+    return [sys.executable, "train_draftp.py", "--pretrained_model_name_or_path", model, *reward,
+            "--prompts", "animals", "--num_inference_steps", str(args.inference_steps), "--guidance_scale", "7.5",
+            "--truncation_steps", "1", "--kl_coeff", "0.1", "--lora_rank", str(LORA_RANK), "--gradient_checkpointing",
+            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--resolution", str(resolution),
+            "--checkpointing_steps", "100000", "--report_to", "none", "--seed", "0", "--output_dir", out,
+            *(["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []), *args.draftp_flags]
+
+
+# --------------------------------------------------------------------------- measuring
+def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout, warmup=False):
+    """Both run lengths of one script: the derived row (rate, fixed cost, first step, memory) and the raw runs.
+
+    warmup: a 1-step run first (its wall time and first step are the cold start, reported as such), so that both
+    measured runs find inductor's compile cache equally warm and the compilation cancels in their difference."""
+    runs, row = [], dict(section=name, script=runner, items_per_step=items)
+    if warmup:
+        out = os.path.join(work, f"{name}-{runner}-warmup")
+        code, wall, first, _ = run(commands(1, out), os.path.join(logs, f"{name}-{runner}-warmup.log"), 1, env, timeout,
+                                   os.path.join(out, "metrics.jsonl"))
+        row.update(cold_wall_s=round(wall, 2), cold_first_step_s=None if first is None else round(first, 2),
+                   cold_rc=code)
+        shutil.rmtree(out, ignore_errors=True)
+    for n in steps:
+        out = os.path.join(work, f"{name}-{runner}-{n}")
+        shutil.rmtree(out, ignore_errors=True)
+        log = os.path.join(logs, f"{name}-{runner}-{n}.log")
+        command = commands(n, out)
+        code, wall, first, peak = run(command, log, n, env, timeout, os.path.join(out, "metrics.jsonl"))
+        metrics = distributed.read_metrics(out)
+        record = dict(steps=n, command="python " + " ".join(command[1:]), rc=code, wall_s=round(wall, 2),
+                      first_step_s=None if first is None else round(first, 2),
+                      peak_gib_smi=None if peak is None else round(peak, 2))
+        if code != 0:
+            record["error"] = distributed.last_error_line(log)
+        if metrics:
+            later = metrics[1:] or metrics
+            record.update(first_loss=metrics[0]["loss"],
+                          step_seconds_median=round(statistics.median(m["step_seconds"] for m in later), 4),
+                          data_seconds_median=round(statistics.median(m.get("data_seconds", 0.0) for m in later), 4),
+                          peak_gib_torch=max((m.get("peak_mem_gib", 0.0) for m in metrics), default=None))
+        runs.append(record)
+        shutil.rmtree(out, ignore_errors=True)  # full-UNet weights are GBs
+    row["runs"] = runs
+    long, short = runs
+    if long["rc"] == 0 and short["rc"] == 0 and long["wall_s"] > short["wall_s"]:
+        per_step = (long["wall_s"] - short["wall_s"]) / (long["steps"] - short["steps"])
+        row.update(rate=round(items / per_step, 3), s_per_step=round(per_step, 4),
+                   fixed_s=round(short["wall_s"] - short["steps"] * per_step, 1))
+    row["first_step_s"] = long["first_step_s"]
+    peaks = [r["peak_gib_smi"] for r in runs if r["peak_gib_smi"] is not None]
+    row["peak_gib_smi"] = max(peaks) if peaks else None
+    for key in ("step_seconds_median", "data_seconds_median", "peak_gib_torch", "first_loss"):
+        if key in long:
+            row[key] = long[key]
+    if row.get("step_seconds_median"):
+        row["rate_from_step_seconds"] = round(items / row["step_seconds_median"], 3)
+    return row
+
+
+def markdown(results):
+    unit = {"dpo": "pairs/s", "draftp": "images/s"}
+    lines = [f"Device: {results['device']}; {results['note']}", "",
+             "| section | script | rate (N-M runs) | s/step | fixed s (start + end) | to 1st step s | peak GiB (smi) | "
+             "step_seconds median | data_seconds median | peak GiB (torch) | first loss | cold: to 1st step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        failed = [x.get("error", f"rc {x['rc']}") for x in r["runs"] if x["rc"] != 0]
+        rate = f"{r['rate']} {unit[r['kind']]}" if "rate" in r else "failed: " + "; ".join(failed) if failed else \
+            "- (the N-step run was not slower)"
+        lines.append("| " + " | ".join([r["section"], r["script"], rate] + [
+            str(r[k]) if r.get(k) is not None else "-"
+            for k in ("s_per_step", "fixed_s", "first_step_s", "peak_gib_smi", "step_seconds_median",
+                      "data_seconds_median", "peak_gib_torch", "first_loss", "cold_first_step_s")]) + " |")
+    if results["ratios"]:
+        lines += ["", "| section | this project / diffusers' example (throughput) | fixed s: project vs example | "
+                      "peak GiB (smi): project vs example |", "|---|---|---|---|"]
+        for section, q in results["ratios"].items():
+            lines.append(f"| {section} | {q['speedup']}x | {q['fixed_s']} | {q['peak_gib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results, out):
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "e2e.md"), "w") as f:
+        f.write(markdown(results))
+
+
+def ratio(ours, peer):
+    if "rate" not in ours or "rate" not in peer:
+        return None
+    return dict(speedup=round(ours["rate"] / peer["rate"], 3), fixed_s=f"{ours.get('fixed_s')} vs {peer.get('fixed_s')}",
+                peak_gib=f"{ours.get('peak_gib_smi')} vs {peer.get('peak_gib_smi')}")
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--sections", nargs="*", default=["dpo4"], choices=list(SECTIONS))
+    parser.add_argument("--peers", default=".peers", help="folder holding diffusers' DPO example scripts")
+    parser.add_argument("--assets", default=".bench_assets", help="bench/distributed.py --write_assets (written if absent)")
+    parser.add_argument("--models", default="/tmp/bench-models", help="where the random-weight models are saved")
+    parser.add_argument("--sdxl", action="store_true", help="also build the SDXL model (section sdxl_dpo)")
+    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("N", "M"),
+                        help="the two run lengths of every section (default: the section's own)")
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--inference_steps", type=int, default=50, help="DDIM steps of the DRaFT+ runs")
+    parser.add_argument("--no_peers", action="store_true", help="only this project's scripts")
+    parser.add_argument("--timeout", type=int, default=540, help="seconds per run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny-sd, 32 px, batch 2, 2- and 1-step runs, float32: the harness runs")
+    parser.add_argument("--dpo_flags", nargs=argparse.REMAINDER, default=[],
+                        help="extra flags of this project's DPO runs (the rest of the command line)")
+    parser.add_argument("--draftp_flags", nargs="*", default=[], help="extra flags of the DRaFT+ runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.mixed_precision, args.inference_steps, args.steps = "no", 2, args.steps or [2, 1]
+    return args
+
+
+def prepare_models(args, sdxl_needed):
+    """(SD1.5 folder, SDXL folder or None, scorer folder or None, resolution of SD1.5, of SDXL)."""
+    if args.smoke:
+        from utils.toy.tiny import tiny_pipeline_path
+
+        return tiny_pipeline_path("tiny-sd"), tiny_pipeline_path("tiny-sdxl") if sdxl_needed else None, None, 32, 64
+    if not os.path.isdir(args.assets):
+        distributed.write_assets(args.assets)
+    distributed.build_models(args.assets, args.models, sdxl_needed)
+    return (os.path.join(args.models, "sd15"), os.path.join(args.models, "sdxl"),
+            os.path.join(args.models, "pickscore"), 512, 1024)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wanted = {PEER_SCRIPTS[SECTIONS[s][4]] for s in args.sections if SECTIONS[s][0] == "dpo"} if not args.no_peers else ()
+    missing = [name for name in sorted(wanted) if not os.path.isfile(os.path.join(args.peers, name))]
+    if missing:
+        raise SystemExit(f"error: --peers {args.peers} lacks {', '.join(missing)} (diffusers' DPO examples: copy them "
+                         f"there, e.g. from ../shared/peers/), or pass --no_peers")
+    os.makedirs(args.out, exist_ok=True)
+    logs = os.path.join(args.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="e2e-runs-")
+    sdxl_needed = args.sdxl or any(SECTIONS[s][4] for s in args.sections)
+    sd15, sdxl, scorer, res15, res_xl = prepare_models(args, sdxl_needed)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [wandb_stub(os.path.join(work, "stub")),
+                                                        os.environ.get("PYTHONPATH")])))
+    data_root = "/tmp/bench-data" if not args.smoke else os.path.join(work, "data")
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    results = dict(device=device, note=f"mixed precision {args.mixed_precision}, LoRA rank {LORA_RANK}, "
+                                       f"{'CPU smoke run (tiny-sd)' if args.smoke else 'random-weight full-size models'}"
+                                       f"; extra DPO flags: {' '.join(args.dpo_flags) or 'none'}",
+                   dpo_flags=args.dpo_flags, draftp_flags=args.draftp_flags, rows=[], ratios={})
+    for name in args.sections:
+        kind, batch, steps, full, is_xl = SECTIONS[name]
+        steps = args.steps or steps
+        if args.smoke:
+            batch = 2
+        model, resolution = (sdxl, res_xl) if is_xl else (sd15, res15)
+        if kind == "draftp":
+            row = measure_runs(name, "train_draftp.py",
+                               lambda n, out: draftp_command(args, model, scorer, batch, n, resolution, out),
+                               steps, batch, work, logs, env, args.timeout, warmup=not args.smoke)
+            results["rows"].append({**row, "kind": kind})
+            write_results(results, args.out)
+            continue
+        # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
+        data = write_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution, 8 if args.smoke else NUM_PAIRS)
+        runners = [("train_dpo.py" + (" (full UNet)" if full else ""), False)]
+        if not args.no_peers:
+            runners.append((PEER_SCRIPTS[is_xl].replace("diffusers_dpo_", "diffusers ") + " (LoRA)", True))
+        rows = {}
+        for label, peer in runners:
+            commands = (lambda n, out, peer=peer: dpo_command(peer, args, model, data, batch, n, full, is_xl,
+                                                              resolution, out))
+            compiles = not peer and "--compile_unet" in args.dpo_flags  # the sampler of train_dpo.py is eager
+            rows[peer] = {**measure_runs(name, label.split()[0] + ("-peer" if peer else ""), commands, steps, batch,
+                                         work, logs, env, args.timeout, warmup=compiles), "script": label,
+                          "kind": kind}
+            results["rows"].append(rows[peer])
+            write_results(results, args.out)
+        if True in rows and ratio(rows[False], rows[True]):
+            results["ratios"][name] = ratio(rows[False], rows[True])
+            write_results(results, args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    print(markdown(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
