@@ -31,7 +31,6 @@ SD3.5-medium + PickScore, DRaFT+ (launchers/draftp_sd35.sh holds the recipe and 
         --gradient_checkpointing --output_dir outputs/draftp-sd35
 """
 import argparse
-import copy
 import logging
 import os
 
@@ -40,7 +39,8 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
-from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
+from utils.models import (adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
+                          load_pipeline_parts)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
@@ -211,7 +211,7 @@ def main(args):
         frozen_unet = None  # the reference is the same UNet with its adapters switched off
     else:
         unet.to(device)
-        frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype) if wants_kl(args) else None
+        frozen_unet = frozen_copy(unet, dtype) if wants_kl(args) else None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
