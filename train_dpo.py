@@ -56,7 +56,8 @@ from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, 
                         collate_images, next_batch, open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
 from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
-                          frozen_copy, load_pipeline_parts, model_prediction, read_family, sdxl_time_ids)
+                          frozen_copy, load_pipeline_parts, model_prediction, read_family, reference_model,
+                          sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.speed import add_speed_args, compile_training_unet
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
@@ -500,12 +501,7 @@ def main(args):
                 f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
 
-    def reference_unet(*a, **kw):
-        """The frozen reference: LoRA adapters off, or the frozen copy of the full UNet."""
-        if frozen_unet is not None:
-            return frozen_unet(*a, **kw)
-        with adapters_disabled(trained):
-            return trained(*a, **kw)
+    reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
 
     # The objective, chosen once: both take the trained model's per-image errors and the noised inputs.
     def dpo_objective(err, noisy, timesteps, cond, target):

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
-from utils.models import (adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
-                          load_pipeline_parts)
+from utils.models import (add_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
+                          reference_model)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.speed import add_speed_args, apply_speed_options
@@ -234,12 +234,7 @@ def main(args):
     metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
     guard = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator))
 
-    def reference_unet(*a, **kw):
-        """The frozen base model: LoRA adapters off, or the frozen copy of a full UNet."""
-        if frozen_unet is not None:
-            return frozen_unet(*a, **kw)
-        with adapters_disabled(trained):
-            return trained(*a, **kw)
+    reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
 
     use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
     # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would

@@ -393,3 +393,16 @@ def adapters_disabled(unet):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+def reference_model(trained, frozen=None):
+    """The frozen reference (DRaFT+'s KL, DPO's reference errors, the base row of validation grids) as one callable:
+    the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call."""
+    if frozen is not None:
+        return frozen
+
+    def base(*args, **kwargs):
+        with adapters_disabled(trained):
+            return trained(*args, **kwargs)
+
+    return base
