@@ -375,10 +375,11 @@ class _UNetCalls:
     (trained model and reference alike), and calls of the LoRA reference (the UNet with its adapters off)."""
 
     def __init__(self, monkeypatch):
+        import utils.models
         import utils.sampling
 
         self.with_grad = self.without_grad = self.reference = 0
-        real_eps, real_disabled = utils.sampling.guided_eps, train_draftp.adapters_disabled
+        real_eps, real_disabled = utils.sampling.guided_eps, utils.models.adapters_disabled
 
         def guided_eps(*args, **kwargs):
             if torch.is_grad_enabled():
@@ -394,7 +395,7 @@ class _UNetCalls:
                 yield unet
 
         monkeypatch.setattr(utils.sampling, "guided_eps", guided_eps)
-        monkeypatch.setattr(train_draftp, "adapters_disabled", adapters_disabled)
+        monkeypatch.setattr(utils.models, "adapters_disabled", adapters_disabled)  # the LoRA reference (reference_model)
         # validation images call the base model by design; only the training steps are counted here
         monkeypatch.setattr(train_draftp, "validation", lambda *args, **kwargs: None)
 
