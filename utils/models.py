@@ -343,7 +343,7 @@ def lora_pipeline_class(unet, is_sdxl: bool):
 def save_lora(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
     """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged
     (SD3 / FLUX: the transformer's layers, which StableDiffusion3Pipeline / FluxPipeline load)."""
-    prefix = "transformer" if transformer_family(unet) else "unet"
+    prefix = weights_subfolder(unet)  # the pipeline's component name: unet_lora_layers / transformer_lora_layers
     # The adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers' loader
     # assumes lora_alpha == rank, and a run with --lora_alpha != --lora_rank would reload at the wrong scale.
     lora_pipeline_class(unet, is_sdxl).save_lora_weights(
@@ -362,10 +362,10 @@ def load_lora_into_unet(unet, folder: str):
         from safetensors.torch import load_file
 
         state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
-        state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     else:
         state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    prefix = weights_subfolder(unet) + "."
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     if result is not None and getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"LoRA weights in {folder} do not fit this UNet: unexpected keys {result.unexpected_keys[:3]}")
