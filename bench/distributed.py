@@ -79,11 +79,13 @@ def build_models(assets, models, sdxl):
                 **common).save_pretrained(os.path.join(models, "sdxl"))
 
 
-def build_pairs(folder, size):
+def build_pairs(folder, size, num_pairs=64, layout="datasets"):
+    """`num_pairs` synthetic preference pairs of `size` px (no ties) in `folder`, written once: a datasets folder, or
+    with layout "parquet" a Pick-a-Pic-layout parquet file (what diffusers' DPO example reads)."""
     from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
 
     if not os.path.isdir(folder):
-        write_preference_set(synthetic_preference_rows(64, seed=0, sizes=((size, size),)), folder, "datasets")
+        write_preference_set(synthetic_preference_rows(num_pairs, seed=0, sizes=((size, size),)), folder, layout)
     return folder
 
 

@@ -73,15 +73,6 @@ def wandb_stub(folder):
     return folder
 
 
-def write_pairs(folder, size, num_pairs):
-    """A Pick-a-Pic-layout parquet file (no ties: diffusers' example does not drop them) in `folder`."""
-    from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
-
-    if not os.path.isfile(os.path.join(folder, "train.parquet")):
-        write_preference_set(synthetic_preference_rows(num_pairs, seed=0, sizes=((size, size),)), folder, "parquet")
-    return folder
-
-
 class MemorySampler:
     """Peak GPU memory of the whole machine (nvidia-smi every 0.2 s), less what was in use when it started; None
     without nvidia-smi (CPU smoke runs)."""
@@ -338,7 +329,8 @@ def main(argv=None):
             write_results(results, args.out)
             continue
         # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
-        data = write_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution, 8 if args.smoke else NUM_PAIRS)
+        data = distributed.build_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution,
+                                       8 if args.smoke else NUM_PAIRS, "parquet")
         runners = [("train_dpo.py" + (" (full UNet)" if full else ""), False)]
         if not args.no_peers:
             runners.append((PEER_SCRIPTS[is_xl].replace("diffusers_dpo_", "diffusers ") + " (LoRA)", True))
