@@ -620,14 +620,16 @@ def dpo_batch(S, pairs, n_images):
     return latents, noise, timesteps, S.text(pairs)
 
 
-def project_dpo_step(S, pairs, sft):
-    """train_dpo.py's loop body: winners and losers in one UNet batch, the reference = adapters off."""
+def project_dpo_step(S, pairs, sft, train_unet=None):
+    """train_dpo.py's loop body: winners and losers in one UNet batch, the reference = adapters off.
+    train_unet: what computes the trained model's prediction (--compile_unet: a compiled view of S.unet)."""
     n = 1 if sft else 2
     latents, noise, timesteps, cond = dpo_batch(S, pairs, n)
     noisy, target, timesteps = train_dpo.noise_pairs(S.scheduler, latents, noise, timesteps)
     cond = cond.repeat(n)
     with S.autocast:
-        err = train_dpo.per_sample_error(S.unet(noisy, timesteps, **cond.unet_kwargs()).sample, target)
+        prediction = (S.unet if train_unet is None else train_unet)(noisy, timesteps, **cond.unet_kwargs()).sample
+        err = train_dpo.per_sample_error(prediction, target)
         if sft:
             loss, _ = train_dpo.sft_loss(err)
         else:
@@ -703,7 +705,48 @@ def section_dpo(R, args, peak_tflops):
         del S
 
 
-SECTIONS = {"sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
+def section_dpo_kernels(R, args, peak_tflops):
+    """Where the SD1.5 DPO step's time goes at 4 and 16 pairs (512 px, LoRA, channels-last as train_dpo.py's
+    defaults): the profile by kernel kind; the VAE encoding of the step's images, which train_dpo.py does before
+    the step (bf16, one call for all images); cuDNN attention; the trained UNet's forward compiled by inductor
+    (--compile_unet default) with the reference eager, and the loss's difference to eager at the same weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
+    S.add_lora()
+    S.unet.to(memory_format=torch.channels_last)
+    S.vae.to(memory_format=torch.channels_last)
+    f = unet_flops(S, 1)
+    dpo_flops = 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
+    compiled = torch.compile(S.unet, dynamic=False, backend="inductor" if args.device.type == "cuda" else "eager")
+    for pairs in (4, 16):
+        run = lambda key, fn, flops=dpo_flops: rate_row(R, key, *measure(fn, args.device, warmup=2, reps=args.reps + 2),
+                                                        pairs, "pairs/s", None if flops is None else flops * pairs,
+                                                        peak_tflops, batch=pairs)
+        run(f"sd15 dpo b{pairs} project (channels_last)", lambda: project_dpo_step(S, pairs, False))
+        if args.device.type == "cuda":
+            R.data["checks"][f"profile sd15 dpo b{pairs}"] = profile_step(lambda: project_dpo_step(S, pairs, False))
+            R.save()
+        pixels = torch.randn(2 * pairs, 3, S.resolution, S.resolution, device=S.device, dtype=S.dtype).to(
+            memory_format=torch.channels_last)
+        with torch.no_grad():
+            run(f"sd15 vae encode of b{pairs} ({2 * pairs} images)", lambda: S.vae.encode(pixels).latent_dist.mean,
+                flops=None)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
+            run(f"sd15 dpo b{pairs} project, cuDNN attention", lambda: project_dpo_step(S, pairs, False))
+        run(f"sd15 dpo b{pairs} project, trained UNet compiled", lambda: project_dpo_step(S, pairs, False, compiled))
+        S.reset_lora()
+        eager = project_dpo_step(S, pairs, False)
+        S.reset_lora()
+        compiled_loss = project_dpo_step(S, pairs, False, compiled)
+        S.reset_lora()
+        R.data["checks"][f"sd15 dpo b{pairs} loss: eager vs trained UNet compiled"] = [float(eager), float(compiled_loss)]
+        R.save()
+    del S, compiled
+    torch._dynamo.reset()
+
+
+SECTIONS = {"dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():

@@ -1,14 +1,18 @@
 """End to end: the training scripts run as a user runs them (one process each, `python train_dpo.py ...`), beside
 diffusers' Diffusion-DPO examples on the same data, batch, LoRA rank, resolution, steps and GPU, in one call.
 
-Each (section, script) runs twice, N and M optimizer steps; throughput = (N - M) x items per step / (wall time of
-the N-step run - wall time of the M-step run), so start-up and the end of a run cancel out. Beside it, per script:
-the fixed cost (wall_M - M x seconds per step: start-up plus saving; with a warm compile cache where the script
-compiles: a 1-step run goes first and is reported as the cold start), the time from process start to the first
-finished step (the first line of metrics.jsonl; the peers, which write none: tqdm's "1/N"), the peak GPU memory sampled with nvidia-smi (the
-whole GPU: one run at a time, less what was in use before it), and for this project's scripts the medians of
-metrics.jsonl's step_seconds / data_seconds and torch's peak. Results go to OUT/e2e.json and OUT/e2e.md, rewritten
-after every run, so a call cut short keeps what it measured; the logs go to OUT/logs/.
+Each (section, script) runs once for N steps. The harness stamps each tqdm step count ("k/N", which both kinds of
+script print after each optimizer step) with its own clock as the line appears in the log; throughput = (N - M) x
+items per step / (time of step N - time of step M): the steady state, with start-up, the first steps (data-loader
+workers starting, cuDNN autotuning) and the end of the run outside the window. A first version took the difference
+of two runs' wall times (N and M steps) instead; one slow first step in one of the runs (13 s against 3 s, seen
+on the H200) moved that estimate by 2.5x, so the window is now inside one run. Beside it, per script: the wall time,
+the time from process start to the first finished step, the fixed cost (wall - N x seconds per step: start-up, the
+slower first steps and the end of the run), the peak GPU memory sampled with nvidia-smi (the GPU the run sees, less
+what was in use before it), and for this project's scripts the medians of metrics.jsonl's step_seconds /
+data_seconds and torch's peak. Where a script compiles, a 1-step run goes first and is reported as the cold start,
+so the measured run finds the compile cache warm. Results go to OUT/e2e.json and OUT/e2e.md, rewritten after every
+run, so a call cut short keeps what it measured; the logs go to OUT/logs/.
 
 Models: full-size SD1.5 / SDXL and a PickScore-size scorer with random weights, built and saved by
 bench/distributed.py (--models, default /tmp/bench-models; --assets as there). Data: 256 Pick-a-Pic-layout pairs
@@ -50,14 +54,14 @@ import distributed  # noqa: E402
 
 PEER_SCRIPTS = {False: "diffusers_dpo_train_diffusion_dpo.py", True: "diffusers_dpo_train_diffusion_dpo_sdxl.py"}
 NUM_PAIRS, LORA_RANK = 256, 8
-# name: (script, batch, (N, M) steps, full UNet, SDXL); the DRaFT+ sections have no peer script to run beside
+# name: (script, batch, (N steps, M: the first step of the timed window), full UNet, SDXL); the DRaFT+ sections have no peer script to run beside
 SECTIONS = {
     "dpo4": ("dpo", 4, (40, 10), False, False),
     "dpo16": ("dpo", 16, (30, 10), False, False),
     "dpo4_full": ("dpo", 4, (40, 10), True, False),
     "dpo16_full": ("dpo", 16, (30, 10), True, False),
     "sdxl_dpo": ("dpo", 2, (12, 4), False, True),
-    "draftp4": ("draftp", 4, (30, 10), False, False),
+    "draftp4": ("draftp", 4, (25, 5), False, False),
     "draftp8": ("draftp", 8, (20, 5), False, False),
     "draftp16": ("draftp", 16, (15, 5), False, False),
 }
@@ -74,8 +78,8 @@ def wandb_stub(folder):
 
 
 class MemorySampler:
-    """Peak GPU memory of the whole machine (nvidia-smi every 0.2 s), less what was in use when it started; None
-    without nvidia-smi (CPU smoke runs)."""
+    """Peak memory of the GPU (nvidia-smi every 0.2 s), less what was in use when it started; None without
+    nvidia-smi (CPU smoke runs)."""
 
     def __init__(self):
         self.baseline = self._used()
@@ -85,7 +89,9 @@ class MemorySampler:
     @staticmethod
     def _used():
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            # the GPU this process sees first (a call may run other benches on the other GPUs of the machine)
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=10).stdout
             return sum(float(x) for x in out.split()) / 1024  # GiB
         except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -109,28 +115,39 @@ class MemorySampler:
             self._thread.join()
 
 
-def run(cmd, log_path, steps, env, timeout, metrics_path):
-    """Run one training process; returns (exit code, wall s, s to the first finished step or None, peak GiB)."""
-    # the peers' tqdm bar after their first step (this project's bar shows the first step's loss before its "1/N")
-    first_step = re.compile(rf"\|\s*1/{steps}\s*\[")
-    started, first = time.perf_counter(), None
+def run(cmd, log_path, steps, env, timeout):
+    """Run one training process. Returns (exit code, wall s, {step count: s from start when tqdm first showed
+    it}, peak GiB)."""
+    count = re.compile(rf"\|\s*(\d+)/{steps}\s*\[")  # tqdm's "| k/N [" (after step k, in both kinds of script)
+    started, seen_at = time.perf_counter(), {}
     with open(log_path, "w") as log, MemorySampler() as memory:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         with open(log_path, errors="replace") as reader:
-            seen = ""
-            while proc.poll() is None:
-                if time.perf_counter() - started > timeout:
+            tail = ""
+            while True:
+                finished = proc.poll() is not None
+                now = time.perf_counter() - started
+                text = tail + reader.read()
+                for match in count.finditer(text):
+                    seen_at.setdefault(int(match.group(1)), now)
+                tail = text[-200:]  # a count split across two reads is matched on the next
+                if finished:
+                    break
+                if now > timeout:
                     proc.kill()
                     proc.wait()
                     break
-                if first is None:
-                    seen = (seen + reader.read())[-2000:]
-                    if first_step.search(seen) or (os.path.exists(metrics_path) and os.path.getsize(metrics_path)):
-                        first = time.perf_counter() - started
                 time.sleep(0.05)
-            if first is None and first_step.search(seen + reader.read()):
-                first = time.perf_counter() - started  # the run ended within one poll of its first step
-    return proc.returncode, time.perf_counter() - started, first, memory.peak
+    return proc.returncode, time.perf_counter() - started, seen_at, memory.peak
+
+
+def steady_rate(seen_at, first_counted, items):
+    """Items per second between the first step count seen at or after `first_counted` and the last one seen."""
+    counts = sorted(k for k in seen_at if k >= first_counted)
+    if len(counts) < 2 or seen_at[counts[-1]] <= seen_at[counts[0]]:
+        return None, None
+    per_step = (seen_at[counts[-1]] - seen_at[counts[0]]) / (counts[-1] - counts[0])
+    return items / per_step, per_step
 
 
 # --------------------------------------------------------------------------- the command lines
@@ -165,66 +182,59 @@ def draftp_command(args, model, scorer, batch, steps, resolution, out):
 
 
 # --------------------------------------------------------------------------- measuring
-def measure_runs(name, runner, commands, steps, items, work, logs, env, timeout, warmup=False):
-    """Both run lengths of one script: the derived row (rate, fixed cost, first step, memory) and the raw runs.
+def first_step_seen(seen_at):
+    """Seconds from the start to the first step count shown (tqdm skips counts within 0.1 s of the last one shown:
+    on fast CPU steps this may be step 2)."""
+    shown = [k for k in seen_at if k >= 1]
+    return round(seen_at[min(shown)], 2) if shown else None
 
-    warmup: a 1-step run first (its wall time and first step are the cold start, reported as such), so that both
-    measured runs find inductor's compile cache equally warm and the compilation cancels in their difference."""
-    runs, row = [], dict(section=name, script=runner, items_per_step=items)
+
+def measure_run(name, runner, commands, steps, items, work, logs, env, timeout, warmup=False):
+    """One script's row: the steady rate over steps M..N of an N-step run, the start-up, memory and logged medians.
+
+    warmup: a 1-step run first (its wall time and first step are the cold start, reported as such), so that the
+    measured run finds inductor's compile cache warm."""
+    total, window_start = steps
+    row = dict(section=name, script=runner, items_per_step=items, steps=total, window=f"{window_start}-{total}")
     if warmup:
         out = os.path.join(work, f"{name}-{runner}-warmup")
-        code, wall, first, _ = run(commands(1, out), os.path.join(logs, f"{name}-{runner}-warmup.log"), 1, env, timeout,
-                                   os.path.join(out, "metrics.jsonl"))
-        row.update(cold_wall_s=round(wall, 2), cold_first_step_s=None if first is None else round(first, 2),
-                   cold_rc=code)
+        code, wall, seen_at, _ = run(commands(1, out), os.path.join(logs, f"{name}-{runner}-warmup.log"), 1, env, timeout)
+        row.update(cold_wall_s=round(wall, 2), cold_first_step_s=first_step_seen(seen_at), cold_rc=code)
         shutil.rmtree(out, ignore_errors=True)
-    for n in steps:
-        out = os.path.join(work, f"{name}-{runner}-{n}")
-        shutil.rmtree(out, ignore_errors=True)
-        log = os.path.join(logs, f"{name}-{runner}-{n}.log")
-        command = commands(n, out)
-        code, wall, first, peak = run(command, log, n, env, timeout, os.path.join(out, "metrics.jsonl"))
-        metrics = distributed.read_metrics(out)
-        record = dict(steps=n, command="python " + " ".join(command[1:]), rc=code, wall_s=round(wall, 2),
-                      first_step_s=None if first is None else round(first, 2),
-                      peak_gib_smi=None if peak is None else round(peak, 2))
-        if code != 0:
-            record["error"] = distributed.last_error_line(log)
-        if metrics:
-            later = metrics[1:] or metrics
-            record.update(first_loss=metrics[0]["loss"],
-                          step_seconds_median=round(statistics.median(m["step_seconds"] for m in later), 4),
-                          data_seconds_median=round(statistics.median(m.get("data_seconds", 0.0) for m in later), 4),
-                          peak_gib_torch=max((m.get("peak_mem_gib", 0.0) for m in metrics), default=None))
-        runs.append(record)
-        shutil.rmtree(out, ignore_errors=True)  # full-UNet weights are GBs
-    row["runs"] = runs
-    long, short = runs
-    if long["rc"] == 0 and short["rc"] == 0 and long["wall_s"] > short["wall_s"]:
-        per_step = (long["wall_s"] - short["wall_s"]) / (long["steps"] - short["steps"])
-        row.update(rate=round(items / per_step, 3), s_per_step=round(per_step, 4),
-                   fixed_s=round(short["wall_s"] - short["steps"] * per_step, 1))
-    row["first_step_s"] = long["first_step_s"]
-    peaks = [r["peak_gib_smi"] for r in runs if r["peak_gib_smi"] is not None]
-    row["peak_gib_smi"] = max(peaks) if peaks else None
-    for key in ("step_seconds_median", "data_seconds_median", "peak_gib_torch", "first_loss"):
-        if key in long:
-            row[key] = long[key]
-    if row.get("step_seconds_median"):
+    out = os.path.join(work, f"{name}-{runner}-{total}")
+    shutil.rmtree(out, ignore_errors=True)
+    log = os.path.join(logs, f"{name}-{runner}-{total}.log")
+    command = commands(total, out)
+    code, wall, seen_at, peak = run(command, log, total, env, timeout)
+    rate, per_step = steady_rate(seen_at, window_start, items)
+    row.update(command="python " + " ".join(command[1:]), rc=code, wall_s=round(wall, 2),
+               first_step_s=first_step_seen(seen_at),
+               peak_gib_smi=None if peak is None else round(peak, 2))
+    if code != 0:
+        row["error"] = distributed.last_error_line(log)
+    if rate is not None and code == 0:
+        row.update(rate=round(rate, 3), s_per_step=round(per_step, 4), fixed_s=round(wall - total * per_step, 1))
+    metrics = distributed.read_metrics(out)
+    if metrics:
+        later = metrics[window_start:] or metrics
+        row.update(first_loss=metrics[0]["loss"],
+                   step_seconds_median=round(statistics.median(m["step_seconds"] for m in later), 4),
+                   data_seconds_median=round(statistics.median(m.get("data_seconds", 0.0) for m in later), 4),
+                   peak_gib_torch=max((m.get("peak_mem_gib", 0.0) for m in metrics), default=None))
         row["rate_from_step_seconds"] = round(items / row["step_seconds_median"], 3)
+    shutil.rmtree(out, ignore_errors=True)  # full-UNet weights are GBs
     return row
 
 
 def markdown(results):
     unit = {"dpo": "pairs/s", "draftp": "images/s"}
     lines = [f"Device: {results['device']}; {results['note']}", "",
-             "| section | script | rate (N-M runs) | s/step | fixed s (start + end) | to 1st step s | peak GiB (smi) | "
+             "| section | script | rate (steps M-N) | s/step | fixed s (start + end) | to 1st step s | peak GiB (smi) | "
              "step_seconds median | data_seconds median | peak GiB (torch) | first loss | cold: to 1st step s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        failed = [x.get("error", f"rc {x['rc']}") for x in r["runs"] if x["rc"] != 0]
-        rate = f"{r['rate']} {unit[r['kind']]}" if "rate" in r else "failed: " + "; ".join(failed) if failed else \
-            "- (the N-step run was not slower)"
+        rate = f"{r['rate']} {unit[r['kind']]}" if "rate" in r else \
+            f"failed: {r.get('error', 'rc ' + str(r['rc']))}" if r["rc"] != 0 else "- (too few steps seen)"
         lines.append("| " + " | ".join([r["section"], r["script"], rate] + [
             str(r[k]) if r.get(k) is not None else "-"
             for k in ("s_per_step", "fixed_s", "first_step_s", "peak_gib_smi", "step_seconds_median",
@@ -262,19 +272,23 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="/tmp/bench-models", help="where the random-weight models are saved")
     parser.add_argument("--sdxl", action="store_true", help="also build the SDXL model (section sdxl_dpo)")
     parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("N", "M"),
-                        help="the two run lengths of every section (default: the section's own)")
+                        help="run length and first timed step of every section (default: the section's own)")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--inference_steps", type=int, default=50, help="DDIM steps of the DRaFT+ runs")
     parser.add_argument("--no_peers", action="store_true", help="only this project's scripts")
+    parser.add_argument("--warm_cache", action="store_true",
+                        help="where a script compiles (DRaFT+, --compile_unet), a 1-step run first: its first step is "
+                             "the cold start, the measured run's the warm one (without: the measured run's first step "
+                             "is the cold start; the timed window starts after it either way)")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per run")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, tiny-sd, 32 px, batch 2, 2- and 1-step runs, float32: the harness runs")
+                        help="CPU, tiny-sd, 32 px, batch 2, 3-step runs, float32: the harness runs")
     parser.add_argument("--dpo_flags", nargs=argparse.REMAINDER, default=[],
                         help="extra flags of this project's DPO runs (the rest of the command line)")
     parser.add_argument("--draftp_flags", nargs="*", default=[], help="extra flags of the DRaFT+ runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.mixed_precision, args.inference_steps, args.steps = "no", 2, args.steps or [2, 1]
+        args.mixed_precision, args.inference_steps, args.steps = "no", 2, args.steps or [3, 1]
     return args
 
 
@@ -322,9 +336,9 @@ def main(argv=None):
             batch = 2
         model, resolution = (sdxl, res_xl) if is_xl else (sd15, res15)
         if kind == "draftp":
-            row = measure_runs(name, "train_draftp.py",
+            row = measure_run(name, "train_draftp.py",
                                lambda n, out: draftp_command(args, model, scorer, batch, n, resolution, out),
-                               steps, batch, work, logs, env, args.timeout, warmup=not args.smoke)
+                               steps, batch, work, logs, env, args.timeout, warmup=args.warm_cache)
             results["rows"].append({**row, "kind": kind})
             write_results(results, args.out)
             continue
@@ -338,8 +352,8 @@ def main(argv=None):
         for label, peer in runners:
             commands = (lambda n, out, peer=peer: dpo_command(peer, args, model, data, batch, n, full, is_xl,
                                                               resolution, out))
-            compiles = not peer and "--compile_unet" in args.dpo_flags  # the sampler of train_dpo.py is eager
-            rows[peer] = {**measure_runs(name, label.split()[0] + ("-peer" if peer else ""), commands, steps, batch,
+            compiles = args.warm_cache and not peer and "--compile_unet" in args.dpo_flags  # its sampler is eager
+            rows[peer] = {**measure_run(name, label.split()[0] + ("-peer" if peer else ""), commands, steps, batch,
                                          work, logs, env, args.timeout, warmup=compiles), "script": label,
                           "kind": kind}
             results["rows"].append(rows[peer])

@@ -42,6 +42,18 @@ def _stock_images(pipe, parts, prompt, x_T, guidance):
 
 
 # --------------------------------------------------------------------------- loading and encoding
+@pytest.mark.parametrize("name", FAMILIES)
+def test_loading_flux_switches_cudnn_attention_off(name):
+    """cuDNN's fused attention fails in the FLUX.1-dev transformer's backward on the H200 (BENCHMARKS.md, flow
+    models): loading a FLUX pipeline leaves PyTorch's other attention kernels; SD3 keeps PyTorch's choice."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        load_pipeline_parts(name)
+        assert torch.backends.cuda.cudnn_sdp_enabled() == (name != "tiny-flux")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_family_is_read_from_model_index():
     assert flow_family({"_class_name": "StableDiffusion3Pipeline"}) == "sd3"
     assert flow_family({"_class_name": "FluxPipeline"}) == "flux"

@@ -72,11 +72,21 @@ def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=Non
     from .models import PipelineParts
 
     kwargs = {"vae": vae} if vae is not None else {}
+    if family == "flux":
+        avoid_cudnn_attention()
     pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
     names = ENCODER_NAMES[family]
     return PipelineParts(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
                          text_encoders=[getattr(pipe, n) for n in names],
                          tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
+
+
+def avoid_cudnn_attention():
+    """PyTorch picks cuDNN's fused attention first on Hopper GPUs. For the FLUX.1-dev transformer its backward fails
+    (H200, torch 2.11: `mha_graph.execute(...).is_good()` without gradient checkpointing, an illegal memory access
+    with it; bench/flow.py), while flash attention trains it. Switched off for the process: the recomputation of a
+    checkpointed block must pick the same kernel as its forward, so a context around the forward would not do."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def build_flow_pipeline(parts, transformer=None):
