@@ -55,7 +55,7 @@ from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, 
                         LatentCacheDataset, PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows,
                         collate_images, next_batch, open_image_dataset, require_columns, scan_rows, select_pairs)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
-from utils.models import (adapters_disabled, add_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
+from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
                           frozen_copy, load_pipeline_parts, model_prediction, read_family, reference_model,
                           sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
@@ -434,11 +434,7 @@ def main(args):
     unet = parts.unet
     frozen_unet = None
     if args.use_lora:
-        add_lora(unet, args.lora_rank, args.lora_alpha, seed=args.seed)
-        unet.to(device, dtype=dtype)
-        for p in unet.parameters():  # adapter weights train in fp32 under autocast, the base stays in `dtype`
-            if p.requires_grad:
-                p.data = p.data.float()
+        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
     else:
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype

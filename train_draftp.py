@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
-from utils.models import (add_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
+from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           reference_model)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
@@ -203,11 +203,7 @@ def main(args):
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`
     sampling_unet = apply_speed_options(args, unet, parts.vae, device, plain_unet=not unet_is_wrapped(accelerator))
     if args.use_lora:
-        add_lora(unet, args.lora_rank, args.lora_alpha, seed=args.seed)
-        unet.to(device, dtype=dtype)
-        for p in unet.parameters():  # adapter weights train in fp32 under autocast, the base stays in `dtype`
-            if p.requires_grad:
-                p.data = p.data.float()
+        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
         frozen_unet = None  # the reference is the same UNet with its adapters switched off
     else:
         unet.to(device)

@@ -177,3 +177,50 @@ def test_step_clock_counts_data_and_leaves_out_pauses(monkeypatch):
         now[0] += 60.0  # a validation grid
     now[0] += 4.0
     assert clock.lap() == {"step_seconds": 4.0, "data_seconds": 0.0}
+
+
+def test_trainable_lora_makes_no_float32_copies_of_activations_and_changes_no_number(tiny_sd_path):
+    """add_trainable_lora: float32 adapters under bf16 autocast. peft would cast each adapted layer's bf16 input to
+    float32 and autocast would cast it back; with the casts off the prediction and the adapter gradients are the
+    same bit for bit (bf16 -> float32 -> bf16 is exact) and no float32 copy of an activation is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from utils.models import add_trainable_lora
+
+    class Upcasts(TorchDispatchMode):
+        """Counts bf16 -> float32 copies of activations (tensors of 3 or more dims; weights are 2-dim or 4-dim
+        convolution kernels, which autocast casts the other way)."""
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].dtype == torch.bfloat16 \
+                    and out.dtype == torch.float32:
+                Upcasts.count += 1
+            return out
+
+    def run(cast_off):
+        unet = load_pipeline_parts(tiny_sd_path).unet
+        add_trainable_lora(unet, 4, None, 0, "cpu", torch.bfloat16)
+        lora = [p for p in unet.parameters() if p.requires_grad]
+        assert lora and all(p.dtype == torch.float32 for p in lora)
+        with torch.no_grad():
+            for p in lora:  # B starts at zero: make the adapters change the output
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        if not cast_off:
+            for module in unet.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = True  # peft's default
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900])
+        text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+        Upcasts.count = 0
+        with Upcasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(x, t, text).sample
+            out.float().square().mean().backward()
+        return out, [p.grad for p in lora], Upcasts.count
+
+    out_on, grads_on, upcasts_on = run(cast_off=False)
+    out_off, grads_off, upcasts_off = run(cast_off=True)
+    assert upcasts_on > 0 and upcasts_off == 0
+    assert torch.equal(out_on, out_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))

@@ -310,6 +310,28 @@ def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int]
     return unet
 
 
+def add_trainable_lora(unet, rank: int, alpha: Optional[float], seed: Optional[int], device, dtype):
+    """LoRA for training under mixed precision: the base in `dtype` on `device`, the adapter weights in float32
+    (the optimizer's master weights; autocast runs their matmuls in `dtype`).
+
+    peft casts each adapted layer's input to its adapter's dtype (bf16 activations -> a float32 copy), and autocast
+    casts it straight back to bf16 for the adapter's matmul: two full copies of every adapted activation, forward
+    and backward, that change no number (bf16 -> float32 -> bf16 is exact). They were most of the copy traffic of
+    a DPO step (bench/profile_steps.py: copy kernels 0.25 of 0.70 GPU-seconds per 16-pair step on an H200), so
+    peft's own switch for them (`cast_input_dtype_enabled`) is turned off. Every forward of the trained UNet runs
+    under autocast (accelerate wraps its forward) or, under DeepSpeed, with all weights in `dtype`."""
+    add_lora(unet, rank, alpha, seed=seed)
+    unet.to(device, dtype=dtype)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if dtype != torch.float32:
+        for module in unet.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return unet
+
+
 def weights_subfolder(unet) -> str:
     """Where a full fine-tune is saved: the pipeline's own folder name for its denoiser."""
     return "transformer" if transformer_family(unet) else "unet"
