@@ -732,6 +732,13 @@ def section_dpo_kernels(R, args, peak_tflops):
         with torch.no_grad():
             run(f"sd15 vae encode of b{pairs} ({2 * pairs} images)", lambda: S.vae.encode(pixels).latent_dist.mean,
                 flops=None)
+            # GroupNorm makes channels-last inputs contiguous and the next convolution converts back: the largest
+            # copies of train_dpo.py's profile (BENCHMARKS.md). The encoder in NCHW, for comparison:
+            S.vae.to(memory_format=torch.contiguous_format)
+            nchw = pixels.contiguous()
+            run(f"sd15 vae encode of b{pairs} ({2 * pairs} images), VAE NCHW",
+                lambda: S.vae.encode(nchw).latent_dist.mean, flops=None)
+            S.vae.to(memory_format=torch.channels_last)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
             run(f"sd15 dpo b{pairs} project, cuDNN attention", lambda: project_dpo_step(S, pairs, False))
         run(f"sd15 dpo b{pairs} project, trained UNet compiled", lambda: project_dpo_step(S, pairs, False, compiled))
@@ -746,7 +753,34 @@ def section_dpo_kernels(R, args, peak_tflops):
     torch._dynamo.reset()
 
 
-SECTIONS = {"dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
+def section_dpo_lora_casts(R, args, peak_tflops):
+    """The SD1.5 DPO step (LoRA, channels-last) with peft's input casts of the adapted layers on (peft's default)
+    and off (utils.models.add_trainable_lora, as the scripts train): speed at 4 and 16 pairs, and the loss from the
+    same weights, which must be equal."""
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
+    S.add_lora()
+    S.unet.to(memory_format=torch.channels_last)
+    f = unet_flops(S, 1)
+    dpo_flops = 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
+    layers = [m for m in S.unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for pairs in (4, 16):
+        losses = {}
+        for casts in (True, False):
+            for m in layers:
+                m.cast_input_dtype_enabled = casts
+            name = "peft's input casts on" if casts else "input casts off (add_trainable_lora)"
+            rate_row(R, f"sd15 dpo b{pairs} project, {name}",
+                     *measure(lambda: project_dpo_step(S, pairs, False), args.device, warmup=2, reps=args.reps + 2),
+                     pairs, "pairs/s", dpo_flops * pairs, peak_tflops, batch=pairs)
+            S.reset_lora()
+            losses[casts] = float(project_dpo_step(S, pairs, False))
+            S.reset_lora()
+        R.data["checks"][f"sd15 dpo b{pairs} loss: casts on vs off"] = [losses[True], losses[False]]
+        R.save()
+    del S
+
+
+SECTIONS = {"dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():
