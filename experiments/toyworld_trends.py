@@ -34,7 +34,8 @@ import evaluate  # noqa: E402
 import train_dpo  # noqa: E402
 from utils import UsageError  # noqa: E402
 from utils.data import PAIR_COLUMNS, decode_image, load_prompts  # noqa: E402
-from utils.models import LORA_WEIGHT_NAME, encode_prompts, freeze_frozen_parts, load_pipeline_parts  # noqa: E402
+from utils.models import (LORA_WEIGHT_NAME, encode_prompts, freeze_frozen_parts, load_pipeline_parts,  # noqa: E402
+                          model_prediction)
 from utils.rewards import load_reward, parse_reward_spec  # noqa: E402
 from utils.toy.synthetic import png_bytes, write_preference_set  # noqa: E402
 from utils.speed import COMPILE_MODES  # noqa: E402
@@ -239,23 +240,31 @@ class Base:
     def pair_errors(self, unet, pixels, captions, draws, seed, batch_size):
         """Denoising error of winner and loser of each pair through train_dpo.py's own functions, averaged over
         `draws` fixed draws of (timestep, noise, VAE posterior sample) that every model shares: (N, 2)."""
-        n, scheduler = len(captions), self.parts.scheduler
+        n = len(captions)
+        noising, guidance = self.noising()
         sizes, crops = torch.full((n, 2, 2), self.resolution), torch.zeros(n, 2, 2, dtype=torch.long)
         errors = torch.zeros(n, 2)
         for draw in range(draws):
             g = step_generator(seed, draw)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
+            timesteps = noising.draw(n, g)
             noise = torch.randn(n, *self.latent_shape, generator=g)
             posterior_eps = torch.randn(n, 2, *self.latent_shape, generator=g)  # the VAE posterior sample of each image
             for s in range(0, n, batch_size):
                 rows = slice(s, s + batch_size)
                 batch = {"pixels": pixels[rows], "original_size": sizes[rows], "crop": crops[rows], "caption": captions[rows]}
                 latents, cond = train_dpo.encode_batch(self.parts, batch, posterior_eps[rows], 2, self.resolution)
-                noisy, target, t = train_dpo.noise_pairs(scheduler, latents, noise[rows].to(self.device),
-                                                         timesteps[rows].to(self.device))
-                err = train_dpo.per_sample_error(unet(noisy.to(self.dtype), t, **cond.unet_kwargs()).sample, target)
+                noisy, target, t = noising.pairs(latents, noise[rows].to(self.device), timesteps[rows].to(self.device))
+                err = train_dpo.per_sample_error(model_prediction(unet, noisy.to(self.dtype), t, cond, guidance), target)
                 errors[rows] += torch.stack(err.cpu().chunk(2), dim=1)  # [winners; losers] (2b,) -> (b, 2)
         return errors / draws
+
+    def noising(self):
+        """train_dpo.py's timesteps and noising for the base model's family with its default flags (DDPM steps
+        uniform; SD3 / FLUX: the family's --weighting_scheme), and FLUX's training guidance: (Noising, guidance)."""
+        flags = argparse.Namespace(sdxl=self.parts.is_sdxl, sft=False, snr_gamma=None, train_guidance_scale=None,
+                                   weighting_scheme=None, **{f: None for f in train_dpo.FLOW_DEFAULTS})
+        train_dpo.check_family_args(flags, self.parts.family, self.parts.is_sdxl)
+        return train_dpo.family_noising(self.parts, flags), flags.train_guidance_scale
 
     def implicit_accuracy(self, heldout_dir, trained, args, seed):
         """{name: held-out implicit accuracy and DPO loss} of each output against its reference, the base UNet (for

@@ -7,7 +7,7 @@ import torch
 from utils.toy import world as toyworld
 from utils.rewards import ImagePrep, prepare_pixels
 from utils.toy import TOY_SD_PATH, TOYCLIP_PATH
-from utils.toy.models import (build_toy_pipeline, clip_config, finish_pipeline,
+from utils.toy.models import (build_toy_flow_pipeline, build_toy_pipeline, clip_config, finish_pipeline,
                                save_toy_tokenizer, toy_words, train_clip)
 
 
@@ -76,6 +76,35 @@ def test_pipeline_assembly_round_trips_through_from_pretrained(tmp_path, toy_tok
     finished = DiffusionPipeline.from_pretrained(tmp_path / "toy-sd")
     assert finished.unet.dtype == torch.float32
     for a, b in zip(finished.unet.parameters(), sft_unet.parameters()):
+        torch.testing.assert_close(a, b.half().float())
+
+
+def test_flow_pipeline_assembly_reuses_toy_sd_and_round_trips(tmp_path):
+    """init-flow-pipeline: an SD3 pipeline whose two CLIP slots are toy-sd's text encoder (identity projection),
+    loaded back through from_pretrained as the scripts load it; finish-pipeline swaps in an SFT-trained transformer."""
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+    from transformers import CLIPTextModel
+
+    from utils.models import load_pipeline_parts
+
+    build_toy_flow_pipeline(str(TOY_SD_PATH)).save_pretrained(tmp_path / "init")
+    parts = load_pipeline_parts(str(tmp_path / "init"))
+    assert parts.family == "sd3" and parts.latent_shape(64) == (4, 32, 32)
+    toy_text = CLIPTextModel.from_pretrained(TOY_SD_PATH, subfolder="text_encoder")
+    ids = parts.tokenizers[0](["two red circles"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = toy_text(ids).pooler_output
+        for encoder in parts.text_encoders[:2]:
+            torch.testing.assert_close(encoder(ids).text_embeds, theirs)
+    sft = SD3Transformer2DModel.from_pretrained(tmp_path / "init", subfolder="transformer")
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(0.01)
+    sft.save_pretrained(tmp_path / "sft" / "transformer")
+    finish_pipeline(str(tmp_path / "init"), str(tmp_path / "sft"), str(tmp_path / "toy-sd3"))
+    finished = DiffusionPipeline.from_pretrained(tmp_path / "toy-sd3")
+    assert finished.transformer.dtype == torch.float32
+    for a, b in zip(finished.transformer.parameters(), sft.parameters()):
         torch.testing.assert_close(a, b.half().float())
 
 

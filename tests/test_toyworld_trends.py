@@ -123,3 +123,16 @@ def test_toyworld_pairs_writes_the_experiments_training_pairs(experiment, tmp_pa
     proc = run_script(["experiments/toyworld_pairs.py", "--pair_candidates", "1", "--output_dir", tmp_path / "x"],
                       expect_ok=False)
     assert proc.returncode == 2 and "error: --pair_candidates must be >= 2" in proc.stderr
+
+
+def test_a_flow_model_runs_through_the_experiment_with_its_own_noising(tmp_path, run_script):
+    """tiny-sd3: pairs, DPO and the held-out implicit accuracy use train_dpo.py's flow-matching timesteps and velocity
+    target (a DDPM add_noise on SD3's scheduler would fail)."""
+    flags = [str(f) for f in FLAGS]
+    flags[flags.index("tiny-sd")] = "tiny-sd3"
+    flags[flags.index("--methods") + 1: flags.index("--methods") + 1 + len(METHODS)] = ["dpo"]
+    run_script([SCRIPT, *flags, "--output_dir", tmp_path / "out"])
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "trends.csv")}
+    assert set(rows) == {"base", "dpo"} and float(rows["base"]["implicit_acc_mean"]) == 0.5
+    assert 0 <= float(rows["dpo"]["implicit_acc_mean"]) <= 1
+    assert json.loads((tmp_path / "out" / "seed0" / "dpo" / "args.json").read_text())["weighting_scheme"] == "logit_normal"

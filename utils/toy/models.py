@@ -1,6 +1,8 @@
-"""The toy world's models: a small SD1.5-layout pipeline (`toy-sd`) and a small CLIP scorer (`toyclip`).
+"""The toy world's models: a small SD1.5-layout pipeline (`toy-sd`), a small CLIP scorer (`toyclip`) and a small
+SD3-layout flow-matching pipeline (`toy-sd3`, experiments/toyworld_pretrain_flow.sh) built on toy-sd's VAE and text
+encoder.
 
-Both are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
+All three are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
 `utils/toy/assets/` (a few MB each). `experiments/toyworld_pretrain.sh` runs the whole chain:
 
 1. data:     python -m utils.toy.world --output_dir DATA --num_images N --seed 0
@@ -216,18 +218,73 @@ def build_toy_pipeline(vae_dir: str, text_clip_dir: str, unet=None, seed: int = 
     )
 
 
+def toy_flow_transformer():
+    """SD3's MMDiT at the toy world's size: 256 image tokens (32x32 latents, 2x2 patches), width 128, 6 joint
+    blocks (3.4 M parameters, about the toy UNet's size)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=128,
+        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=IMAGE_SIZE // 4,
+    )
+
+
+def build_toy_flow_pipeline(toy_sd_dir: str, transformer=None, seed: int = 0):
+    """StableDiffusion3Pipeline around toy-sd's trained VAE and text encoder, with a flow transformer (random if None).
+
+    SD3 reads two CLIP text towers and T5. Both CLIP slots hold toy-sd's text encoder, with an identity projection
+    for the pooled output (toy-sd's encoder has none); the T5 slot holds a one-layer random T5 over characters, whose
+    width is SD3's joint width (the two CLIPs' hidden states side by side, 2 x 128). The scheduler is SD3's flow
+    matching with shift 1: SD3's shift 3 is for 4096 image tokens, the toy world has 256."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, \
+        T5EncoderModel
+
+    from .tiny import build_t5_tokenizer
+
+    torch.manual_seed(seed)
+    source = CLIPTextModel.from_pretrained(toy_sd_dir, subfolder="text_encoder")
+    config = CLIPTextConfig(**{**source.config.to_dict(), "projection_dim": source.config.hidden_size})
+
+    def clip_with_projection():
+        encoder = CLIPTextModelWithProjection(config)
+        # transformers 5's CLIPTextModel is the text transformer itself (4.x nests it as .text_model, as here)
+        getattr(encoder.text_model, "text_model", encoder.text_model).load_state_dict(
+            getattr(source, "text_model", source).state_dict())
+        with torch.no_grad():
+            encoder.text_projection.weight.copy_(torch.eye(config.hidden_size))
+        return encoder
+
+    t5_tokenizer = build_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=2 * TEXT_WIDTH, d_kv=32, d_ff=256, num_layers=1,
+                                 num_heads=4, is_encoder_decoder=False))
+    vae = AutoencoderKL.from_pretrained(toy_sd_dir, subfolder="vae")
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline reads it; toy-sd's VAE has none
+    tokenizer = CLIPTokenizer.from_pretrained(toy_sd_dir, subfolder="tokenizer")
+    return StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else toy_flow_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), vae=vae,
+        text_encoder=clip_with_projection(), tokenizer=tokenizer, text_encoder_2=clip_with_projection(),
+        tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
 def finish_pipeline(init_dir: str, sft_dir: str, out_dir: str):
-    """Copy the initial pipeline to `out_dir` with the SFT-trained UNet (sft_dir/unet) in place of the random one.
+    """Copy the initial pipeline to `out_dir` with the SFT-trained denoiser (sft_dir/unet, or sft_dir/transformer
+    for the flow pipeline) in place of the random one.
 
-    The UNet is stored in float16 (half the size to commit); diffusers' from_pretrained loads it back as float32.
-    The text encoder stays float32: transformers 5 would load float16 weights as float16."""
-    from diffusers import UNet2DConditionModel
+    The denoiser is stored in float16 (half the size to commit); diffusers' from_pretrained loads it back as float32.
+    The text encoders stay float32: transformers 5 would load float16 weights as float16."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+    subfolder, cls = ("transformer", SD3Transformer2DModel) if (Path(sft_dir) / "transformer").is_dir() else \
+        ("unet", UNet2DConditionModel)
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".toy-sd-", dir=Path(out_dir).parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=Path(out_dir).parent))
     shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
-    shutil.rmtree(tmp / "unet")
-    UNet2DConditionModel.from_pretrained(sft_dir, subfolder="unet").half().save_pretrained(tmp / "unet")
+    shutil.rmtree(tmp / subfolder)
+    cls.from_pretrained(sft_dir, subfolder=subfolder).half().save_pretrained(tmp / subfolder)
     if Path(out_dir).exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -261,9 +318,14 @@ def main(argv=None):
     p.add_argument("--text_clip", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("finish-pipeline", help="the initial pipeline with the SFT-trained UNet")
+    p = sub.add_parser("init-flow-pipeline", help="an SD3-layout pipeline with toy-sd's VAE and text encoder, random "
+                                                  "flow transformer")
+    p.add_argument("--toy_sd", default=str(Path(__file__).parent / "assets" / "toy-sd"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("finish-pipeline", help="the initial pipeline with the SFT-trained UNet or transformer")
     p.add_argument("--init", required=True)
-    p.add_argument("--unet", required=True, help="output_dir of train_dpo.py --sft (holds unet/)")
+    p.add_argument("--unet", required=True, help="output_dir of train_dpo.py --sft (holds unet/ or transformer/)")
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -294,6 +356,9 @@ def main(argv=None):
         print(f"saved {args.out}: held-out retrieval top-1 {acc:.3f} among {min(1000, len(images) - n)} captions")
     elif args.command == "init-pipeline":
         build_toy_pipeline(args.vae, args.text_clip, seed=args.seed).save_pretrained(args.out)
+        print(f"saved {args.out}")
+    elif args.command == "init-flow-pipeline":
+        build_toy_flow_pipeline(args.toy_sd, seed=args.seed).save_pretrained(args.out)
         print(f"saved {args.out}")
     else:
         finish_pipeline(args.init, args.unet, args.out)
