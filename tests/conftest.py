@@ -59,6 +59,11 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def deterministic_metrics(metrics):
+    """The rows of metrics.jsonl without the wall-clock columns (step_seconds, data_seconds), which no two runs share."""
+    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
+
+
 def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, env=None) -> subprocess.CompletedProcess:
     """Run a repository script in a subprocess with this interpreter and return the finished process.
 

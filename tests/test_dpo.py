@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_dpo as T
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, deterministic_metrics, run_script
 from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
@@ -291,9 +291,7 @@ def dpo_flags(base, dataset, output_dir, *extra):
             "--output_dir", output_dir, *FAST, *[str(e) for e in extra]]
 
 
-def numbers(metrics):
-    """The deterministic numbers of metrics.jsonl (not the wall-clock ones)."""
-    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
+numbers = deterministic_metrics  # metrics.jsonl without its wall-clock columns
 
 
 def free_port():

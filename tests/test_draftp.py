@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_draftp
+from conftest import deterministic_metrics
 from utils import UsageError
 from utils.grids import read_cells
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
@@ -435,8 +436,7 @@ def test_draft_lv_training_steps_carry_grad_only_through_the_resamples(tmp_path,
     assert len(metrics) == steps and all(np.isfinite(m["reward"]) and "kl" in m for m in metrics)
 
 
-def _comparable(metrics):
-    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
+_comparable = deterministic_metrics
 
 
 def test_resume_continues_metrics_exactly(tmp_path, run_script):

@@ -19,7 +19,7 @@ import torch
 
 import train_dpo
 import train_draftp
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, deterministic_metrics, run_script
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
@@ -211,8 +211,7 @@ def dpo(data, out, *extra):
             "--output_dir", out, *FAST, *[str(e) for e in extra]]
 
 
-def numbers(metrics):
-    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
+numbers = deterministic_metrics
 
 
 @pytest.fixture(scope="module")
