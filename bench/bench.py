@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_dpo  # noqa: E402
 import train_draftp  # noqa: E402
-from utils.models import TextConditioning, adapters_disabled, add_lora  # noqa: E402
+from utils.models import TextConditioning, adapters_disabled, add_lora, skip_lora_input_casts  # noqa: E402
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents  # noqa: E402
 from utils.speed import add_speed_args, apply_speed_options  # noqa: E402
 
@@ -705,19 +705,25 @@ def section_dpo(R, args, peak_tflops):
         del S
 
 
+def sd15_dpo_setup(args):
+    """SD1.5 at 512 px with LoRA as train_dpo.py trains it by default (channels-last UNet and VAE, peft's input casts
+    off): (Setup, FLOPs per pair)."""
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
+    S.add_lora()
+    skip_lora_input_casts(S.unet)
+    S.unet.to(memory_format=torch.channels_last)
+    S.vae.to(memory_format=torch.channels_last)
+    f = unet_flops(S, 1)
+    return S, 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
+
+
 def section_dpo_kernels(R, args, peak_tflops):
-    """Where the SD1.5 DPO step's time goes at 4 and 16 pairs (512 px, LoRA, channels-last as train_dpo.py's
-    defaults): the profile by kernel kind; the VAE encoding of the step's images, which train_dpo.py does before
+    """Where the SD1.5 DPO step's time goes at 4 and 16 pairs (sd15_dpo_setup: train_dpo.py's defaults): the profile by kernel kind; the VAE encoding of the step's images, which train_dpo.py does before
     the step (bf16, one call for all images); cuDNN attention; the trained UNet's forward compiled by inductor
     (--compile_unet default) with the reference eager, and the loss's difference to eager at the same weights."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
-    S.add_lora()
-    S.unet.to(memory_format=torch.channels_last)
-    S.vae.to(memory_format=torch.channels_last)
-    f = unet_flops(S, 1)
-    dpo_flops = 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
+    S, dpo_flops = sd15_dpo_setup(args)
     compiled = torch.compile(S.unet, dynamic=False, backend="inductor" if args.device.type == "cuda" else "eager")
     for pairs in (4, 16):
         run = lambda key, fn, flops=dpo_flops: rate_row(R, key, *measure(fn, args.device, warmup=2, reps=args.reps + 2),
@@ -757,11 +763,7 @@ def section_dpo_lora_casts(R, args, peak_tflops):
     """The SD1.5 DPO step (LoRA, channels-last) with peft's input casts of the adapted layers on (peft's default)
     and off (utils.models.add_trainable_lora, as the scripts train): speed at 4 and 16 pairs, and the loss from the
     same weights, which must be equal."""
-    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
-    S.add_lora()
-    S.unet.to(memory_format=torch.channels_last)
-    f = unet_flops(S, 1)
-    dpo_flops = 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
+    S, dpo_flops = sd15_dpo_setup(args)
     layers = [m for m in S.unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
     for pairs in (4, 16):
         losses = {}
