@@ -291,9 +291,6 @@ def dpo_flags(base, dataset, output_dir, *extra):
             "--output_dir", output_dir, *FAST, *[str(e) for e in extra]]
 
 
-numbers = deterministic_metrics  # metrics.jsonl without its wall-clock columns
-
-
 def free_port():
     import socket
 
@@ -363,7 +360,7 @@ def test_resume_continues_metrics_exactly(lora_run, pref_data, tiny_sd_path, tmp
     proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
                                 "--resume_from_checkpoint", "latest"), launch=True)
     assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
-    assert numbers(read_metrics(str(out))) == numbers(lora_run["metrics"])
+    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(lora_run["metrics"])
 
 
 def test_two_processes_give_the_numbers_of_one_with_the_same_global_batch(lora_run, pref_data, tiny_sd_path, tmp_path):
@@ -555,7 +552,7 @@ BASELINE = ["--dataloader_num_workers", 0, "--no-defer_loss_check", "--latent_ca
 def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("levers") / "baseline"
     run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE))
-    return numbers(read_metrics(str(out)))
+    return deterministic_metrics(read_metrics(str(out)))
 
 
 @pytest.mark.parametrize("lever", [
@@ -566,7 +563,7 @@ def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
 def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever))
-    metrics = numbers(read_metrics(str(out)))
+    metrics = deterministic_metrics(read_metrics(str(out)))
     if "--latent_cache" not in lever:
         assert metrics == baseline_run  # bit for bit
         return
@@ -607,7 +604,7 @@ def test_compiled_training_unet_gives_the_same_numbers(baseline_run, pref_data, 
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    compiled = numbers(read_metrics(str(tmp_path)))
+    compiled = deterministic_metrics(read_metrics(str(tmp_path)))
     assert [m["step"] for m in compiled] == list(range(1, 10))
     for ours, eager in zip(compiled, baseline_run):  # float32; the same kernels, so equal but for the reduction order
         for key in ("loss", "model_mse", "ref_mse", "grad_norm"):

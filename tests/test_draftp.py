@@ -436,9 +436,6 @@ def test_draft_lv_training_steps_carry_grad_only_through_the_resamples(tmp_path,
     assert len(metrics) == steps and all(np.isfinite(m["reward"]) and "kl" in m for m in metrics)
 
 
-_comparable = deterministic_metrics
-
-
 def test_resume_continues_metrics_exactly(tmp_path, run_script):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(draftp_flags(straight, steps=4))
@@ -447,7 +444,7 @@ def test_resume_continues_metrics_exactly(tmp_path, run_script):
     shutil.rmtree(interrupted / "checkpoint-4")
     os.remove(interrupted / "pytorch_lora_weights.safetensors")
     run_script(draftp_flags(interrupted, steps=4, extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
-    a, b = _comparable(read_metrics(straight)), _comparable(read_metrics(interrupted))
+    a, b = deterministic_metrics(read_metrics(straight)), deterministic_metrics(read_metrics(interrupted))
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()

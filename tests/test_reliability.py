@@ -211,9 +211,6 @@ def dpo(data, out, *extra):
             "--output_dir", out, *FAST, *[str(e) for e in extra]]
 
 
-numbers = deterministic_metrics
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_sd_path):
     root = tmp_path_factory.mktemp("reliability")
@@ -253,10 +250,10 @@ def test_a_stop_mid_accumulation_checkpoints_the_last_step_and_resumes_exactly(d
     assert list_checkpoints(str(out)) == [str(out / "checkpoint-4")]  # the partial step 5 was dropped
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "stopped"
-    assert numbers(read_metrics(str(out))) == numbers(straight[:4])
+    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight[:4])
 
     run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
-    assert numbers(read_metrics(str(out))) == numbers(straight)  # bit-identical: batches follow (seed, step, micro)
+    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)  # bit-identical: batches follow (seed, step, micro)
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "finished"
 
 
@@ -266,7 +263,7 @@ def test_a_stop_at_the_end_of_the_last_step_still_writes_the_final_weights(data,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "checkpoint-5").exists()
     assert not (out / "samples" / "validation-step-000005.png").exists()  # no time spent on the last validation
-    assert numbers(read_metrics(str(out))) == numbers(straight)
+    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)
 
 
 def test_three_non_finite_steps_checkpoint_the_last_good_one_and_exit_4_then_resume(data, straight):
@@ -282,7 +279,7 @@ def test_three_non_finite_steps_checkpoint_the_last_good_one_and_exit_4_then_res
     assert json.loads((out / STATUS_FILE).read_text()) == {"status": "diverged", "exit_code": 4, "step": 1,
                                                            "message": line.removeprefix("error: ")}
     run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
-    assert numbers(read_metrics(str(out))) == numbers(straight)
+    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)
 
 
 def test_one_truncated_png_is_skipped_counted_and_reported(data):

@@ -48,6 +48,23 @@ def test_clip_training_learns_to_rank_captions(toy_tokenizer):
     assert (match > other).float().mean() > 0.8  # its own caption scores above the others for most images
 
 
+def assert_finish_swaps_in_the_trained_denoiser(tmp_path, cls, subfolder):
+    """finish-pipeline: the denoiser of an SFT output (tmp_path/sft/<subfolder>) replaces the random one of
+    tmp_path/init, stored in float16 and loaded back as float32."""
+    from diffusers import DiffusionPipeline
+
+    sft = cls.from_pretrained(tmp_path / "init", subfolder=subfolder)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(0.01)
+    sft.save_pretrained(tmp_path / "sft" / subfolder)
+    finish_pipeline(str(tmp_path / "init"), str(tmp_path / "sft"), str(tmp_path / "finished"))
+    finished = getattr(DiffusionPipeline.from_pretrained(tmp_path / "finished"), subfolder)
+    assert finished.dtype == torch.float32
+    for a, b in zip(finished.parameters(), sft.parameters()):
+        torch.testing.assert_close(a, b.half().float())
+
+
 def test_pipeline_assembly_round_trips_through_from_pretrained(tmp_path, toy_tokenizer):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel
@@ -66,23 +83,13 @@ def test_pipeline_assembly_round_trips_through_from_pretrained(tmp_path, toy_tok
         ours = pipe.text_encoder(ids).pooler_output
         theirs = clip.text_model(input_ids=ids).pooler_output
     torch.testing.assert_close(ours, theirs)
-    # finish: the UNet of an SFT output replaces the random one, stored in float16, loaded back as float32
-    sft_unet = UNet2DConditionModel.from_pretrained(tmp_path / "init", subfolder="unet")
-    with torch.no_grad():
-        for p in sft_unet.parameters():
-            p.add_(0.01)
-    sft_unet.save_pretrained(tmp_path / "sft" / "unet")
-    finish_pipeline(str(tmp_path / "init"), str(tmp_path / "sft"), str(tmp_path / "toy-sd"))
-    finished = DiffusionPipeline.from_pretrained(tmp_path / "toy-sd")
-    assert finished.unet.dtype == torch.float32
-    for a, b in zip(finished.unet.parameters(), sft_unet.parameters()):
-        torch.testing.assert_close(a, b.half().float())
+    assert_finish_swaps_in_the_trained_denoiser(tmp_path, UNet2DConditionModel, "unet")
 
 
 def test_flow_pipeline_assembly_reuses_toy_sd_and_round_trips(tmp_path):
     """init-flow-pipeline: an SD3 pipeline whose two CLIP slots are toy-sd's text encoder (identity projection),
     loaded back through from_pretrained as the scripts load it; finish-pipeline swaps in an SFT-trained transformer."""
-    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModel
 
     from utils.models import load_pipeline_parts
@@ -96,16 +103,7 @@ def test_flow_pipeline_assembly_reuses_toy_sd_and_round_trips(tmp_path):
         theirs = toy_text(ids).pooler_output
         for encoder in parts.text_encoders[:2]:
             torch.testing.assert_close(encoder(ids).text_embeds, theirs)
-    sft = SD3Transformer2DModel.from_pretrained(tmp_path / "init", subfolder="transformer")
-    with torch.no_grad():
-        for p in sft.parameters():
-            p.add_(0.01)
-    sft.save_pretrained(tmp_path / "sft" / "transformer")
-    finish_pipeline(str(tmp_path / "init"), str(tmp_path / "sft"), str(tmp_path / "toy-sd3"))
-    finished = DiffusionPipeline.from_pretrained(tmp_path / "toy-sd3")
-    assert finished.transformer.dtype == torch.float32
-    for a, b in zip(finished.transformer.parameters(), sft.parameters()):
-        torch.testing.assert_close(a, b.half().float())
+    assert_finish_swaps_in_the_trained_denoiser(tmp_path, SD3Transformer2DModel, "transformer")
 
 
 # --------------------------------------------------------------------------- the committed models
