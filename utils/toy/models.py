@@ -2,8 +2,9 @@
 SD3-layout flow-matching pipeline (`toy-sd3`, experiments/toyworld_pretrain_flow.sh) built on toy-sd's VAE and text
 encoder.
 
-All three are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
-`utils/toy/assets/` (a few MB each). `experiments/toyworld_pretrain.sh` runs the whole chain:
+All three are trained here, offline, on the captioned images of `utils/toy/world.py`; toy-sd and toyclip are
+committed under `utils/toy/assets/` (a few MB each), toy-sd3 not yet. `experiments/toyworld_pretrain.sh` runs
+toy-sd's and toyclip's whole chain:
 
 1. data:     python -m utils.toy.world --output_dir DATA --num_images N --seed 0
 2. CLIPs:    python -m utils.toy.models train-clip --data DATA --seed 0 --out TEXT_CLIP
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..rewards import ImagePrep, prepare_pixels
-from . import world
+from . import TOY_SD_PATH, world
 
 TEXT_WIDTH = 128  # text encoder width = the UNet's cross_attention_dim
 IMAGE_SIZE = world.RESOLUTION
@@ -320,7 +321,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("init-flow-pipeline", help="an SD3-layout pipeline with toy-sd's VAE and text encoder, random "
                                                   "flow transformer")
-    p.add_argument("--toy_sd", default=str(Path(__file__).parent / "assets" / "toy-sd"))
+    p.add_argument("--toy_sd", default=str(TOY_SD_PATH), help="the pipeline whose VAE and text encoder to reuse")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("finish-pipeline", help="the initial pipeline with the SFT-trained UNet or transformer")
