@@ -12,6 +12,7 @@ leaves what it measured.
     python3 bench/bench.py --out $OUT --sections dpo sdxl            # DPO / SFT, SDXL DRaFT+ (~8 min)
     python3 bench/bench.py --out $OUT --sections sd15_tradeoffs      # batch 4 without UNet ckpt; max-autotune (> 10 min)
     python3 bench/bench.py --out $OUT --sections sd15_kernels        # profile by kernel kind; attention / inductor variants
+    python3 bench/bench.py --out $OUT --sections vae_layout          # the VAE: channels-last vs NCHW, compiled encoder
     python3 bench/bench.py --smoke --out /tmp/bench                  # tiny configs on the CPU: the script runs
 
 On one H100 each of the first three fits one 10-minute call; BENCHMARKS.md has the results of all four.
@@ -718,9 +719,9 @@ def sd15_dpo_setup(args):
 
 
 def section_dpo_kernels(R, args, peak_tflops):
-    """Where the SD1.5 DPO step's time goes at 4 and 16 pairs (sd15_dpo_setup: train_dpo.py's defaults): the profile by kernel kind; the VAE encoding of the step's images, which train_dpo.py does before
-    the step (bf16, one call for all images); cuDNN attention; the trained UNet's forward compiled by inductor
-    (--compile_unet default) with the reference eager, and the loss's difference to eager at the same weights."""
+    """Where the SD1.5 DPO step's time goes at 4 and 16 pairs (sd15_dpo_setup: train_dpo.py's defaults): the profile
+    by kernel kind; cuDNN attention; the trained UNet's forward compiled by inductor (--compile_unet default) with the
+    reference eager, and the loss's difference to eager at the same weights. The VAE's share: section vae_layout."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     S, dpo_flops = sd15_dpo_setup(args)
@@ -733,18 +734,6 @@ def section_dpo_kernels(R, args, peak_tflops):
         if args.device.type == "cuda":
             R.data["checks"][f"profile sd15 dpo b{pairs}"] = profile_step(lambda: project_dpo_step(S, pairs, False))
             R.save()
-        pixels = torch.randn(2 * pairs, 3, S.resolution, S.resolution, device=S.device, dtype=S.dtype).to(
-            memory_format=torch.channels_last)
-        with torch.no_grad():
-            run(f"sd15 vae encode of b{pairs} ({2 * pairs} images)", lambda: S.vae.encode(pixels).latent_dist.mean,
-                flops=None)
-            # GroupNorm makes channels-last inputs contiguous and the next convolution converts back: the largest
-            # copies of train_dpo.py's profile (BENCHMARKS.md). The encoder in NCHW, for comparison:
-            S.vae.to(memory_format=torch.contiguous_format)
-            nchw = pixels.contiguous()
-            run(f"sd15 vae encode of b{pairs} ({2 * pairs} images), VAE NCHW",
-                lambda: S.vae.encode(nchw).latent_dist.mean, flops=None)
-            S.vae.to(memory_format=torch.channels_last)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
             run(f"sd15 dpo b{pairs} project, cuDNN attention", lambda: project_dpo_step(S, pairs, False))
         run(f"sd15 dpo b{pairs} project, trained UNet compiled", lambda: project_dpo_step(S, pairs, False, compiled))
@@ -755,6 +744,60 @@ def section_dpo_kernels(R, args, peak_tflops):
         S.reset_lora()
         R.data["checks"][f"sd15 dpo b{pairs} loss: eager vs trained UNet compiled"] = [float(eager), float(compiled_loss)]
         R.save()
+    del S, compiled
+    torch._dynamo.reset()
+
+
+def section_vae_layout(R, args, peak_tflops):
+    """The SD VAE at 512 px in bf16, channels-last against NCHW (and the encoder compiled): the encoding train_dpo.py
+    does before each DPO step (8 images at 4 pairs, 32 at 16) and DRaFT+'s decoding with grad (4 images, forward and
+    backward). Eager GroupNorm makes a channels-last input contiguous and the next convolution converts it back: the
+    largest copies in train_dpo.py's profile (BENCHMARKS.md). Checks: the largest difference of the posterior mean and
+    of the decoded images between the layouts (bf16 kernels differ, so not zero)."""
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
+    vae, size = S.vae, S.resolution
+
+    def encode(pixels):
+        with torch.no_grad():
+            return vae.encode(pixels).latent_dist.mean
+
+    def decode_with_grad(latents):
+        latents = latents.detach().requires_grad_(True)
+        vae.decode(latents).sample.float().square().mean().backward()
+        return latents.grad
+
+    layouts = (("channels_last", torch.channels_last), ("NCHW", torch.contiguous_format))
+    for images in (8, 32):
+        pixels = torch.randn(images, 3, size, size, device=S.device, dtype=S.dtype)
+        means = {}
+        for name, layout in layouts:
+            vae.to(memory_format=layout)
+            x = pixels.contiguous(memory_format=layout)
+            rate_row(R, f"sd15 vae encode of {images} images, {name}", *measure(lambda: encode(x), S.device, 2, args.reps + 2),
+                     images, "img/s")
+            means[name] = encode(x).float()
+        R.data["checks"][f"vae encode of {images}: max |mean| difference, channels_last vs NCHW"] = float(
+            (means["channels_last"] - means["NCHW"]).abs().max())
+        R.save()
+    latents = torch.randn(4, 4, size // 8, size // 8, device=S.device, dtype=S.dtype)
+    grads = {}
+    for name, layout in layouts:
+        vae.to(memory_format=layout)
+        x = latents.contiguous(memory_format=layout)
+        rate_row(R, f"sd15 vae decode of 4 images with grad, {name}", *measure(lambda: decode_with_grad(x), S.device, 2,
+                                                                              args.reps + 2), 4, "img/s")
+        grads[name] = decode_with_grad(x).float()
+    R.data["checks"]["vae decode of 4 with grad: max |grad| difference, channels_last vs NCHW"] = float(
+        (grads["channels_last"] - grads["NCHW"]).abs().max())
+    vae.to(memory_format=torch.channels_last)
+    compiled = torch.compile(vae.encoder, dynamic=False, backend="inductor" if args.device.type == "cuda" else "eager")
+    pixels = torch.randn(32, 3, size, size, device=S.device, dtype=S.dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        rate_row(R, "sd15 vae encode of 32 images, channels_last, encoder compiled",
+                 *measure(lambda: compiled(pixels), S.device, 2, args.reps + 2), 32, "img/s")
+        R.data["checks"]["vae encode of 32: max |encoder output| difference, compiled vs eager"] = float(
+            (compiled(pixels).float() - vae.encoder(pixels).float()).abs().max())
+    R.save()
     del S, compiled
     torch._dynamo.reset()
 
@@ -782,7 +825,7 @@ def section_dpo_lora_casts(R, args, peak_tflops):
     del S
 
 
-SECTIONS = {"dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
+SECTIONS = {"vae_layout": section_vae_layout, "dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():

@@ -14,11 +14,11 @@ from tests.conftest import REPO_ROOT, run_script
 
 def test_bench_sections_run_and_the_compared_paths_agree(tmp_path):
     run_script(["bench/bench.py", "--smoke", "--out", tmp_path, "--sections", "sd15_kernels", "sdxl", "dpo", "dpo_kernels",
-                "dpo_lora_casts"], timeout=900)
+                "dpo_lora_casts", "vae_layout"], timeout=900)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert not [k for k in data["checks"] if "failed" in k], data["checks"]
     rows = data["rows"]
-    for prefix in ("sd15 draftp", "sd15 sampling", "sdxl draftp", "sd15 dpo", "sdxl sft", "sd15 vae encode",
+    for prefix in ("sd15 draftp", "sd15 sampling", "sdxl draftp", "sd15 dpo", "sdxl sft", "sd15 vae encode", "sd15 vae decode",
                    "sd15 dpo b16 project, input casts off"):
         assert any(k.startswith(prefix) for k in rows), prefix
     assert all(r["rate"] > 0 and r["seconds"] > 0 for r in rows.values())
