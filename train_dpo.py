@@ -439,13 +439,13 @@ def main(args):
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = frozen_copy(unet, dtype)
-    if args.channels_last:  # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md)
-        # the full-UNet reference copy runs every step too, and so does the VAE's encoder (the latent cache aside).
-        # FSDP and DeepSpeed need the trained UNet contiguous, and then the reference stays NCHW as well: other bf16
-        # convolution kernels would make it differ from the model at step 0 (first loss 0.72 instead of log 2 under
-        # ZeRO-2 on an H200, BENCHMARKS.md "Distributed")
-        unets = () if unet_is_wrapped(accelerator) else (unet, frozen_unet)
-        for model in filter(None, (*unets, parts.vae)):
+    if args.channels_last and not unet_is_wrapped(accelerator):
+        # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md); the full-UNet
+        # reference copy runs every step too. FSDP and DeepSpeed need the trained UNet contiguous, and then the
+        # reference stays NCHW as well: other bf16 convolution kernels would make it differ from the model at step 0
+        # (first loss 0.72 instead of log 2 under ZeRO-2 on an H200, BENCHMARKS.md "Distributed"). The VAE's encoder
+        # stays NCHW: its GroupNorms would copy channels-last activations to NCHW and back (1.36x, BENCHMARKS.md)
+        for model in filter(None, (unet, frozen_unet)):
             model.to(memory_format=torch.channels_last)
     if frozen_unet is not None and shards_parameters(accelerator):
         logger.warning("FSDP2, full UNet: the frozen reference does not compute exactly what the sharded UNet computes "

@@ -177,7 +177,9 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Frozen VAE decode to images in [0, 1]; gradients flow through the decoder to the latents. SD3's and FLUX's
     VAEs also shift their latents (`shift_factor`; None for SD1.5 / SDXL)."""
-    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    # NCHW, as the VAE's weights (a channels-last UNet returns channels-last latents, and cuDNN would then run the
+    # whole decoder channels-last, its GroupNorms copying each activation to NCHW and back)
+    latents = latents.to(vae.dtype).contiguous() / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     images = vae.decode(latents + shift if shift else latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -46,9 +46,11 @@ def keep_compile_cache(environ=os.environ) -> str:
 def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
     """The speed flags; sampling=False: the training-step ones (train_dpo.py samples no images while training)."""
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
-    what = "the UNet and the VAE" if sampling else "the UNet (and a full UNet's frozen reference copy) and the VAE"
+    what = "the UNet" if sampling else "the UNet (and a full UNet's frozen reference copy)"
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"keep {what} in channels-last (NHWC) memory format")
+                   help=f"keep {what} in channels-last (NHWC) memory format. The VAE stays NCHW either way: its "
+                        "GroupNorms copy channels-last activations to NCHW and back (1.25-1.36x faster NCHW on an "
+                        "H200, BENCHMARKS.md)")
     g.add_argument("--defer_loss_check", action=argparse.BooleanOptionalAction, default=True,
                    help="check the loss for NaN/inf once per optimizer step, with the gradient norm, instead of waiting "
                         "for the GPU after every micro-step's forward (one process without fp16 or DeepSpeed; "
@@ -93,10 +95,8 @@ def apply_speed_options(args, unet, vae, device, backend: str = "inductor", plai
     weights, and FSDP's sharded weights must go through its hooks, so the UNet stays NCHW and
     --compile_sampler auto means off.
     """
-    if args.channels_last:
-        vae.to(memory_format=torch.channels_last)
-        if plain_unet:
-            unet.to(memory_format=torch.channels_last)
+    if args.channels_last and plain_unet:  # not the VAE: see --channels_last
+        unet.to(memory_format=torch.channels_last)
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # diffusers' decoder checks torch.is_grad_enabled(), not .training
     mode = compile_mode(args.compile_sampler, device)
