@@ -107,23 +107,26 @@ def test_flow_pipeline_assembly_reuses_toy_sd_and_round_trips(tmp_path):
 
 
 # --------------------------------------------------------------------------- the committed models
-def test_committed_toy_sd_loads_offline_and_draws_what_the_prompt_says():
+@pytest.mark.parametrize("name, guidance", [("toy-sd", 7.5), ("toy-sd3", 7.0)])
+def test_committed_toy_pipeline_loads_offline_and_draws_what_the_prompt_says(name, guidance):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     from utils.models import resolve_model_path
+    from utils.toy import TOY_NAMES
 
-    assert resolve_model_path("toy-sd") == str(TOY_SD_PATH)
-    pipe = DiffusionPipeline.from_pretrained(resolve_model_path("toy-sd"))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert resolve_model_path(name) == str(TOY_NAMES[name])
+    pipe = DiffusionPipeline.from_pretrained(resolve_model_path(name))
+    if name == "toy-sd":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle", "two blue squares", "three yellow triangles", "a green square",
                "two purple circles", "an orange triangle"]
-    images = pipe(prompts, num_inference_steps=20, guidance_scale=7.5, output_type="np",
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=guidance, output_type="np", height=64, width=64,
                   generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
     assert images.shape == (len(prompts), 64, 64, 3)
     pixels = (images * 255).round().astype(np.uint8)
     colour = np.mean([toyworld.prompt_accuracy(im, p)["color"] for im, p in zip(pixels, prompts)])
-    assert colour >= 0.5, f"colour right in only {colour:.0%} of {prompts}"
+    assert colour >= 0.5, f"{name}: colour right in only {colour:.0%} of {prompts}"
 
 
 def test_committed_toyclip_prefers_the_right_caption():

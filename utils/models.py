@@ -67,8 +67,8 @@ class PipelineParts:
 
 # --------------------------------------------------------------------------- loading
 def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-sd` / `tiny-sdxl` become the folder of the built tiny pipeline, `toy-sd` the committed toy-world
-    pipeline (utils/toy/assets/toy-sd); anything else is kept."""
+    """`tiny-sd` / `tiny-sdxl` / `tiny-sd3` / `tiny-flux` become the folder of the built tiny pipeline, `toy-sd` and
+    `toy-sd3` the committed toy-world pipelines (utils/toy/assets/); anything else is kept."""
     if name_or_path in TOY_NAMES:
         return str(TOY_NAMES[name_or_path])
     if name_or_path in TINY_NAMES:

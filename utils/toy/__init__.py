@@ -4,17 +4,18 @@
                    `tiny-flux`), for the tests
 - tiny_rewards.py  tiny scoring-model checkpoints in the real file formats, for the loaders' tests
 - world.py         the procedural captioned toy world and its pixel judge
-- models.py        the toy world's own models (`toy-sd`, `toyclip`, committed in assets/; `toy-sd3`, built by a
-                   script) and their trainers
+- models.py        the toy world's own models (`toy-sd`, `toy-sd3`, `toyclip`, committed in assets/) and their
+                   trainers
 - synthetic.py     synthetic preference sets
 
 This file holds only names and paths, so that the product code (utils.models, utils.rewards) can resolve
-`tiny-sd`, `toy-sd` and `toyclip` without importing the toy modules, which import the product code in turn.
+`tiny-sd`, `toy-sd`, `toy-sd3` and `toyclip` without importing the toy modules, which import the product code in turn.
 """
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 TOY_SD_PATH = ASSETS / "toy-sd"
 TOYCLIP_PATH = ASSETS / "toyclip"
-TOY_NAMES = {"toy-sd": TOY_SD_PATH}
+TOY_SD3_PATH = ASSETS / "toy-sd3"
+TOY_NAMES = {"toy-sd": TOY_SD_PATH, "toy-sd3": TOY_SD3_PATH}
 TINY_NAMES = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")

@@ -2,9 +2,10 @@
 SD3-layout flow-matching pipeline (`toy-sd3`, experiments/toyworld_pretrain_flow.sh) built on toy-sd's VAE and text
 encoder.
 
-All three are trained here, offline, on the captioned images of `utils/toy/world.py`; toy-sd and toyclip are
-committed under `utils/toy/assets/` (a few MB each), toy-sd3 not yet. `experiments/toyworld_pretrain.sh` runs
-toy-sd's and toyclip's whole chain:
+All three are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
+`utils/toy/assets/` (toy-sd and toyclip a few MB each, toy-sd3 16 MB: its two CLIP slots hold copies of toy-sd's
+text encoder). `experiments/toyworld_pretrain.sh` runs toy-sd's and toyclip's whole chain,
+`experiments/toyworld_pretrain_flow.sh` toy-sd3's:
 
 1. data:     python -m utils.toy.world --output_dir DATA --num_images N --seed 0
 2. CLIPs:    python -m utils.toy.models train-clip --data DATA --seed 0 --out TEXT_CLIP
