@@ -447,7 +447,16 @@ def prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, froze
         dtype = compute_dtype(accelerator)
         accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
-    return accelerator.prepare(unet, optimizer, lr_scheduler)
+    prepared = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if frozen_unet is not None and shards_parameters(accelerator):
+        # The full-UNet reference sharded with the trained UNet's policy (in place; accelerate neither trains nor saves
+        # it): both then compute from FSDP2's all-gathered bf16 weights, so that they agree at step 0. An unsharded
+        # copy gave DPO's first loss 0.702 instead of log 2 on an H200 (BENCHMARKS.md "Distributed"). It also divides
+        # the reference's memory by the number of processes.
+        from accelerate.utils import fsdp2_prepare_model
+
+        fsdp2_prepare_model(accelerator, frozen_unet)
+    return prepared
 
 
 def cast_inputs_to(dtype: torch.dtype):
