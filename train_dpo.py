@@ -447,10 +447,6 @@ def main(args):
         # stays NCHW: its GroupNorms would copy channels-last activations to NCHW and back (1.36x, BENCHMARKS.md)
         for model in filter(None, (unet, frozen_unet)):
             model.to(memory_format=torch.channels_last)
-    if frozen_unet is not None and shards_parameters(accelerator):
-        logger.warning("FSDP2, full UNet: the frozen reference does not compute exactly what the sharded UNet computes "
-                       "in bf16 (first loss 0.702, not log 2, measured on an H200; the cause is open). For an exact "
-                       "reference use launchers/accelerate/deepspeed_zero2.yaml (BENCHMARKS.md \"Distributed\")")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scorer = None
