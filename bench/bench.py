@@ -752,8 +752,9 @@ def section_vae_layout(R, args, peak_tflops):
     """The SD VAE at 512 px in bf16, channels-last against NCHW (and the encoder compiled): the encoding train_dpo.py
     does before each DPO step (8 images at 4 pairs, 32 at 16) and DRaFT+'s decoding with grad (4 images, forward and
     backward). Eager GroupNorm makes a channels-last input contiguous and the next convolution converts it back: the
-    largest copies in train_dpo.py's profile (BENCHMARKS.md). Checks: the largest difference of the posterior mean and
-    of the decoded images between the layouts (bf16 kernels differ, so not zero)."""
+    largest copies in train_dpo.py's profile (BENCHMARKS.md). Checks: the largest difference between the layouts of the
+    posterior mean and of the decoder's gradient to its latents (bf16 kernels differ, so not zero on a GPU), and of the
+    compiled encoder's output from eager."""
     S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
     vae, size = S.vae, S.resolution
 
