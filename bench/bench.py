@@ -13,6 +13,7 @@ leaves what it measured.
     python3 bench/bench.py --out $OUT --sections sd15_tradeoffs      # batch 4 without UNet ckpt; max-autotune (> 10 min)
     python3 bench/bench.py --out $OUT --sections sd15_kernels        # profile by kernel kind; attention / inductor variants
     python3 bench/bench.py --out $OUT --sections vae_layout          # the VAE: channels-last vs NCHW, compiled encoder
+    python3 bench/bench.py --out $OUT --sections dpo_reference_graphs  # DPO's reference pass replayed from CUDA graphs
     python3 bench/bench.py --smoke --out /tmp/bench                  # tiny configs on the CPU: the script runs
 
 On one H100 each of the first three fits one 10-minute call; BENCHMARKS.md has the results of all four.
@@ -621,9 +622,10 @@ def dpo_batch(S, pairs, n_images):
     return latents, noise, timesteps, S.text(pairs)
 
 
-def project_dpo_step(S, pairs, sft, train_unet=None):
+def project_dpo_step(S, pairs, sft, train_unet=None, reference=None):
     """train_dpo.py's loop body: winners and losers in one UNet batch, the reference = adapters off.
-    train_unet: what computes the trained model's prediction (--compile_unet: a compiled view of S.unet)."""
+    train_unet: what computes the trained model's prediction (--compile_unet: a compiled view of S.unet);
+    reference: what computes the reference's (default S.reference: S.unet with its adapters off, eager)."""
     n = 1 if sft else 2
     latents, noise, timesteps, cond = dpo_batch(S, pairs, n)
     noisy, target, timesteps = train_dpo.noise_pairs(S.scheduler, latents, noise, timesteps)
@@ -635,7 +637,8 @@ def project_dpo_step(S, pairs, sft, train_unet=None):
             loss, _ = train_dpo.sft_loss(err)
         else:
             with torch.no_grad():
-                ref_err = train_dpo.per_sample_error(S.reference(noisy, timesteps, **cond.unet_kwargs()).sample, target)
+                ref_out = (reference or S.reference)(noisy, timesteps, **cond.unet_kwargs()).sample
+                ref_err = train_dpo.per_sample_error(ref_out, target)
             loss, _ = train_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), BETA_DPO)
     loss.backward()
     S.optimizer.step()
@@ -748,6 +751,46 @@ def section_dpo_kernels(R, args, peak_tflops):
     torch._dynamo.reset()
 
 
+def section_dpo_reference_graphs(R, args, peak_tflops):
+    """The SD1.5 DPO step (sd15_dpo_setup: LoRA as train_dpo.py trains it) with its reference forward (no grad,
+    adapters off) replayed from CUDA graphs, at 4 and 16 pairs: torch.compile's "cudagraphs" backend (the eager
+    kernels, captured: the same numbers expected) and inductor's "reduce-overhead" (fused kernels in graphs: other
+    rounding). End to end the 4-pair step is host-bound (BENCHMARKS.md "End to end"); the reference pass is the part
+    of it that needs no autograd. Checks: each variant's loss against eager from the same weights. On the CPU both
+    variants compile with the "eager" backend (the capture and the guards run, no graphs)."""
+    from utils.models import adapters_disabled
+
+    S, dpo_flops = sd15_dpo_setup(args)
+    cuda = args.device.type == "cuda"
+
+    def graphed_reference(backend, mode=None):
+        # compiled under adapters_disabled: dynamo guards on peft's switches, so this graph is the adapters-off UNet
+        compiled = torch.compile(S.unet, backend=backend if cuda else "eager", mode=mode if cuda else None, dynamic=False)
+
+        def reference(*a, **kw):
+            with adapters_disabled(S.unet):
+                return compiled(*a, **kw)
+        return reference
+
+    for pairs in (2,) if args.smoke else (4, 16):  # the smoke run: one size (each compiles twice)
+        S.reset_lora()
+        eager_loss = float(project_dpo_step(S, pairs, False))
+        run = lambda key, fn: rate_row(R, key, *measure(fn, args.device, warmup=3, reps=args.reps + 2), pairs, "pairs/s",
+                                       dpo_flops * pairs, peak_tflops, batch=pairs)
+        run(f"sd15 dpo b{pairs} project, reference eager", lambda: project_dpo_step(S, pairs, False))
+        for name, backend, mode in (("cudagraphs backend", "cudagraphs", None),
+                                    ("inductor reduce-overhead", "inductor", "reduce-overhead")):
+            torch._dynamo.reset()
+            reference = graphed_reference(backend, mode)
+            run(f"sd15 dpo b{pairs} project, reference {name}", lambda: project_dpo_step(S, pairs, False, reference=reference))
+            S.reset_lora()
+            R.data["checks"][f"sd15 dpo b{pairs} loss: eager vs reference {name}"] = [
+                eager_loss, float(project_dpo_step(S, pairs, False, reference=reference))]
+            R.save()
+    del S
+    torch._dynamo.reset()
+
+
 def section_vae_layout(R, args, peak_tflops):
     """The SD VAE at 512 px in bf16, channels-last against NCHW (and the encoder compiled): the encoding train_dpo.py
     does before each DPO step (8 images at 4 pairs, 32 at 16) and DRaFT+'s decoding with grad (4 images, forward and
@@ -826,7 +869,7 @@ def section_dpo_lora_casts(R, args, peak_tflops):
     del S
 
 
-SECTIONS = {"vae_layout": section_vae_layout, "dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
+SECTIONS = {"dpo_reference_graphs": section_dpo_reference_graphs, "vae_layout": section_vae_layout, "dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():

@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT, run_script
 
 def test_bench_sections_run_and_the_compared_paths_agree(tmp_path):
     run_script(["bench/bench.py", "--smoke", "--out", tmp_path, "--sections", "sd15_kernels", "sdxl", "dpo", "dpo_kernels",
-                "dpo_lora_casts", "vae_layout"], timeout=900)
+                "dpo_lora_casts", "vae_layout", "dpo_reference_graphs"], timeout=900)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert not [k for k in data["checks"] if "failed" in k], data["checks"]
     rows = data["rows"]
@@ -22,6 +22,8 @@ def test_bench_sections_run_and_the_compared_paths_agree(tmp_path):
                    "sd15 dpo b16 project, input casts off"):
         assert any(k.startswith(prefix) for k in rows), prefix
     assert all(r["rate"] > 0 and r["seconds"] > 0 for r in rows.values())
+    graphed = {k: c for k, c in data["checks"].items() if "vs reference" in k}
+    assert len(graphed) == 2 and all(eager == graphed_loss for eager, graphed_loss in graphed.values()), graphed
     layouts = {k: c for k, c in data["checks"].items() if k.startswith("vae ")}
     assert len(layouts) == 4 and all(c < 1e-4 for c in layouts.values()), layouts  # float32 on the CPU: the same maths
     images_compared = {k: c for k, c in data["checks"].items() if isinstance(c, dict) and "image_max_abs_diff" in c}
