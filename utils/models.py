@@ -421,14 +421,16 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
-def reference_model(trained, frozen=None):
+def reference_model(trained, frozen=None, compiled=None):
     """The frozen reference (DRaFT+'s KL, DPO's reference errors, the base row of validation grids) as one callable:
-    the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call."""
+    the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call.
+    compiled: a compiled view of that module (train_dpo.py --compile_reference), called in its place."""
     if frozen is not None:
-        return frozen
+        return frozen if compiled is None else compiled
+    model = trained if compiled is None else compiled
 
     def base(*args, **kwargs):
         with adapters_disabled(trained):
-            return trained(*args, **kwargs)
+            return model(*args, **kwargs)
 
     return base
