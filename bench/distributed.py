@@ -11,6 +11,7 @@ after every run, so a call cut short keeps what it measured.
     python3 bench/distributed.py --out $OUT --assets .bench_assets --scripts draftp        # SD1.5 DRaFT+ (~8 min)
     python3 bench/distributed.py --out $OUT --assets .bench_assets --scripts dpo           # SD1.5 DPO (~8 min)
     python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl_memory           # SDXL full-UNet DPO recipe
+    python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl_memory --sdxl_optimizer adamw --configs fsdp
     python3 bench/distributed.py --assets .bench_assets --write_assets                     # here: tokenizer, processor
 
 The GPU machine has no hub and no open-clip-torch: `--write_assets` (run where the project is installed) writes the
@@ -90,7 +91,7 @@ def build_pairs(folder, size, num_pairs=64, layout="datasets"):
 
 
 # --------------------------------------------------------------------------- one run
-def script_flags(script, lora, models, data, sdxl=False):
+def script_flags(script, lora, models, data, sdxl=False, sdxl_optimizer="adafactor"):
     model = os.path.join(models, "sdxl" if sdxl else "sd15")
     common = ["--pretrained_model_name_or_path", model, "--mixed_precision", "bf16", "--report_to", "none", "--seed", "0",
               "--validation_prompts", "a photo of a cat", "--num_validation_images", "1", "--validation_steps", "1000",
@@ -102,7 +103,8 @@ def script_flags(script, lora, models, data, sdxl=False):
                 "--learning_rate", "1e-4" if lora else "1e-6"]
     return ["train_dpo.py", *common, "--dataset_name", data, "--resolution", "1024" if sdxl else "512",
             "--train_batch_size", "1" if sdxl else "2", "--num_inference_steps", "5", "--lr_warmup_steps", "0",
-            "--learning_rate", "1e-5" if lora else "1e-7", *(["--use_adafactor"] if sdxl else [])]
+            "--learning_rate", "1e-5" if lora else "1e-7",
+            *(["--use_adafactor"] if sdxl and sdxl_optimizer == "adafactor" else [])]
 
 
 def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, checkpointing_steps=2):
@@ -200,6 +202,8 @@ def main():
     parser.add_argument("--modes", nargs="*", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--sdxl_memory", action="store_true", help="full-UNet SDXL DPO (Adafactor, checkpointing), 3 steps, no checkpoint")
+    parser.add_argument("--sdxl_optimizer", default="adafactor", choices=["adafactor", "adamw"],
+                        help="the --sdxl_memory runs' optimizer (the paper's recipe: Adafactor; FSDP2 refuses it)")
     parser.add_argument("--no_resume", action="store_true", help="skip the resumed run (to fit more rows in one call)")
     args = parser.parse_args()
     if args.write_assets:
@@ -220,10 +224,10 @@ def main():
     if args.sdxl_memory:
         data = build_pairs("/tmp/bench-data/pairs1024", 1024)
         for config in args.configs:
-            flags = script_flags("dpo", False, args.models, data, sdxl=True)
+            flags = script_flags("dpo", False, args.models, data, sdxl=True, sdxl_optimizer=args.sdxl_optimizer)
             # 3 steps, no checkpoint: the peak is the memory of a training step, not of a 20 GB save
             rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False, checkpointing_steps=1000),
-                         "script": "dpo SDXL"})
+                         "script": f"dpo SDXL ({args.sdxl_optimizer})"})
             write_table(rows, args.out)
 
 
