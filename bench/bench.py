@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_dpo  # noqa: E402
 import train_draftp  # noqa: E402
-from utils.models import TextConditioning, adapters_disabled, add_lora, skip_lora_input_casts  # noqa: E402
+from utils.models import (TextConditioning, adapters_disabled, add_lora, reference_model,  # noqa: E402
+                          skip_lora_input_casts)
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents  # noqa: E402
 from utils.speed import add_speed_args, apply_speed_options  # noqa: E402
 
@@ -710,13 +711,12 @@ def section_dpo(R, args, peak_tflops):
 
 
 def sd15_dpo_setup(args):
-    """SD1.5 at 512 px with LoRA as train_dpo.py trains it by default (channels-last UNet and VAE, peft's input casts
-    off): (Setup, FLOPs per pair)."""
+    """SD1.5 at 512 px with LoRA as train_dpo.py trains it by default (channels-last UNet, peft's input casts off; the
+    DPO step takes latents, so the VAE is not used): (Setup, FLOPs per pair)."""
     S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512, with_reward=False)
     S.add_lora()
     skip_lora_input_casts(S.unet)
     S.unet.to(memory_format=torch.channels_last)
-    S.vae.to(memory_format=torch.channels_last)
     f = unet_flops(S, 1)
     return S, 2 * f["unet_fwd_bwd"] + 2 * f["unet_fwd"]
 
@@ -758,19 +758,14 @@ def section_dpo_reference_graphs(R, args, peak_tflops):
     rounding). End to end the 4-pair step is host-bound (BENCHMARKS.md "End to end"); the reference pass is the part
     of it that needs no autograd. Checks: each variant's loss against eager from the same weights. On the CPU both
     variants compile with the "eager" backend (the capture and the guards run, no graphs)."""
-    from utils.models import adapters_disabled
-
     S, dpo_flops = sd15_dpo_setup(args)
     cuda = args.device.type == "cuda"
 
     def graphed_reference(backend, mode=None):
-        # compiled under adapters_disabled: dynamo guards on peft's switches, so this graph is the adapters-off UNet
+        # called under adapters_disabled (reference_model): dynamo guards on peft's switches, so this graph is the
+        # adapters-off UNet, as train_dpo.py --compile_reference builds it
         compiled = torch.compile(S.unet, backend=backend if cuda else "eager", mode=mode if cuda else None, dynamic=False)
-
-        def reference(*a, **kw):
-            with adapters_disabled(S.unet):
-                return compiled(*a, **kw)
-        return reference
+        return reference_model(S.unet, compiled=compiled)
 
     for pairs in (2,) if args.smoke else (4, 16):  # the smoke run: one size (each compiles twice)
         S.reset_lora()
