@@ -548,6 +548,19 @@ LEVERS_RUN = ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-3", "--tr
 BASELINE = ["--dataloader_num_workers", 0, "--no-defer_loss_check", "--latent_cache", "off"]
 
 
+def main_in_process(flags):
+    """train_dpo.main in this process (so that monkeypatches apply), on dpo_flags(...) without the script name; the
+    stop-signal handlers that main() installs are put back afterwards."""
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        T.main(T.parse_args([str(f) for f in flags[1:]]))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="module")
 def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("levers") / "baseline"
@@ -592,18 +605,11 @@ def test_compiled_training_unet_gives_the_same_numbers(baseline_run, pref_data, 
                                                        fresh_accelerate_state):
     """--compile_unet: dynamo captures the LoRA UNet's training forward (backend "eager" here: the capture, guards
     and graph breaks are what is tested; inductor's kernels are measured on the GPU, bench/e2e.py)."""
-    import signal
-
     from utils.speed import compile_training_unet
 
     monkeypatch.setattr(T, "compile_training_unet", lambda unet, mode: compile_training_unet(unet, mode, "eager"))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        T.main(T.parse_args([str(f) for f in dpo_flags(tiny_sd_path, pref_data["train"], tmp_path, *LEVERS_RUN,
-                                                       *BASELINE, "--compile_unet", "default")[1:]]))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], tmp_path, *LEVERS_RUN, *BASELINE,
+                              "--compile_unet", "default"))
     compiled = deterministic_metrics(read_metrics(str(tmp_path)))
     assert [m["step"] for m in compiled] == list(range(1, 10))
     for ours, eager in zip(compiled, baseline_run):  # float32; the same kernels, so equal but for the reduction order
@@ -617,8 +623,6 @@ def test_compiled_reference_gives_the_same_numbers(lora, pref_data, tiny_sd_path
     """--compile_reference: dynamo captures the reference's no-grad forward (the UNet with its adapters off, or the
     frozen copy of a full fine-tune) with backend "eager" here (the capture and guards are what is tested; CUDA graphs
     and their speed are measured on the GPU, bench.py --sections dpo_reference_graphs). The run must match eager."""
-    import signal
-
     from utils.speed import compile_reference
 
     compiled = []
@@ -632,14 +636,9 @@ def test_compiled_reference_gives_the_same_numbers(lora, pref_data, tiny_sd_path
     torch._dynamo.utils.counters.clear()
     mode = [] if lora else ["--no-use_lora"]
     reference_out, eager_out = tmp_path / "compiled", tmp_path / "eager"
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        for out, flags in ((eager_out, []), (reference_out, ["--compile_reference", "reduce-overhead"])):
-            T.main(T.parse_args([str(f) for f in dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN,
-                                                           *BASELINE, *mode, "--max_train_steps", 3, *flags)[1:]]))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    for out, flags in ((eager_out, []), (reference_out, ["--compile_reference", "reduce-overhead"])):
+        main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *mode,
+                                  "--max_train_steps", 3, *flags))
     assert len(compiled) == 2 and all(isinstance(m, torch.nn.Module) for m in compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the reference's forward went through dynamo
     ours, eager = (deterministic_metrics(read_metrics(str(o))) for o in (reference_out, eager_out))
