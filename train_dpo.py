@@ -59,7 +59,7 @@ from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline,
                           frozen_copy, load_pipeline_parts, model_prediction, read_family, reference_model,
                           sdxl_time_ids)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
-from utils.speed import add_speed_args, compile_reference, compile_training_unet
+from utils.speed import add_speed_args, compile_training_unet
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
                             add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
                             compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
@@ -328,8 +328,6 @@ def check_args(args):
                          "--cache_latents (encodes everything up front); drop one")
     if args.scan_data and args.cache_latents:
         raise UsageError("--scan_data and --cache_latents: caching already reads every row; drop --scan_data")
-    if args.compile_reference == "cudagraphs" and not torch.cuda.is_available():
-        raise UsageError("--compile_reference cudagraphs needs a CUDA GPU (none is visible): drop it")
     if args.logit_std is not None and args.logit_std <= 0:
         raise UsageError(f"--logit_std must be > 0, got {args.logit_std}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -415,10 +413,9 @@ def main(args):
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = default_num_workers(args, accelerator.num_processes)
-    for flag in ("compile_unet", "compile_reference"):
-        if getattr(args, flag) != "off" and unet_is_wrapped(accelerator):
-            raise UsageError(f"--{flag} {getattr(args, flag)} works with one process or DDP, not with "
-                             f"{accelerator.distributed_type}: drop it")
+    if args.compile_unet != "off" and unet_is_wrapped(accelerator):
+        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
+                         f"{accelerator.distributed_type}: drop it")
     device, dtype = accelerator.device, compute_dtype(accelerator)
     stop = StopRequest()
     global_batch = accelerator.num_processes * args.train_batch_size
@@ -496,9 +493,7 @@ def main(args):
                 f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
 
-    # LoRA: adapters off; full: the frozen copy; --compile_reference: that module's forward replayed from CUDA graphs
-    reference_unet = reference_model(trained, frozen_unet, compile_reference(
-        trained if frozen_unet is None else frozen_unet, args.compile_reference))
+    reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
 
     # The objective, chosen once: both take the trained model's per-image errors and the noised inputs.
     def dpo_objective(err, noisy, timesteps, cond, target):

@@ -617,44 +617,6 @@ def test_compiled_training_unet_gives_the_same_numbers(baseline_run, pref_data, 
             assert ours[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_compiled_reference_gives_the_same_numbers(lora, pref_data, tiny_sd_path, tmp_path, monkeypatch,
-                                                   fresh_accelerate_state):
-    """--compile_reference: dynamo captures the reference's no-grad forward (the UNet with its adapters off, or the
-    frozen copy of a full fine-tune) with backend "eager" here (the capture and guards are what is tested; CUDA graphs
-    and their speed are measured on the GPU, bench.py --sections dpo_reference_graphs). The run must match eager."""
-    from utils.speed import compile_reference
-
-    compiled = []
-
-    def eager_backend(model, mode):
-        compiled.append(model)
-        return compile_reference(model, mode, "eager")
-
-    monkeypatch.setattr(T, "compile_reference", eager_backend)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    mode = [] if lora else ["--no-use_lora"]
-    reference_out, eager_out = tmp_path / "compiled", tmp_path / "eager"
-    for out, flags in ((eager_out, []), (reference_out, ["--compile_reference", "reduce-overhead"])):
-        main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *mode,
-                                  "--max_train_steps", 3, *flags))
-    assert len(compiled) == 2 and all(isinstance(m, torch.nn.Module) for m in compiled)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the reference's forward went through dynamo
-    ours, eager = (deterministic_metrics(read_metrics(str(o))) for o in (reference_out, eager_out))
-    assert [m["step"] for m in ours] == [1, 2, 3]
-    for a, b in zip(ours, eager):  # float32, the same kernels: equal
-        for key in ("loss", "model_mse", "ref_mse", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-8), key
-
-
-def test_compile_reference_cudagraphs_is_refused_without_a_gpu(pref_data, tiny_sd_path, tmp_path):
-    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], tmp_path, "--compile_reference", "cudagraphs"),
-                      expect_ok=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert "--compile_reference cudagraphs needs a CUDA GPU" in proc.stderr
-
-
 def test_posterior_cache_skips_decoding_and_encoding_of_images_seen_before(pref_data):
     from utils.data import PosteriorCache, SkipCachedSampler
 

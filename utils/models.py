@@ -424,7 +424,8 @@ def adapters_disabled(unet):
 def reference_model(trained, frozen=None, compiled=None):
     """The frozen reference (DRaFT+'s KL, DPO's reference errors, the base row of validation grids) as one callable:
     the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call.
-    compiled: a compiled view of that module (train_dpo.py --compile_reference), called in its place."""
+    compiled: a compiled view of that module, called in its place (bench.py's dpo_reference_graphs: slower, not used
+    by the scripts)."""
     if frozen is not None:
         return frozen if compiled is None else compiled
     model = trained if compiled is None else compiled

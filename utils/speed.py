@@ -28,9 +28,6 @@ COMPILE_MODES = ["auto", "off", "default", "reduce-overhead", "max-autotune-no-c
 # Compiling the training UNet's forward: backward runs through it, so no CUDA graphs ("reduce-overhead" would replay
 # captured buffers that the saved activations of a pending backward still point to).
 TRAIN_COMPILE_MODES = ["off", "default", "max-autotune-no-cudagraphs"]
-# Compiling the reference's forward (no grad, so CUDA graphs are safe): "cudagraphs" captures the eager kernels (the
-# same numbers), "reduce-overhead" inductor's fused ones.
-REFERENCE_COMPILE_MODES = ["off", "cudagraphs", "reduce-overhead"]
 # Where inductor keeps compiled graphs unless the user says otherwise: torch's default is /tmp/torchinductor_$USER,
 # which many clusters and fresh machines wipe, so every run would pay the full compilation again.
 COMPILE_CACHE_DIR = os.path.join("~", ".cache", "diffusion-align", "inductor")
@@ -64,13 +61,6 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                             "one process or DDP only. The first step pays the compilation (cached across runs, "
                             "README 'Start-up'). Inductor's kernels round differently from the eager reference UNet "
                             "and beta multiplies that: the first loss is log 2 only to about 1e-4 (README)")
-        g.add_argument("--compile_reference", default="off", choices=REFERENCE_COMPILE_MODES,
-                       help="replay the reference's forward (no grad: the frozen copy, or the UNet with its adapters "
-                            "off) from CUDA graphs, for steps bound by the host's kernel launches (small batches). "
-                            "cudagraphs: the eager kernels captured, the same numbers; reduce-overhead: inductor's "
-                            "fused kernels, other rounding (the first loss is log 2 only to about 1e-4). A CUDA GPU, "
-                            "one process or DDP. Not yet measured end to end (BENCHMARKS.md: bench.py --sections "
-                            "dpo_reference_graphs)")
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "
@@ -87,16 +77,6 @@ def compile_training_unet(unet, mode: str, backend: str = "inductor"):
         return unet
     # dynamic=False: the batch is fixed during training, so one static graph without shape guards
     return torch.compile(unet, mode=None if mode == "default" else mode, dynamic=False, backend=backend)
-
-
-def compile_reference(model, mode: str, backend: Optional[str] = None):
-    """--compile_reference: a compiled view of the reference module for its no-grad forward (sharing its parameters),
-    or None when off. `backend` overrides the mode's own (tests: "eager")."""
-    if mode == "off":
-        return None
-    if mode == "cudagraphs":
-        return torch.compile(model, backend=backend or "cudagraphs", dynamic=False)
-    return torch.compile(model, mode=mode, backend=backend or "inductor", dynamic=False)
 
 
 def compile_mode(requested: str, device) -> Optional[str]:

@@ -688,7 +688,7 @@ SAFE_TO_CHANGE_ON_RESUME = {
     "logging_dir", "push_to_hub", "hub_model_id", "dataloader_num_workers", "cache_dir", "reward_model_paths",
     "reward_paths", "max_bad_rows", "scan_data", "gradient_checkpointing", "allow_tf32",
     "channels_last", "compile_sampler", "vae_gradient_checkpointing",  # speed only (utils/speed.py)
-    "defer_loss_check", "compile_unet", "compile_reference", "latent_cache",
+    "defer_loss_check", "compile_unet", "latent_cache",
 }
 
 
