@@ -413,9 +413,6 @@ def main(args):
     accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = default_num_workers(args, accelerator.num_processes)
-    if args.compile_unet != "off" and unet_is_wrapped(accelerator):
-        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
-                         f"{accelerator.distributed_type}: drop it")
     device, dtype = accelerator.device, compute_dtype(accelerator)
     stop = StopRequest()
     global_batch = accelerator.num_processes * args.train_batch_size

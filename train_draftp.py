@@ -43,7 +43,7 @@ from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_part
                           reference_model)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
-from utils.speed import add_speed_args, apply_speed_options
+from utils.speed import add_speed_args, apply_speed_options, compile_training_unet
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
                             add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
                             compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
@@ -231,6 +231,7 @@ def main(args):
     guard = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator))
 
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
+    grad_unet = compile_training_unet(unet, args.compile_unet)  # the steps with grad; `unet` keeps DDP's no_sync
 
     use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
     # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would
@@ -270,12 +271,12 @@ def main(args):
                 # whole chain without grad, then N re-noised copies of its x_0 denoised once each with grad
                 cond = cfg_conditioning(encode_prompts(parts, batch_prompts, device, resolution), uncond,
                                         args.guidance_scale, args.true_cfg_scale)
-                sample = sample_latents(unet, scheduler, cond, x_T, args.num_inference_steps, args.guidance_scale,
+                sample = sample_latents(grad_unet, scheduler, cond, x_T, args.num_inference_steps, args.guidance_scale,
                                         0 if args.draft_lv_samples else truncation_steps, args.eta,
                                         None if args.draft_lv_samples else training_reference, eta_generator,
                                         nograd_unet=sampling_unet, scored_latent=args.scored_latent)
                 if args.draft_lv_samples:
-                    sample = low_variance_samples(unet, scheduler, cond, sample.latents, args.draft_lv_samples,
+                    sample = low_variance_samples(grad_unet, scheduler, cond, sample.latents, args.draft_lv_samples,
                                                   args.guidance_scale, lv_noise, training_reference, args.scored_latent,
                                                   args.num_inference_steps)
                 images_per_prompt = max(1, args.draft_lv_samples)  # (N*B, 4, h, w) for DRaFT-LV, N blocks of B

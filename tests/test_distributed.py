@@ -46,6 +46,10 @@ def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag(
         check_distributed_setup(fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), args())
     with pytest.raises(UsageError, match=r"--compile_sampler default .* FSDP2"):
         check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(compile_sampler="default"))
+    check_distributed_setup(fake_accelerator(DistributedType.MULTI_GPU), args(compile_unet="default"))
+    for kind, name in ((DistributedType.FSDP, "FSDP2"), (DistributedType.DEEPSPEED, "DeepSpeed ZeRO-2")):
+        with pytest.raises(UsageError, match=rf"--compile_unet default works with one process or DDP, not with {name}"):
+            check_distributed_setup(fake_accelerator(kind), args(compile_unet="default"))
     assert strategy_name(fake_accelerator(DistributedType.DEEPSPEED)) == "DeepSpeed ZeRO-2"
 
 

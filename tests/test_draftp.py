@@ -436,6 +436,33 @@ def test_draft_lv_training_steps_carry_grad_only_through_the_resamples(tmp_path,
     assert len(metrics) == steps and all(np.isfinite(m["reward"]) and "kl" in m for m in metrics)
 
 
+def test_compiled_grad_unet_gives_the_same_numbers(tmp_path, monkeypatch, tiny_sd_path):
+    """--compile_unet: dynamo captures the trained UNet's forward at the steps with grad, through gradient
+    checkpointing, with backward through AOTAutograd (backend "eager" here: the capture, guards and graph breaks are
+    what is tested; inductor's kernels are measured on the GPU, bench/e2e.py). The run must equal eager's."""
+    from utils.speed import compile_training_unet
+
+    compiled = []
+
+    def eager_backend(unet, mode):
+        view = compile_training_unet(unet, mode, "eager")
+        compiled.extend([view] if view is not unet else [])
+        return view
+
+    monkeypatch.setattr(train_draftp, "compile_training_unet", eager_backend)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    flags = ["--log_kl", "--gradient_checkpointing"]
+    _, eager = run_in_process(tmp_path / "eager", monkeypatch, 3, flags)
+    _, ours = run_in_process(tmp_path / "compiled", monkeypatch, 3, flags + ["--compile_unet", "default"])
+    assert len(compiled) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    ours, eager = deterministic_metrics(ours), deterministic_metrics(eager)
+    assert [m["step"] for m in ours] == [1, 2, 3]
+    for a, b in zip(ours, eager):  # float32, the same kernels: equal but for the reduction order
+        for key in ("loss", "reward", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 def test_resume_continues_metrics_exactly(tmp_path, run_script):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_script(draftp_flags(straight, steps=4))

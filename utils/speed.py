@@ -55,12 +55,14 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                    help="check the loss for NaN/inf once per optimizer step, with the gradient norm, instead of waiting "
                         "for the GPU after every micro-step's forward (one process without fp16 or DeepSpeed; "
                         "elsewhere it is checked per micro-step). A non-finite loss still skips its update")
+    at = " at the steps with grad (the no-grad sampling steps: --compile_sampler)" if sampling else ""
+    drift = ("the KL at step 1 is not exactly 0" if sampling else
+             "beta multiplies that, so the first loss is log 2 only to about 1e-4")
+    g.add_argument("--compile_unet", default="off", choices=TRAIN_COMPILE_MODES,
+                   help=f"torch.compile mode of the trained UNet's forward{at}; backward follows through AOTAutograd. "
+                        "One process or DDP only. The first step pays the compilation (cached across runs, README "
+                        f"'Start-up'). Inductor's kernels round differently from the eager reference model: {drift}")
     if not sampling:
-        g.add_argument("--compile_unet", default="off", choices=TRAIN_COMPILE_MODES,
-                       help="torch.compile mode of the trained UNet's forward (backward follows through AOTAutograd); "
-                            "one process or DDP only. The first step pays the compilation (cached across runs, "
-                            "README 'Start-up'). Inductor's kernels round differently from the eager reference UNet "
-                            "and beta multiplies that: the first loss is log 2 only to about 1e-4 (README)")
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "

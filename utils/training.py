@@ -414,6 +414,9 @@ def check_distributed_setup(accelerator, args):
         raise UsageError("the accelerate config sets DeepSpeed zero_stage: 3, which this project does not support "
                          "(its frozen LoRA reference and sampler call the UNet outside the engine); use ZeRO-2 "
                          "(launchers/accelerate/deepspeed_zero2.yaml) or FSDP2 (launchers/accelerate/fsdp.yaml)")
+    if getattr(args, "compile_unet", "off") != "off" and unet_is_wrapped(accelerator):
+        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
+                         f"{strategy_name(accelerator)}: drop it")
     if getattr(args, "compile_sampler", "off") not in ("auto", "off") and shards_parameters(accelerator):
         raise UsageError(f"--compile_sampler {args.compile_sampler} cannot compile a UNet that {strategy_name(accelerator)} "
                          f"shards; pass --compile_sampler off (or auto, which is off under FSDP and DeepSpeed)")
