@@ -1,5 +1,6 @@
 """End to end: the training scripts run as a user runs them (one process each, `python train_dpo.py ...`), beside
-diffusers' Diffusion-DPO examples on the same data, batch, LoRA rank, resolution, steps and GPU, in one call.
+diffusers' Diffusion-DPO examples on the same data, batch, LoRA rank, resolution, steps and GPU, in one call; and
+train_draftp.py beside the plain DRaFT+ loop run as a script (bench/plain_draftp.py: same model, reward, batch, K).
 
 Each (section, script) runs once for N steps. The harness stamps each tqdm step count ("k/N", which both kinds of
 script print after each optimizer step) with its own clock as the line appears in the log; throughput = (N - M) x
@@ -19,7 +20,8 @@ bench/distributed.py (--models, default /tmp/bench-models; --assets as there). D
 (jpg_0 / jpg_1 PNG bytes, label_0, caption) written as one parquet file in a folder, which both kinds of script
 read through `load_dataset`, each run with a fresh datasets cache. The peers (diffusers' research example
 examples/research_projects/diffusion_dpo, third-party code, run unchanged) come from --peers DIR; they import
-wandb, so a stub module is put on their PYTHONPATH.
+wandb, so a stub module is put on their PYTHONPATH. --no_peers leaves out the examples, --no_plain the plain DRaFT+
+loop.
 
 On the GPU (each line one call of under 10 minutes on an H200; --peers holds the two peer scripts):
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4            # DPO LoRA, 4 pairs/step
@@ -27,7 +29,7 @@ On the GPU (each line one call of under 10 minutes on an H200; --peers holds the
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections dpo4_full dpo16_full   # full UNet (peer: LoRA)
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sdxl --sections          # builds the SDXL model only
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections sdxl_dpo        # SDXL DPO LoRA, 1024 px
-    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp4         # DRaFT+ K=1, batch 4
+    python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp4         # DRaFT+ K=1, batch 4, + plain loop
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp8         # batch 8
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp16        # batch 16
     python3 bench/e2e.py --smoke --out /tmp/e2e                                      # CPU, tiny-sd, 2 steps
@@ -54,7 +56,8 @@ import distributed  # noqa: E402
 
 PEER_SCRIPTS = {False: "diffusers_dpo_train_diffusion_dpo.py", True: "diffusers_dpo_train_diffusion_dpo_sdxl.py"}
 NUM_PAIRS, LORA_RANK = 256, 8
-# name: (script, batch, (N steps, M: the first step of the timed window), full UNet, SDXL); the DRaFT+ sections have no peer script to run beside
+# name: (script, batch, (N steps, M: the first step of the timed window), full UNet, SDXL); the baseline of the DPO
+# sections is diffusers' example, of the DRaFT+ sections the plain loop (bench/plain_draftp.py)
 SECTIONS = {
     "dpo4": ("dpo", 4, (40, 10), False, False),
     "dpo16": ("dpo", 16, (30, 10), False, False),
@@ -181,6 +184,16 @@ def draftp_command(args, model, scorer, batch, steps, resolution, out):
             *(["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []), *args.draftp_flags]
 
 
+def plain_draftp_command(args, model, scorer, batch, steps):
+    """The baseline of a DRaFT+ section: bench/plain_draftp.py (the plain loop) with draftp_command's model,
+    reward, batch, DDIM steps and K (its CFG 7.5, kl 0.1 and LoRA rank 8 are bench.py's constants, the same)."""
+    reward = ["--reward_model", "brightness"] if args.smoke else \
+        ["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"]
+    return [sys.executable, os.path.join("bench", "plain_draftp.py"), "--pretrained_model_name_or_path", model, *reward,
+            "--num_inference_steps", str(args.inference_steps), "--truncation_steps", "1", "--train_batch_size",
+            str(batch), "--max_train_steps", str(steps), "--mixed_precision", args.mixed_precision, "--seed", "0"]
+
+
 # --------------------------------------------------------------------------- measuring
 def first_step_seen(seen_at):
     """Seconds from the start to the first step count shown (tqdm skips counts within 0.1 s of the last one shown:
@@ -240,8 +253,8 @@ def markdown(results):
             for k in ("s_per_step", "fixed_s", "first_step_s", "peak_gib_smi", "step_seconds_median",
                       "data_seconds_median", "peak_gib_torch", "first_loss", "cold_first_step_s")]) + " |")
     if results["ratios"]:
-        lines += ["", "| section | this project / diffusers' example (throughput) | fixed s: project vs example | "
-                      "peak GiB (smi): project vs example |", "|---|---|---|---|"]
+        lines += ["", "| section | this project / baseline (throughput; DPO: diffusers' example, DRaFT+: the plain "
+                      "loop) | fixed s: project vs baseline | peak GiB (smi): project vs baseline |", "|---|---|---|---|"]
         for section, q in results["ratios"].items():
             lines.append(f"| {section} | {q['speedup']}x | {q['fixed_s']} | {q['peak_gib']} |")
     return "\n".join(lines) + "\n"
@@ -275,7 +288,8 @@ def parse_args(argv=None):
                         help="run length and first timed step of every section (default: the section's own)")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--inference_steps", type=int, default=50, help="DDIM steps of the DRaFT+ runs")
-    parser.add_argument("--no_peers", action="store_true", help="only this project's scripts")
+    parser.add_argument("--no_peers", action="store_true", help="DPO sections: without diffusers' examples")
+    parser.add_argument("--no_plain", action="store_true", help="DRaFT+ sections: without the plain loop")
     parser.add_argument("--warm_cache", action="store_true",
                         help="where a script compiles (DRaFT+, --compile_unet), a 1-step run first: its first step is "
                              "the cold start, the measured run's the warm one (without: the measured run's first step "
@@ -335,27 +349,29 @@ def main(argv=None):
         if args.smoke:
             batch = 2
         model, resolution = (sdxl, res_xl) if is_xl else (sd15, res15)
+        # (label, is the baseline, command for n steps into out, compiles: a warm-up run first with --warm_cache)
         if kind == "draftp":
-            row = measure_run(name, "train_draftp.py",
-                               lambda n, out: draftp_command(args, model, scorer, batch, n, resolution, out),
-                               steps, batch, work, logs, env, args.timeout, warmup=args.warm_cache)
-            results["rows"].append({**row, "kind": kind})
-            write_results(results, args.out)
-            continue
-        # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
-        data = distributed.build_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution,
-                                       8 if args.smoke else NUM_PAIRS, "parquet")
-        runners = [("train_dpo.py" + (" (full UNet)" if full else ""), False)]
-        if not args.no_peers:
-            runners.append((PEER_SCRIPTS[is_xl].replace("diffusers_dpo_", "diffusers ") + " (LoRA)", True))
+            runners = [("train_draftp.py", False, lambda n, out: draftp_command(args, model, scorer, batch, n,
+                                                                                 resolution, out), True)]
+            if not args.no_plain:
+                runners.append(("plain loop (bench/plain_draftp.py)", True,
+                                lambda n, out: plain_draftp_command(args, model, scorer, batch, n), False))
+        else:
+            # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
+            data = distributed.build_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution,
+                                           8 if args.smoke else NUM_PAIRS, "parquet")
+            runners = [("train_dpo.py" + (" (full UNet)" if full else ""), False,
+                        lambda n, out: dpo_command(False, args, model, data, batch, n, full, is_xl, resolution, out),
+                        "--compile_unet" in args.dpo_flags)]  # the DPO example compiles nothing
+            if not args.no_peers:
+                runners.append((PEER_SCRIPTS[is_xl].replace("diffusers_dpo_", "diffusers ") + " (LoRA)", True,
+                                lambda n, out: dpo_command(True, args, model, data, batch, n, full, is_xl, resolution,
+                                                           out), False))
         rows = {}
-        for label, peer in runners:
-            commands = (lambda n, out, peer=peer: dpo_command(peer, args, model, data, batch, n, full, is_xl,
-                                                              resolution, out))
-            compiles = args.warm_cache and not peer and "--compile_unet" in args.dpo_flags  # its sampler is eager
+        for label, peer, commands, compiles in runners:
             rows[peer] = {**measure_run(name, label.split()[0] + ("-peer" if peer else ""), commands, steps, batch,
-                                         work, logs, env, args.timeout, warmup=compiles), "script": label,
-                          "kind": kind}
+                                         work, logs, env, args.timeout, warmup=args.warm_cache and compiles),
+                          "script": label, "kind": kind}
             results["rows"].append(rows[peer])
             write_results(results, args.out)
         if True in rows and ratio(rows[False], rows[True]):

@@ -46,8 +46,8 @@ PEER_SD15 = "diffusers_dpo_train_diffusion_dpo.py"
 
 @pytest.fixture(scope="module")
 def e2e_smoke(tmp_path_factory):
-    """One smoke call: train_dpo.py (and, where its copy exists, diffusers' SD1.5 DPO example) and train_draftp.py,
-    each a 3-step run on tiny-sd on the CPU, as subprocesses."""
+    """One smoke call: train_dpo.py (and, where its copy exists, diffusers' SD1.5 DPO example), train_draftp.py and
+    the plain DRaFT+ loop (bench/plain_draftp.py), each a 3-step run on tiny-sd on the CPU, as subprocesses."""
     root = tmp_path_factory.mktemp("e2e")
     peers = root / "peers"
     peers.mkdir()
@@ -60,13 +60,25 @@ def e2e_smoke(tmp_path_factory):
 
 def test_e2e_smoke_runs_the_project_scripts_end_to_end(e2e_smoke):
     data, table = e2e_smoke
-    ours = {r["script"]: r for r in data["rows"] if not r["script"].startswith("diffusers")}
+    ours = {r["script"]: r for r in data["rows"] if not r["script"].startswith(("diffusers", "plain"))}
     assert set(ours) == {"train_dpo.py", "train_draftp.py"}
     for row in ours.values():
         assert row["steps"] == 3 and row["rc"] == 0, row
         assert 0 < row["first_step_s"] < row["wall_s"] and row["step_seconds_median"] > 0 and row["data_seconds_median"] >= 0
     assert ours["train_dpo.py"]["first_loss"] == pytest.approx(math.log(2), abs=1e-4)  # DPO starts at log 2
     assert "| dpo4 | train_dpo.py |" in table and "| draftp4 | train_draftp.py |" in table
+
+
+def test_e2e_smoke_runs_the_plain_draftp_loop_beside_train_draftp(e2e_smoke):
+    """The DRaFT+ section's baseline: bench/plain_draftp.py on the same model, reward and batch, timed by the same
+    tqdm counts, and the ratio of the two."""
+    data, table = e2e_smoke
+    (plain,) = [r for r in data["rows"] if r["script"].startswith("plain")]
+    assert plain["section"] == "draftp4" and plain["rc"] == 0 and plain["steps"] == 3, plain
+    assert 0 < plain["first_step_s"] < plain["wall_s"] and plain["rate"] > 0
+    ours = next(r for r in data["rows"] if r["script"] == "train_draftp.py")
+    assert data["ratios"]["draftp4"]["speedup"] == pytest.approx(ours["rate"] / plain["rate"], rel=1e-2)
+    assert "| draftp4 | plain loop (bench/plain_draftp.py) |" in table
 
 
 def test_e2e_smoke_runs_diffusers_dpo_example_on_the_same_data(e2e_smoke):
