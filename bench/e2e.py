@@ -34,12 +34,14 @@ On the GPU (each line one call of under 10 minutes on an H200; --peers holds the
     python3 bench/e2e.py --out $OUT --assets .bench_assets --sections draftp16        # batch 16
     python3 bench/e2e.py --smoke --out /tmp/e2e                                      # CPU, tiny-sd, 2 steps
 Extra flags for this project's DPO runs (a speed lever under test) go after --dpo_flags, e.g.
-`--dpo_flags --compile_unet default`; they are recorded in the results.
+`--dpo_flags --compile_unet default`, and for the DRaFT+ runs as one quoted string, `--draftp_flags "--compile_unet
+default"`; they are recorded in the results.
 """
 import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -299,7 +301,8 @@ def parse_args(argv=None):
                         help="CPU, tiny-sd, 32 px, batch 2, 3-step runs, float32: the harness runs")
     parser.add_argument("--dpo_flags", nargs=argparse.REMAINDER, default=[],
                         help="extra flags of this project's DPO runs (the rest of the command line)")
-    parser.add_argument("--draftp_flags", nargs="*", default=[], help="extra flags of the DRaFT+ runs")
+    parser.add_argument("--draftp_flags", type=shlex.split, default=[],
+                        help='extra flags of the DRaFT+ runs, one quoted string: --draftp_flags "--compile_unet default"')
     args = parser.parse_args(argv)
     if args.smoke:
         args.mixed_precision, args.inference_steps, args.steps = "no", 2, args.steps or [3, 1]
