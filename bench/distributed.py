@@ -12,6 +12,7 @@ after every run, so a call cut short keeps what it measured.
     python3 bench/distributed.py --out $OUT --assets .bench_assets --scripts dpo           # SD1.5 DPO (~8 min)
     python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl_memory           # SDXL full-UNet DPO recipe
     python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl_memory --sdxl_optimizer adamw --configs fsdp
+    python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl --scripts dpo draftp --modes lora --configs ddp
     python3 bench/distributed.py --assets .bench_assets --write_assets                     # here: tokenizer, processor
 
 The GPU machine has no hub and no open-clip-torch: `--write_assets` (run where the project is installed) writes the
@@ -99,8 +100,8 @@ def script_flags(script, lora, models, data, sdxl=False, sdxl_optimizer="adafact
     if script == "draftp":
         return ["train_draftp.py", *common, "--reward_model", "pickscore", "--reward_model_paths",
                 f"pickscore={os.path.join(models, 'pickscore')}", "--prompts", "animals", "--num_inference_steps", "10",
-                "--train_batch_size", "2", "--kl_coeff", "0.1", "--compile_sampler", "off",
-                "--learning_rate", "1e-4" if lora else "1e-6"]
+                "--resolution", "1024" if sdxl else "512", "--train_batch_size", "1" if sdxl else "2",
+                "--kl_coeff", "0.1", "--compile_sampler", "off", "--learning_rate", "1e-4" if lora else "1e-6"]
     return ["train_dpo.py", *common, "--dataset_name", data, "--resolution", "1024" if sdxl else "512",
             "--train_batch_size", "1" if sdxl else "2", "--num_inference_steps", "5", "--lr_warmup_steps", "0",
             "--learning_rate", "1e-5" if lora else "1e-7",
@@ -204,6 +205,9 @@ def main():
     parser.add_argument("--sdxl_memory", action="store_true", help="full-UNet SDXL DPO (Adafactor, checkpointing), 3 steps, no checkpoint")
     parser.add_argument("--sdxl_optimizer", default="adafactor", choices=["adafactor", "adamw"],
                         help="the --sdxl_memory runs' optimizer (the paper's recipe: Adafactor; FSDP2 refuses it)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="the --scripts x --modes x --configs rows on random-weight SDXL at 1024 px, batch 1 "
+                             "(DPO with AdamW), instead of SD1.5")
     parser.add_argument("--no_resume", action="store_true", help="skip the resumed run (to fit more rows in one call)")
     args = parser.parse_args()
     if args.write_assets:
@@ -212,14 +216,16 @@ def main():
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
     work = "/tmp/bench-runs"
-    build_models(args.assets, args.models, args.sdxl_memory)
+    build_models(args.assets, args.models, args.sdxl_memory or args.sdxl)
     rows = []
+    size = 1024 if args.sdxl else 512
     for script in args.scripts:
-        data = build_pairs("/tmp/bench-data/pairs512", 512) if script == "dpo" else None
+        data = build_pairs(f"/tmp/bench-data/pairs{size}", size) if script == "dpo" else None
         for mode in args.modes:
             for config in args.configs:
-                flags = script_flags(script, mode == "lora", args.models, data)
-                rows.append(measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume))
+                flags = script_flags(script, mode == "lora", args.models, data, sdxl=args.sdxl, sdxl_optimizer="adamw")
+                row = measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume)
+                rows.append({**row, "script": script + (" SDXL" if args.sdxl else "")})
                 write_table(rows, args.out)
     if args.sdxl_memory:
         data = build_pairs("/tmp/bench-data/pairs1024", 1024)

@@ -125,3 +125,22 @@ def test_profile_steps_profiles_the_asked_steps_of_a_real_run(tmp_path):
     assert any(op["name"].startswith("aten::") for op in profile["top_cpu_ops"])  # the UNet's operators were seen
     assert (tmp_path / "profile" / "trace.json.gz").stat().st_size > 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 5 and (run / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
+def test_distributed_bench_command_lines_parse_in_both_scripts(sdxl):
+    """bench/distributed.py's rows run the scripts on the GPU only: their flags (LoRA and full, SD1.5 and SDXL) must
+    at least be the scripts' flags, so that a row fails on the strategy and not on a renamed flag."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import distributed
+    import train_dpo
+    import train_draftp
+
+    parse = {"train_dpo.py": train_dpo.parse_args, "train_draftp.py": train_draftp.parse_args}
+    for script in ("draftp", "dpo"):
+        for lora in (True, False):
+            flags = distributed.script_flags(script, lora, "/models", "/data", sdxl=sdxl, sdxl_optimizer="adamw")
+            args = parse[flags[0]]([*flags[1:], "--output_dir", "/tmp/out", "--max_train_steps", "3"])
+            assert args.use_lora == lora and args.resolution == (1024 if sdxl else 512)
