@@ -7,6 +7,7 @@ bench/distributed.py runs every config end to end on the GPU machine (BENCHMARKS
 import os
 import shlex
 import subprocess
+import sys
 import types
 
 import pytest
@@ -37,8 +38,7 @@ def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag(
     check_distributed_setup(fake_accelerator(DistributedType.MULTI_GPU), args(use_lora=True, compile_sampler="default"))
     with pytest.raises(UsageError, match=r"fsdp_version: 1.*fsdp_version: 2 \(launchers/accelerate/fsdp.yaml\)"):
         check_distributed_setup(fake_accelerator(DistributedType.FSDP, fsdp_version=1), args())
-    with pytest.raises(UsageError, match=r"--use_lora under FSDP"):
-        check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(use_lora=True))
+    check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(use_lora=True))  # LoRA under FSDP2: fine
     check_distributed_setup(fake_accelerator(DistributedType.DEEPSPEED), args(use_adafactor=True))
     with pytest.raises(UsageError, match=r"--use_adafactor under FSDP .*deepspeed_zero2.yaml"):
         check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(use_adafactor=True))
@@ -73,6 +73,51 @@ def test_deepspeed_input_cast_makes_the_reference_equal_the_model_at_the_start(t
             reference = unet(latents, t, encoder_hidden_states=text).sample
         cast_by_hand = unet(latents.bfloat16(), t, encoder_hidden_states=text.bfloat16()).sample
     assert model.dtype == torch.bfloat16 and torch.equal(model, reference) and torch.equal(model, cast_by_hand)
+
+
+FSDP2_LORA_STEP = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from utils.models import adapters_disabled, add_trainable_lora
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+unet = add_trainable_lora(UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet"), 4, None, 0, "cpu",
+                          torch.bfloat16)
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # as fsdp.yaml under bf16
+for block in [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]:
+    fully_shard(block, mp_policy=policy)
+fully_shard(unet, mp_policy=policy)
+x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+text = torch.randn(2, 77, unet.config.cross_attention_dim)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), adapters_disabled(unet):  # FSDP2's first forward: the reference's, as in train_dpo.py
+        reference = unet(x, t, encoder_hidden_states=text).sample
+    model = unet(x, t, encoder_hidden_states=text).sample
+(model.float() - reference.float()).square().mean().add(model.float().square().mean()).backward()
+grads = [p.grad for p in unet.parameters() if p.requires_grad]
+assert grads and all(g is not None and g.dtype == torch.float32 for g in grads), {getattr(g, "dtype", None) for g in grads}
+print("ok", len(grads))
+"""
+
+
+def test_fsdp2_lora_gradients_reach_the_fp32_adapters_when_the_reference_runs_first(tiny_sd_path):
+    """FSDP2 (torch's fully_shard, on the CPU with gloo: accelerate would turn the config into DDP here) around a bf16
+    UNet with fp32 LoRA adapters, the policy of launchers/accelerate/fsdp.yaml. FSDP2 picks its gradient dtypes at its
+    first forward; in train_dpo.py that is the reference's, with the adapters off. peft's switch used to leave the
+    adapters without requires_grad there, FSDP2 then saw no trainable weight and handed bf16 gradients to the fp32
+    adapters: "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float" (the H200 run
+    of BENCHMARKS.md "Distributed"). utils.models.adapters_disabled now keeps requires_grad as it was."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", FSDP2_LORA_STEP, tiny_sd_path, str(port)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
 def test_weights_written_from_a_gathered_state_dict_load_in_stock_diffusers(tiny_sd_path, tmp_path):

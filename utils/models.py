@@ -413,8 +413,16 @@ def frozen_copy(model, dtype):
 
 @contextmanager
 def adapters_disabled(unet):
-    """The frozen base model for free: the same UNet with its LoRA adapters switched off."""
+    """The frozen base model for free: the same UNet with its LoRA adapters switched off.
+
+    peft's switch also sets the adapters' requires_grad to False; it is put back at once (the forward ignores it), so
+    that nothing that reads requires_grad meanwhile sees a model without trainable weights: FSDP2 picks its gradient
+    dtypes at its first forward, which is the reference's in train_dpo.py, and without trainable weights it picked
+    none and reduced the adapters' bf16 gradients into their fp32 weights unconverted (an error)."""
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     unet.disable_adapters()
+    for p in trainable:
+        p.requires_grad_(True)
     try:
         yield unet
     finally:

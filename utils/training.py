@@ -394,11 +394,6 @@ def check_distributed_setup(accelerator, args):
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and args.use_lora:
-        # Measured on an H200 (BENCHMARKS.md "Distributed"): train_dpo.py's LoRA run fails in FSDP2's gradient
-        # reduction (a bf16 gradient handed to an fp32 adapter weight), and sharding a few MB of adapters saves nothing.
-        raise UsageError("--use_lora under FSDP (launchers/accelerate/fsdp.yaml) is not supported: LoRA weights are "
-                         "a few MB; use launchers/accelerate/ddp.yaml or deepspeed_zero2.yaml, or FSDP with --no-use_lora")
     if fsdp and getattr(args, "use_adafactor", False):
         # Measured on an H200: transformers' Adafactor mixes its factored row/column statistics (plain tensors) with
         # FSDP2's sharded gradients (DTensors) and fails at the first step; a row mean over a shard is not Adafactor.
