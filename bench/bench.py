@@ -729,7 +729,7 @@ def section_dpo_kernels(R, args, peak_tflops):
 
     S, dpo_flops = sd15_dpo_setup(args)
     compiled = torch.compile(S.unet, dynamic=False, backend="inductor" if args.device.type == "cuda" else "eager")
-    for pairs in (4, 16):
+    for pairs in (2,) if args.smoke else (4, 16):  # the smoke run: one size
         run = lambda key, fn, flops=dpo_flops: rate_row(R, key, *measure(fn, args.device, warmup=2, reps=args.reps + 2),
                                                         pairs, "pairs/s", None if flops is None else flops * pairs,
                                                         peak_tflops, batch=pairs)
@@ -763,7 +763,7 @@ def section_dpo_reference_graphs(R, args, peak_tflops):
 
     def graphed_reference(backend, mode=None):
         # called under adapters_disabled (reference_model): dynamo guards on peft's switches, so this graph is the
-        # adapters-off UNet, as train_dpo.py --compile_reference builds it
+        # adapters-off UNet, as train_dpo.py's --compile_reference built it (removed: slower end to end, BENCHMARKS.md)
         compiled = torch.compile(S.unet, backend=backend if cuda else "eager", mode=mode if cuda else None, dynamic=False)
         return reference_model(S.unet, compiled=compiled)
 
@@ -847,7 +847,7 @@ def section_dpo_lora_casts(R, args, peak_tflops):
     same weights, which must be equal."""
     S, dpo_flops = sd15_dpo_setup(args)
     layers = [m for m in S.unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    for pairs in (4, 16):
+    for pairs in (2,) if args.smoke else (4, 16):  # the smoke run: one size
         losses = {}
         for casts in (True, False):
             for m in layers:

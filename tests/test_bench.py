@@ -19,7 +19,7 @@ def test_bench_sections_run_and_the_compared_paths_agree(tmp_path):
     assert not [k for k in data["checks"] if "failed" in k], data["checks"]
     rows = data["rows"]
     for prefix in ("sd15 draftp", "sd15 sampling", "sdxl draftp", "sd15 dpo", "sdxl sft", "sd15 vae encode", "sd15 vae decode",
-                   "sd15 dpo b16 project, input casts off"):
+                   "sd15 dpo b2 project, input casts off"):
         assert any(k.startswith(prefix) for k in rows), prefix
     assert all(r["rate"] > 0 and r["seconds"] > 0 for r in rows.values())
     graphed = {k: c for k, c in data["checks"].items() if "vs reference" in k}
