@@ -762,10 +762,11 @@ def section_dpo_reference_graphs(R, args, peak_tflops):
     cuda = args.device.type == "cuda"
 
     def graphed_reference(backend, mode=None):
-        # called under adapters_disabled (reference_model): dynamo guards on peft's switches, so this graph is the
-        # adapters-off UNet, as train_dpo.py's --compile_reference built it (removed: slower end to end, BENCHMARKS.md)
-        compiled = torch.compile(S.unet, backend=backend if cuda else "eager", mode=mode if cuda else None, dynamic=False)
-        return reference_model(S.unet, compiled=compiled)
+        # the compiled view under reference_model's adapters_disabled (switched on the UNet it wraps): dynamo guards on
+        # peft's switches, so this graph is the adapters-off UNet, as train_dpo.py's --compile_reference built it
+        # (removed: slower end to end, BENCHMARKS.md)
+        return reference_model(torch.compile(S.unet, backend=backend if cuda else "eager", mode=mode if cuda else None,
+                                             dynamic=False))
 
     for pairs in (2,) if args.smoke else (4, 16):  # the smoke run: one size (each compiles twice)
         S.reset_lora()

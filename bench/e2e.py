@@ -176,26 +176,28 @@ def dpo_command(peer, args, model, data, batch, steps, full, sdxl, resolution, o
             *(["--sdxl"] if sdxl else []), *args.dpo_flags]
 
 
-def draftp_command(args, model, scorer, batch, steps, resolution, out):
-    """DRaFT+ as BENCHMARKS.md measures it: K=1, 50 DDIM steps, CFG 7.5, kl 0.1, LoRA rank 8, UNet checkpointing."""
+def draftp_common(args, model, scorer, batch, steps, resolution):
+    """What a DRaFT+ section's two runs share: model, reward, batch, resolution, DDIM steps, K = 1, seed."""
     reward = ["--reward_model", "brightness"] if args.smoke else \
         ["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"]
-    return [sys.executable, "train_draftp.py", "--pretrained_model_name_or_path", model, *reward,
-            "--prompts", "animals", "--num_inference_steps", str(args.inference_steps), "--guidance_scale", "7.5",
-            "--truncation_steps", "1", "--kl_coeff", "0.1", "--lora_rank", str(LORA_RANK), "--gradient_checkpointing",
-            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--resolution", str(resolution),
-            "--checkpointing_steps", "100000", "--report_to", "none", "--seed", "0", "--output_dir", out,
+    return ["--pretrained_model_name_or_path", model, *reward, "--train_batch_size", str(batch), "--max_train_steps",
+            str(steps), "--resolution", str(resolution), "--num_inference_steps", str(args.inference_steps),
+            "--truncation_steps", "1", "--seed", "0"]
+
+
+def draftp_command(args, model, scorer, batch, steps, resolution, out):
+    """DRaFT+ as BENCHMARKS.md measures it: K=1, 50 DDIM steps, CFG 7.5, kl 0.1, LoRA rank 8, UNet checkpointing."""
+    return [sys.executable, "train_draftp.py", *draftp_common(args, model, scorer, batch, steps, resolution),
+            "--prompts", "animals", "--guidance_scale", "7.5", "--kl_coeff", "0.1", "--lora_rank", str(LORA_RANK),
+            "--gradient_checkpointing", "--checkpointing_steps", "100000", "--report_to", "none", "--output_dir", out,
             *(["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []), *args.draftp_flags]
 
 
-def plain_draftp_command(args, model, scorer, batch, steps):
-    """The baseline of a DRaFT+ section: bench/plain_draftp.py (the plain loop) with draftp_command's model,
-    reward, batch, DDIM steps and K (its CFG 7.5, kl 0.1 and LoRA rank 8 are bench.py's constants, the same)."""
-    reward = ["--reward_model", "brightness"] if args.smoke else \
-        ["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"]
-    return [sys.executable, os.path.join("bench", "plain_draftp.py"), "--pretrained_model_name_or_path", model, *reward,
-            "--num_inference_steps", str(args.inference_steps), "--truncation_steps", "1", "--train_batch_size",
-            str(batch), "--max_train_steps", str(steps), "--mixed_precision", args.mixed_precision, "--seed", "0"]
+def plain_draftp_command(args, model, scorer, batch, steps, resolution):
+    """The baseline of a DRaFT+ section: bench/plain_draftp.py (the plain loop) with draftp_command's shared flags
+    (its CFG 7.5, kl 0.1 and LoRA rank 8 are bench.py's constants, the same)."""
+    return [sys.executable, os.path.join("bench", "plain_draftp.py"),
+            *draftp_common(args, model, scorer, batch, steps, resolution), "--mixed_precision", args.mixed_precision]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -376,7 +378,7 @@ def main(argv=None):
                                                                                  resolution, out), True)]
             if not args.no_plain:
                 runners.append(("plain loop (bench/plain_draftp.py)", True,
-                                lambda n, out: plain_draftp_command(args, model, scorer, batch, n), False))
+                                lambda n, out: plain_draftp_command(args, model, scorer, batch, n, resolution), False))
         else:
             # not bench/distributed.py's pairs folders (64 pairs, save_to_disk): a folder with one parquet file
             data = distributed.build_pairs(os.path.join(data_root, f"e2e-pairs{resolution}"), resolution,

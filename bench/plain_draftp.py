@@ -5,7 +5,7 @@ What a user writes from diffusers' documented pieces, without this project's spe
 loaded with from_pretrained, peft LoRA on the UNet's attention projections (adapters in fp32 under autocast, as
 train_draftp.py keeps them), and each step bench.py's plain_draftp_step (the pipeline __call__ loop with DRaFT+ at
 the last K steps, the reference by switching the adapters off: eager, NCHW, no checkpointing, no compile). The
-model, reward, batch, DDIM steps, CFG, kl_coeff and LoRA rank are those of e2e.py's train_draftp.py row. Prompts are
+model, reward, batch, resolution, DDIM steps, CFG, kl_coeff and LoRA rank are those of e2e.py's train_draftp.py row. Prompts are
 random token ids, as in bench.py (the text encoder's cost is in both; the reward sees one fixed caption).
 
     python bench/plain_draftp.py --pretrained_model_name_or_path /tmp/bench-models/sd15 --reward_model pickscore \\
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--reward_model_paths", nargs="*", default=[], help="NAME=FOLDER, as train_draftp.py")
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--max_train_steps", type=int, default=25)
+    parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--num_inference_steps", type=int, default=bench.STEPS)
     parser.add_argument("--truncation_steps", type=int, default=1)
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
@@ -56,7 +57,7 @@ def load(args):
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device, dtype).requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     add_trainable_lora(unet, bench.LORA_RANK, None, args.seed, device, dtype)
-    latent_hw = unet.config.sample_size
+    latent_hw = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     scorer = load_reward(args.reward_model, device=device, dtype=dtype, paths=parse_name_paths(args.reward_model_paths))
 
     @torch.no_grad()

@@ -429,17 +429,14 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
-def reference_model(trained, frozen=None, compiled=None):
+def reference_model(trained, frozen=None):
     """The frozen reference (DRaFT+'s KL, DPO's reference errors, the base row of validation grids) as one callable:
-    the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call.
-    compiled: a compiled view of that module, called in its place (bench.py's dpo_reference_graphs: slower, not used
-    by the scripts)."""
+    the frozen copy of a full fine-tune, or the trained model with its LoRA adapters switched off for the call."""
     if frozen is not None:
-        return frozen if compiled is None else compiled
-    model = trained if compiled is None else compiled
+        return frozen
 
     def base(*args, **kwargs):
         with adapters_disabled(trained):
-            return model(*args, **kwargs)
+            return trained(*args, **kwargs)
 
     return base
