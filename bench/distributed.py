@@ -23,11 +23,13 @@ s/step is the eager step of each strategy.
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -111,7 +113,7 @@ def script_flags(script, lora, models, data, sdxl=False, sdxl_optimizer="adafact
 def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, checkpointing_steps=2):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "launchers", "accelerate", f"{config}.yaml"), "--num_processes", "1",
-           "--main_process_port", str(29500 + hash((config, output_dir)) % 1000), *flags,
+           "--main_process_port", str(29500 + zlib.crc32(output_dir.encode()) % 1000), *flags,
            "--output_dir", output_dir, "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps),
            *(["--resume_from_checkpoint", "latest"] if resume else [])]
     started = time.time()
@@ -124,12 +126,15 @@ def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, 
     return code, time.time() - started
 
 
+ERROR_LINE = re.compile(r"^(error:|[\w.]*(Error|Exception)\b)")  # "error: ..." (UsageError) or "x.YError: ..."
+
+
 def last_error_line(log_path):
+    """The exception of the first process that failed: torchelastic's summary after it ends in "====" lines."""
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
     for line in reversed(lines):
-        if line.startswith(("error:", "RuntimeError", "ValueError", "AssertionError", "TypeError", "NotImplementedError",
-                            "AttributeError", "torch.OutOfMemoryError", "KeyError", "ImportError", "ModuleNotFoundError")):
+        if ERROR_LINE.match(line) and not line.startswith(("torch.distributed.elastic", "ChildFailedError")):
             return line[:200]
     return (lines[-1] if lines else "no output")[:200]
 
@@ -142,8 +147,8 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def measure(config, script, lora, flags, work, logs, resume_check=True, max_steps=3, checkpointing_steps=2):
-    name = f"{config}-{script}-{'lora' if lora else 'full'}"
+def measure(config, script, lora, flags, work, logs, resume_check=True, max_steps=3, checkpointing_steps=2, model="sd15"):
+    name = f"{config}-{script}-{model}-{'lora' if lora else 'full'}"  # runs of two calls at once must not share a folder
     out = os.path.join(work, name)
     shutil.rmtree(out, ignore_errors=True)
     code, seconds = launch(config, flags, out, max_steps, False, os.path.join(logs, name + ".log"),
@@ -208,6 +213,8 @@ def main():
     parser.add_argument("--sdxl", action="store_true",
                         help="the --scripts x --modes x --configs rows on random-weight SDXL at 1024 px, batch 1 "
                              "(DPO with AdamW), instead of SD1.5")
+    parser.add_argument("--work", default="/tmp/bench-runs", help="where the runs write (full-UNet checkpoints: ~15 GB each)")
+    parser.add_argument("--merge", nargs="*", default=[], help="--out folders of earlier calls: write their rows as one table")
     parser.add_argument("--no_resume", action="store_true", help="skip the resumed run (to fit more rows in one call)")
     args = parser.parse_args()
     if args.write_assets:
@@ -215,7 +222,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
-    work = "/tmp/bench-runs"
+    if args.merge:  # the tables of several calls or lanes (each an --out folder) as one
+        rows = [row for folder in args.merge for row in json.load(open(os.path.join(folder, "distributed.json")))]
+        return write_table(rows, args.out)
+    work = args.work
     build_models(args.assets, args.models, args.sdxl_memory or args.sdxl)
     rows = []
     size = 1024 if args.sdxl else 512
@@ -224,7 +234,8 @@ def main():
         for mode in args.modes:
             for config in args.configs:
                 flags = script_flags(script, mode == "lora", args.models, data, sdxl=args.sdxl, sdxl_optimizer="adamw")
-                row = measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume)
+                row = measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume,
+                              model="sdxl" if args.sdxl else "sd15")
                 rows.append({**row, "script": script + (" SDXL" if args.sdxl else "")})
                 write_table(rows, args.out)
     if args.sdxl_memory:
@@ -232,7 +243,8 @@ def main():
         for config in args.configs:
             flags = script_flags("dpo", False, args.models, data, sdxl=True, sdxl_optimizer=args.sdxl_optimizer)
             # 3 steps, no checkpoint: the peak is the memory of a training step, not of a 20 GB save
-            rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False, checkpointing_steps=1000),
+            rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False, checkpointing_steps=1000,
+                                  model="sdxl-" + args.sdxl_optimizer),
                          "script": f"dpo SDXL ({args.sdxl_optimizer})"})
             write_table(rows, args.out)
 
