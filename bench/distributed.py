@@ -134,7 +134,7 @@ def last_error_line(log_path):
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
     for line in reversed(lines):
-        if ERROR_LINE.match(line) and not line.startswith(("torch.distributed.elastic", "ChildFailedError")):
+        if ERROR_LINE.match(line) and not line.startswith(("torch.distributed.elastic", "ChildFailedError", "subprocess.CalledProcessError")):
             return line[:200]
     return (lines[-1] if lines else "no output")[:200]
 
