@@ -14,6 +14,7 @@ after every run, so a call cut short keeps what it measured.
     python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl_memory --sdxl_optimizer adamw --configs fsdp
     python3 bench/distributed.py --out $OUT --assets .bench_assets --sdxl --scripts dpo draftp --modes lora --configs ddp
     python3 bench/distributed.py --assets .bench_assets --write_assets                     # here: tokenizer, processor
+    python3 bench/distributed.py --assets .bench_assets --out ALL --merge OUT1 OUT2 ...     # several calls' rows, one table
 
 The GPU machine has no hub and no open-clip-torch: `--write_assets` (run where the project is installed) writes the
 CLIP tokenizer and the PickScore processor files that the random-weight models are saved with there.
@@ -129,12 +130,16 @@ def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, 
 ERROR_LINE = re.compile(r"^(error:|[\w.]*(Error|Exception)\b)")  # "error: ..." (UsageError) or "x.YError: ..."
 
 
+# what the launchers raise after the script's own exception (torchelastic's summary ends in "====" lines)
+LAUNCHER_ERRORS = ("torch.distributed.elastic", "ChildFailedError", "subprocess.CalledProcessError")
+
+
 def last_error_line(log_path):
-    """The exception of the first process that failed: torchelastic's summary after it ends in "====" lines."""
+    """The script's own exception (or `error:` line), not the launchers' wrappers printed after it."""
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
     for line in reversed(lines):
-        if ERROR_LINE.match(line) and not line.startswith(("torch.distributed.elastic", "ChildFailedError", "subprocess.CalledProcessError")):
+        if ERROR_LINE.match(line) and not line.startswith(LAUNCHER_ERRORS):
             return line[:200]
     return (lines[-1] if lines else "no output")[:200]
 
@@ -220,12 +225,14 @@ def main():
     if args.write_assets:
         return write_assets(args.assets)
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:  # the tables of several calls or lanes (each an --out folder) as one
+        rows = []
+        for folder in args.merge:
+            with open(os.path.join(folder, "distributed.json")) as f:
+                rows += json.load(f)
+        return write_table(rows, args.out)
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
-    if args.merge:  # the tables of several calls or lanes (each an --out folder) as one
-        rows = [row for folder in args.merge for row in json.load(open(os.path.join(folder, "distributed.json")))]
-        return write_table(rows, args.out)
-    work = args.work
     build_models(args.assets, args.models, args.sdxl_memory or args.sdxl)
     rows = []
     size = 1024 if args.sdxl else 512
@@ -234,7 +241,7 @@ def main():
         for mode in args.modes:
             for config in args.configs:
                 flags = script_flags(script, mode == "lora", args.models, data, sdxl=args.sdxl, sdxl_optimizer="adamw")
-                row = measure(config, script, mode == "lora", flags, work, logs, resume_check=not args.no_resume,
+                row = measure(config, script, mode == "lora", flags, args.work, logs, resume_check=not args.no_resume,
                               model="sdxl" if args.sdxl else "sd15")
                 rows.append({**row, "script": script + (" SDXL" if args.sdxl else "")})
                 write_table(rows, args.out)
@@ -243,7 +250,7 @@ def main():
         for config in args.configs:
             flags = script_flags("dpo", False, args.models, data, sdxl=True, sdxl_optimizer=args.sdxl_optimizer)
             # 3 steps, no checkpoint: the peak is the memory of a training step, not of a 20 GB save
-            rows.append({**measure(config, "dpo", False, flags, work, logs, resume_check=False, checkpointing_steps=1000,
+            rows.append({**measure(config, "dpo", False, flags, args.work, logs, resume_check=False, checkpointing_steps=1000,
                                   model="sdxl-" + args.sdxl_optimizer),
                          "script": f"dpo SDXL ({args.sdxl_optimizer})"})
             write_table(rows, args.out)
