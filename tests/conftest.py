@@ -31,6 +31,25 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+# The test files that run for a minute or more on one core, longest first. `-n 2 --dist loadfile` gives each worker
+# whole files, by default those with the most tests first: the few-test files that run the scripts end to end (the
+# bench smoke runs, one test each) came last, and one worker finished them alone while the other idled. Started
+# first, the long files leave only short ones for the end, when the two workers even out.
+LONG_FILES_FIRST = ["test_reliability.py", "test_draftp.py", "test_dpo.py", "test_toyworld_trends.py",
+                    "test_bench_dpo.py", "test_bench.py", "test_bench_e2e.py", "test_toyworld_models.py",
+                    "test_evaluate.py", "test_flow.py", "test_distributed.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: hand out files in collection order (below)
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path() -> str:
     """Folder of the saved tiny SD1.5-style pipeline (built on first use, then cached on disk)."""
@@ -86,6 +105,30 @@ def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, e
                     f"--- stdout (end) ---\n{proc.stdout[-3000:]}\n--- stderr (end) ---\n{proc.stderr[-6000:]}",
                     pytrace=False)
     return proc
+
+
+def run_main_in_process(script, flags):
+    """`script.main(script.parse_args(flags))` in this process: a training run without the ~15 s that a subprocess
+    spends importing torch, diffusers and transformers (most of a tiny run). As a new process would, it starts from a
+    fresh accelerate state; the stop-signal handlers that main() installs are put back afterwards. `script` is the
+    imported module (train_draftp, train_dpo), `flags` its command line without the script name. Tests that are
+    about the command line itself (exit codes, stderr, accelerate launch, several processes) use run_script."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from utils.training import STOP_SIGNALS
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        script.main(script.parse_args([str(f) for f in flags]))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(name="run_script")

@@ -161,11 +161,11 @@ def test_slurm_node_command_takes_rank_address_and_port_from_the_slurm_environme
     assert "--requeue" in sbatch and "--signal=B:USR1@" in sbatch and "--resume_from_checkpoint latest" in sbatch
 
 
-def test_two_cpu_processes_through_the_slurm_entry_point_match_one(tmp_path, run_script):
-    from tests.test_draftp import draftp_flags
+def test_two_cpu_processes_through_the_slurm_entry_point_match_one(tmp_path):
+    from tests.test_draftp import draftp_flags, run_draftp
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run_script(draftp_flags(one, steps=1, extra=["--train_batch_size", 2]))
+    run_draftp(draftp_flags(one, steps=1, extra=["--train_batch_size", 2]))  # the reference: one process, in this one
     # one node with 2 CPU processes (gloo): accelerate runs several CPU processes through its multi-GPU launcher
     # when ACCELERATE_USE_CPU is set
     env = slurm_env(SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="127.0.0.1", GPUS_PER_NODE="2", DRY_RUN="0",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_dpo as T
-from conftest import REPO_ROOT, deterministic_metrics, run_script
+from conftest import REPO_ROOT, deterministic_metrics, run_main_in_process, run_script
 from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
@@ -456,8 +456,8 @@ def test_training_on_synthetic_preferences_generalises_to_held_out_pairs(pref_da
 
     train = build_synthetic_preferences(str(tmp_path / "train"), num_pairs=32, seed=3)
     out = tmp_path / "run"
-    run_script(dpo_flags(tiny_sd_path, train, out, "--learning_rate", "1e-4", "--beta_dpo", 500,
-                         "--train_batch_size", 4, "--max_train_steps", 10, "--validation_steps", 100), launch=True)
+    main_in_process(dpo_flags(tiny_sd_path, train, out, "--learning_rate", "1e-4", "--beta_dpo", 500,
+                              "--train_batch_size", 4, "--max_train_steps", 10, "--validation_steps", 100))
     losses = [m["loss"] for m in read_metrics(str(out))]
     assert losses[0] == pytest.approx(LOG2, abs=1e-4) and sum(losses[-3:]) / 3 < 0.5 * LOG2
     trained = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
@@ -471,8 +471,8 @@ def test_sft_trains_only_on_winners(tiny_sd_path, tmp_path):
     rows = [{**r, ("jpg_1" if r["label_0"] == 1 else "jpg_0"): b"broken", "label_0": r["label_0"]} for r in winners]
     data = write_preference_set(rows, str(tmp_path / "data"))
     out = tmp_path / "sft"
-    run_script(dpo_flags(tiny_sd_path, data, out, "--sft", "--use_lora", "--learning_rate", "1e-3",
-                         "--train_batch_size", 2, "--max_train_steps", 2), launch=True)
+    main_in_process(dpo_flags(tiny_sd_path, data, out, "--sft", "--use_lora", "--learning_rate", "1e-3",
+                              "--train_batch_size", 2, "--max_train_steps", 2))
     metrics = read_metrics(str(out))
     assert [m["step"] for m in metrics] == [1, 2] and "implicit_acc" not in metrics[0] and metrics[0]["loss"] > 0
     assert (out / "pytorch_lora_weights.safetensors").exists()
@@ -504,7 +504,7 @@ def test_sft_on_an_image_folder_from_an_initial_unet(tiny_sd_path, tmp_path):
                       "--snr_gamma", 5, "--noise_offset", 0.1, "--unet_init", tmp_path / "init",
                       "--learning_rate", "1e-4", "--train_batch_size", 2, "--max_train_steps", 2)
     flags[flags.index("--dataset_name"):flags.index("--dataset_name") + 2] = ["--train_data_dir", str(folder)]
-    run_script(flags, launch=True)
+    main_in_process(flags)
     metrics = read_metrics(str(out))
     assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]) >= {"loss", "lr", "step"}
     assert "implicit_acc" not in metrics[0]
@@ -516,8 +516,8 @@ def test_tiny_sdxl_trains_with_cached_latents_and_reloads(pref_data, tiny_sdxl_p
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "run"
-    run_script(dpo_flags(tiny_sdxl_path, pref_data["train"], out, "--sdxl", "--use_lora", "--learning_rate", "1e-3",
-                         "--train_batch_size", 2, "--max_train_steps", 2, "--cache_latents", "--random_crop"), launch=True)
+    main_in_process(dpo_flags(tiny_sdxl_path, pref_data["train"], out, "--sdxl", "--use_lora", "--learning_rate", "1e-3",
+                              "--train_batch_size", 2, "--max_train_steps", 2, "--cache_latents", "--random_crop"))
     metrics = read_metrics(str(out))
     assert metrics[0]["loss"] == pytest.approx(LOG2, abs=1e-4) and len(metrics) == 2
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_path)
@@ -549,22 +549,17 @@ BASELINE = ["--dataloader_num_workers", 0, "--no-defer_loss_check", "--latent_ca
 
 
 def main_in_process(flags):
-    """train_dpo.main in this process (so that monkeypatches apply), on dpo_flags(...) without the script name; the
-    stop-signal handlers that main() installs are put back afterwards."""
-    import signal
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        T.main(T.parse_args([str(f) for f in flags[1:]]))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    """train_dpo.main in this process (so that monkeypatches apply, and without a subprocess's ~15 s of imports), on
+    dpo_flags(...) without the script name: conftest.run_main_in_process (a fresh accelerate state, the stop-signal
+    handlers that main() installs put back afterwards)."""
+    assert flags[0] == "train_dpo.py"
+    run_main_in_process(T, flags[1:])
 
 
 @pytest.fixture(scope="module")
 def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("levers") / "baseline"
-    run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE))
+    main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE))
     return deterministic_metrics(read_metrics(str(out)))
 
 
@@ -575,11 +570,13 @@ def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
 ], ids=["workers", "deferred_check", "latent_cache"])
 def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever))
-    metrics = deterministic_metrics(read_metrics(str(out)))
+    flags = dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever)
     if "--latent_cache" not in lever:
-        assert metrics == baseline_run  # bit for bit
+        main_in_process(flags)  # in this process, as the baseline
+        assert deterministic_metrics(read_metrics(str(out))) == baseline_run  # bit for bit
         return
+    proc = run_script(flags)  # a subprocess: its log must say that the cache is on
+    metrics = deterministic_metrics(read_metrics(str(out)))
     assert "VAE posterior cache on" in proc.stderr
     # the cache encodes one image per VAE call, the baseline a whole batch: float32 summation order, ~1e-7 relative
     # in the latents; beta 5000 scales the error difference inside the sigmoid, so the loss agrees to ~1e-4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_draftp
-from conftest import deterministic_metrics
+from conftest import deterministic_metrics, run_main_in_process
 from utils import UsageError
 from utils.grids import read_cells
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
@@ -279,11 +279,21 @@ def test_bad_input_is_one_line_on_stderr(run_script, tmp_path):
 
 # --------------------------------------------------------------------------- end to end
 def draftp_flags(output_dir, steps=8, reward="brightness", extra=()):
+    """train_draftp.py's command line (script first): run_script(draftp_flags(...)) in a subprocess, or
+    run_draftp(draftp_flags(...)) in this process."""
     return ["train_draftp.py", "--pretrained_model_name_or_path", "tiny-sd", "--reward_model", reward,
             "--prompts", "colored_animals", "--num_inference_steps", STEPS, "--truncation_steps", 2,
             "--train_batch_size", 2, "--learning_rate", 3e-3, "--lora_rank", 16, "--max_train_steps", steps,
             "--validation_prompts", *VALIDATION_PROMPTS, "--num_validation_images", 1, "--validation_steps", 1000,
             "--report_to", "none", "--output_dir", output_dir, *extra]
+
+
+def run_draftp(flags):
+    """train_draftp.py's run in this process (conftest.run_main_in_process): the runs below whose subject is what the
+    training does (reward, KL, resume, SDXL) skip a subprocess's ~15 s of imports; lora_run, the two-process test
+    and test_bad_input_is_one_line_on_stderr keep the subprocess and accelerate launch."""
+    assert flags[0] == "train_draftp.py"
+    run_main_in_process(train_draftp, flags[1:])
 
 
 def grid_images(path, rows, cols):
@@ -318,10 +328,8 @@ FULL_UNET = ["--no-use_lora", "--learning_rate", 1e-3]
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_sd_path):
-    from tests.conftest import run_script
-
     out = tmp_path_factory.mktemp("draftp") / "full"
-    run_script(draftp_flags(out, steps=10, extra=FULL_UNET))
+    run_draftp(draftp_flags(out, steps=10, extra=FULL_UNET))
     return out
 
 
@@ -358,9 +366,9 @@ def test_saved_lora_reproduces_the_validation_images_in_stock_diffusers(lora_run
         assert np.abs(grid[0, col].astype(np.float32) / 255 - ours).max() > 2 / 255  # and training changed it
 
 
-def test_large_kl_coeff_stays_closer_to_the_base_model(full_run, tmp_path, run_script):
+def test_large_kl_coeff_stays_closer_to_the_base_model(full_run, tmp_path):
     """After the same run, fixed-seed samples with a huge kl_coeff are closer to the base model's than kl 0."""
-    run_script(draftp_flags(tmp_path / "kl", steps=10, extra=[*FULL_UNET, "--kl_coeff", "1000"]))
+    run_draftp(draftp_flags(tmp_path / "kl", steps=10, extra=[*FULL_UNET, "--kl_coeff", "1000"]))
 
     def distance_to_base(out):
         grid = grid_images(out / "samples" / "validation-step-000010.png", rows=2, cols=len(VALIDATION_PROMPTS))
@@ -463,14 +471,14 @@ def test_compiled_grad_unet_gives_the_same_numbers(tmp_path, monkeypatch, tiny_s
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
 
 
-def test_resume_continues_metrics_exactly(tmp_path, run_script):
+def test_resume_continues_metrics_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_script(draftp_flags(straight, steps=4))
-    run_script(draftp_flags(interrupted, steps=4, extra=["--checkpointing_steps", "2"]))
+    run_draftp(draftp_flags(straight, steps=4))
+    run_draftp(draftp_flags(interrupted, steps=4, extra=["--checkpointing_steps", "2"]))
     # a crash after step 4 but before its checkpoint: only checkpoint-2 survives
     shutil.rmtree(interrupted / "checkpoint-4")
     os.remove(interrupted / "pytorch_lora_weights.safetensors")
-    run_script(draftp_flags(interrupted, steps=4, extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+    run_draftp(draftp_flags(interrupted, steps=4, extra=["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
     a, b = deterministic_metrics(read_metrics(straight)), deterministic_metrics(read_metrics(interrupted))
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -481,7 +489,7 @@ def test_resume_continues_metrics_exactly(tmp_path, run_script):
 
 def test_two_processes_give_the_same_first_loss_as_one(tmp_path, run_script):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_script(draftp_flags(one, steps=1, extra=["--train_batch_size", 2]))
+    run_draftp(draftp_flags(one, steps=1, extra=["--train_batch_size", 2]))  # the reference: one process, batch 2
     # 2 processes x batch 1 = the same global batch of 2. On a machine without GPUs, `--multi_gpu` with
     # ACCELERATE_USE_CPU starts torchrun-style processes that accelerate joins with gloo (plain `--cpu` with
     # several processes expects MPI).
@@ -494,11 +502,11 @@ def test_two_processes_give_the_same_first_loss_as_one(tmp_path, run_script):
     assert len(read_metrics(two)) == 1  # only the main process writes metrics
 
 
-def test_tiny_sdxl_trains(tmp_path, run_script):
+def test_tiny_sdxl_trains(tmp_path):
     out = tmp_path / "sdxl"
     flags = draftp_flags(out, steps=2)
     flags[flags.index("tiny-sd")] = "tiny-sdxl"
-    run_script(flags)
+    run_draftp(flags)
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
     assert (out / "pytorch_lora_weights.safetensors").exists()

@@ -405,14 +405,19 @@ def test_saved_lora_reproduces_the_validation_images_in_the_stock_pipeline(lora_
     assert np.abs(cells[0, 0].astype(np.float32) / 255 - ours).max() > 2 / 255  # and training changed it
 
 
-def test_evaluate_scores_base_and_trained_flow_models(lora_run, tmp_path, run_script):
+def test_evaluate_scores_base_and_trained_flow_models(lora_run, tmp_path):
+    """evaluate.py in this process (conftest.run_main_in_process; its command line is tested in test_evaluate.py)."""
     import csv
 
+    import evaluate
+    from tests.conftest import run_main_in_process
+
     name, out = lora_run
-    run_script(["evaluate.py", "--pretrained_model_name_or_path", name, "--models", f"trained={out}", "--resolution",
-                RESOLUTION, "--prompts", "colored_animals", "--max_prompts", 2, "--num_seeds", 2, "--num_inference_steps",
-                STEPS, "--guidance_scale", GUIDANCE[name], "--reward_models", "brightness", "--diversity", "pixel",
-                "--output_dir", tmp_path / "eval"])
+    run_main_in_process(evaluate, [
+        "--pretrained_model_name_or_path", name, "--models", f"trained={out}", "--resolution", RESOLUTION,
+        "--prompts", "colored_animals", "--max_prompts", 2, "--num_seeds", 2, "--num_inference_steps", STEPS,
+        "--guidance_scale", GUIDANCE[name], "--reward_models", "brightness", "--diversity", "pixel",
+        "--output_dir", tmp_path / "eval"])
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
     assert [r["model"] for r in rows] == ["base", "trained"]
     base, trained = (float(r["brightness_mean"]) for r in rows)

@@ -245,14 +245,19 @@ def test_full_fine_tune_first_loss_is_log2_and_saves_transformer(full_run):
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_evaluate_scores_the_base_and_the_dpo_transformer(full_run, tmp_path, run_script):
+def test_evaluate_scores_the_base_and_the_dpo_transformer(full_run, tmp_path):
+    """evaluate.py in this process (conftest.run_main_in_process; its command line is tested in test_evaluate.py)."""
     import csv
 
+    import evaluate
+    from tests.conftest import run_main_in_process
+
     name, out = full_run
-    run_script(["evaluate.py", "--pretrained_model_name_or_path", name, "--models", f"dpo={out}", "--resolution",
-                RESOLUTION, "--prompts", "colored_animals", "--max_prompts", 1, "--num_seeds", 2,
-                "--num_inference_steps", 2, "--guidance_scale", VALIDATION[name], "--reward_models", "brightness",
-                "--diversity", "pixel", "--output_dir", tmp_path / "eval"])
+    run_main_in_process(evaluate, [
+        "--pretrained_model_name_or_path", name, "--models", f"dpo={out}", "--resolution", RESOLUTION,
+        "--prompts", "colored_animals", "--max_prompts", 1, "--num_seeds", 2, "--num_inference_steps", 2,
+        "--guidance_scale", VALIDATION[name], "--reward_models", "brightness", "--diversity", "pixel",
+        "--output_dir", tmp_path / "eval"])
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
     assert [r["model"] for r in rows] == ["base", "dpo"]
     assert rows[0]["brightness_mean"] != rows[1]["brightness_mean"]  # the trained transformer was used

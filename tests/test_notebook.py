@@ -22,15 +22,16 @@ def test_notebook_is_stored_without_outputs():
 
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory, tiny_sd_path):
-    """A LoRA output of a 2-step train_draftp.py run on tiny-sd."""
-    from tests.conftest import run_script
+    """A LoRA output of a 2-step train_draftp.py run on tiny-sd (in this process: the notebook is what is tested)."""
+    import train_draftp
+    from tests.conftest import run_main_in_process
 
     out = tmp_path_factory.mktemp("nb") / "lora"
-    run_script(["train_draftp.py", "--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match",
-                "--prompts", "colored_animals", "--num_inference_steps", 3, "--truncation_steps", 1,
-                "--train_batch_size", 1, "--learning_rate", 1e-2, "--lora_rank", 4, "--max_train_steps", 2,
-                "--validation_prompts", "a red cat", "--num_validation_images", 1, "--report_to", "none",
-                "--output_dir", out])
+    run_main_in_process(train_draftp, [
+        "--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--prompts", "colored_animals",
+        "--num_inference_steps", 3, "--truncation_steps", 1, "--train_batch_size", 1, "--learning_rate", 1e-2,
+        "--lora_rank", 4, "--max_train_steps", 2, "--validation_prompts", "a red cat", "--num_validation_images", 1,
+        "--report_to", "none", "--output_dir", out])
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 
 import train_dpo
 import train_draftp
-from conftest import REPO_ROOT, deterministic_metrics, run_script
+from conftest import REPO_ROOT, deterministic_metrics, run_main_in_process, run_script
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
@@ -226,9 +226,10 @@ ACCUMULATE = ["--gradient_accumulation_steps", 3, "--max_train_steps", 5]
 
 @pytest.fixture(scope="module")
 def straight(data):
-    """5 uninterrupted steps of 3 micro-steps: what every stopped-and-resumed run must reproduce."""
+    """5 uninterrupted steps of 3 micro-steps: what every stopped-and-resumed run must reproduce. In this process
+    (conftest.run_main_in_process): the runs that stop, fail and resume are the subprocesses under test."""
     out = data["root"] / "straight"
-    run_script(dpo(data["good"], out, *ACCUMULATE), launch=True)
+    run_main_in_process(train_dpo, dpo(data["good"], out, *ACCUMULATE)[1:])
     return read_metrics(str(out))
 
 
@@ -321,12 +322,14 @@ def free_port():
 TWO_ENV = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def test_a_nan_on_one_process_skips_the_update_on_both(data, straight, tmp_path):
+def test_a_nan_on_one_process_skips_the_update_on_both(data, straight, tmp_path, monkeypatch):
     """Step 2's loss is NaN on process 1 only: both must skip (one process stepping alone would leave the two
     models apart, and the run would not match the one-process run that skips step 2)."""
     one, two = tmp_path / "one", tmp_path / "two"
     flags = ["--max_train_steps", 3]
-    run_script(dpo(data["good"], one, *flags), env={"DIFFUSION_ALIGN_INJECT_NAN": "2"})
+    with monkeypatch.context() as patch:  # the one-process reference, in this process
+        patch.setenv("DIFFUSION_ALIGN_INJECT_NAN", "2")
+        run_main_in_process(train_dpo, dpo(data["good"], one, *flags)[1:])
     two_flags = dpo(data["good"], two, *flags)
     two_flags[two_flags.index("--train_batch_size") + 1] = "1"
     proc = subprocess.run(two_processes(two_flags, free_port()), cwd=REPO_ROOT, capture_output=True, text=True,

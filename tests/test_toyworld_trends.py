@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_main_in_process
 
 SCRIPT = "experiments/toyworld_trends.py"
 METHODS = ["draft", "dpo"]  # SFT runs the same script as DPO; two runs keep the test near a minute
@@ -26,11 +26,18 @@ def experiment(tmp_path_factory, tiny_sd_path):
     return out
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("toyworld_trends", REPO_ROOT / SCRIPT)
+def load_script(script=SCRIPT):
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_in_process(script, flags):
+    """The script's main in this process (conftest.run_main_in_process), without a subprocess's ~15 s of imports.
+    The experiment's training runs and evaluations are subprocesses either way; the `experiment` fixture runs
+    experiments/toyworld_trends.py itself as a subprocess, as users do."""
+    run_main_in_process(load_script(script), flags)
 
 
 def read_csv(path):
@@ -75,12 +82,12 @@ def test_implicit_accuracy_is_measured_for_dpo(experiment):
     assert per_seed["dpo"]["heldout_pairs"] >= 1
 
 
-def test_a_rerun_keeps_finished_runs_and_evaluations(experiment, run_script):
+def test_a_rerun_keeps_finished_runs_and_evaluations(experiment):
     kept = [experiment / "seed0" / m / "pytorch_lora_weights.safetensors" for m in METHODS]
     kept += [experiment / "seed0" / "eval" / "results.csv", experiment / "seed0" / "pairs" / "state.json"]
     before = [os.path.getmtime(p) for p in kept]
     old_csv = (experiment / "trends.csv").read_text()
-    run_script([SCRIPT, *FLAGS, "--output_dir", experiment])
+    run_in_process(SCRIPT, [*FLAGS, "--output_dir", experiment])
     assert [os.path.getmtime(p) for p in kept] == before
     assert (experiment / "trends.csv").read_text() == old_csv
 
@@ -115,7 +122,7 @@ def test_toyworld_pairs_writes_the_experiments_training_pairs(experiment, tmp_pa
 
     flags = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--max_prompts", 3,
              "--num_pairs", 3, "--pair_candidates", 3, "--num_inference_steps", 3, "--batch_size", 8, "--seed", 0]
-    run_script(["experiments/toyworld_pairs.py", *flags, "--output_dir", tmp_path / "pairs"])
+    run_in_process("experiments/toyworld_pairs.py", [*flags, "--output_dir", tmp_path / "pairs"])
     ours, theirs = datasets.load_from_disk(str(tmp_path / "pairs")), datasets.load_from_disk(str(experiment / "seed0" / "pairs"))
     assert ours.column_names == theirs.column_names and len(ours) == 3
     assert ours.to_list() == theirs.to_list()
@@ -125,13 +132,13 @@ def test_toyworld_pairs_writes_the_experiments_training_pairs(experiment, tmp_pa
     assert proc.returncode == 2 and "error: --pair_candidates must be >= 2" in proc.stderr
 
 
-def test_a_flow_model_runs_through_the_experiment_with_its_own_noising(tmp_path, run_script):
+def test_a_flow_model_runs_through_the_experiment_with_its_own_noising(tmp_path):
     """tiny-sd3: pairs, DPO and the held-out implicit accuracy use train_dpo.py's flow-matching timesteps and velocity
     target (a DDPM add_noise on SD3's scheduler would fail)."""
     flags = [str(f) for f in FLAGS]
     flags[flags.index("tiny-sd")] = "tiny-sd3"
     flags[flags.index("--methods") + 1: flags.index("--methods") + 1 + len(METHODS)] = ["dpo"]
-    run_script([SCRIPT, *flags, "--output_dir", tmp_path / "out"])
+    run_in_process(SCRIPT, [*flags, "--output_dir", tmp_path / "out"])
     rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "trends.csv")}
     assert set(rows) == {"base", "dpo"} and float(rows["base"]["implicit_acc_mean"]) == 0.5
     assert 0 <= float(rows["dpo"]["implicit_acc_mean"]) <= 1
