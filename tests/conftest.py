@@ -4,6 +4,7 @@ The tiny pipelines are cached in the default folder (~/.cache/diffusion-align, o
 not in a per-session temporary one, so that they are built once and then reused by every test process and
 by the training scripts that the script tests start in subprocesses.
 """
+import logging
 import os
 import subprocess
 import sys
@@ -35,9 +36,9 @@ if str(REPO_ROOT) not in sys.path:
 # whole files, by default those with the most tests first: the few-test files that run the scripts end to end (the
 # bench smoke runs, one test each) came last, and one worker finished them alone while the other idled. Started
 # first, the long files leave only short ones for the end, when the two workers even out.
-LONG_FILES_FIRST = ["test_reliability.py", "test_draftp.py", "test_dpo.py", "test_toyworld_trends.py",
-                    "test_bench_dpo.py", "test_bench.py", "test_bench_e2e.py", "test_toyworld_models.py",
-                    "test_evaluate.py", "test_flow.py", "test_distributed.py"]
+LONG_FILES_FIRST = ["test_draftp.py", "test_reliability.py", "test_toyworld_models.py", "test_dpo.py",
+                    "test_toyworld_trends.py", "test_evaluate.py", "test_bench_dpo.py", "test_bench.py",
+                    "test_bench_e2e.py", "test_distributed.py", "test_flow.py", "test_speed.py", "test_cli.py"]
 
 
 def pytest_configure(config):
@@ -107,12 +108,27 @@ def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, e
     return proc
 
 
-def run_main_in_process(script, flags):
+class _KeepLogRecords(logging.Handler):
+    """Keeps the message of every record it is handed (run_main_in_process's log)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+def run_main_in_process(script, flags) -> str:
     """`script.main(script.parse_args(flags))` in this process: a training run without the ~15 s that a subprocess
     spends importing torch, diffusers and transformers (most of a tiny run). As a new process would, it starts from a
     fresh accelerate state; the stop-signal handlers that main() installs are put back afterwards. `script` is the
     imported module (train_draftp, train_dpo), `flags` its command line without the script name. Tests that are
-    about the command line itself (exit codes, stderr, accelerate launch, several processes) use run_script."""
+    about the command line itself (exit codes, stderr, accelerate launch, several processes) use run_script.
+
+    Returns the run's log: every record of level INFO and above that this process logged during the run, one line
+    each ("LEVEL logger: message"), what the scripts' logging.basicConfig would have printed to stderr in a process
+    of their own (the root logger is set to INFO for the run, as basicConfig does, and put back afterwards)."""
     import signal
 
     from accelerate.state import AcceleratorState, GradientState
@@ -120,15 +136,23 @@ def run_main_in_process(script, flags):
     from utils.training import STOP_SIGNALS
 
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    root, keep = logging.getLogger(), _KeepLogRecords()
+    root_level = root.level
+    root.addHandler(keep)
+    if root_level > logging.INFO:  # NOTSET (0) on the root logger already lets everything through
+        root.setLevel(logging.INFO)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
         script.main(script.parse_args([str(f) for f in flags]))
     finally:
+        root.removeHandler(keep)
+        root.setLevel(root_level)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    return "\n".join(keep.lines)
 
 
 @pytest.fixture(name="run_script")

@@ -357,9 +357,10 @@ def test_lora_output_reloads_in_stock_diffusers(lora_run, tiny_sd_path):
 def test_resume_continues_metrics_exactly(lora_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(lora_run["out"], out)  # the run holds checkpoint-2: step 3 is run again from it
-    proc = run_script(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
-                                "--resume_from_checkpoint", "latest"), launch=True)
-    assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
+    # in this process (the run's log: conftest.run_main_in_process); lora_run is the run through accelerate launch
+    log = main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
+                                    "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in log and "checkpoint-2" in log
     assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(lora_run["metrics"])
 
 
@@ -395,14 +396,15 @@ def test_two_processes_give_the_numbers_of_one_with_the_same_global_batch(lora_r
 
 @pytest.fixture(scope="module")
 def full_run(pref_data, tiny_sd_path, tmp_path_factory):
-    """Full-UNet DPO, AI feedback: pairs from a jsonl file without labels, ordered by the brightness scorer."""
+    """Full-UNet DPO, AI feedback: pairs from a jsonl file without labels, ordered by the brightness scorer. In this
+    process, its log kept by conftest.run_main_in_process (lora_run is the run through accelerate launch)."""
     root = tmp_path_factory.mktemp("full")
     rows = [{k: v for k, v in r.items() if k != "label_0"} for r in synthetic_preference_rows(6, seed=2)]
     data = write_preference_set(rows, str(root / "data"), "jsonl")
     out = root / "run"
-    proc = run_script(dpo_flags(tiny_sd_path, data, out, "--choice_model", "brightness", "--learning_rate", "1e-4",
-                                "--train_batch_size", 3, "--max_train_steps", 1, "--validation_steps", 1), launch=True)
-    return {"out": out, "log": proc.stdout + proc.stderr, "metrics": read_metrics(str(out))}
+    log = main_in_process(dpo_flags(tiny_sd_path, data, out, "--choice_model", "brightness", "--learning_rate", "1e-4",
+                                    "--train_batch_size", 3, "--max_train_steps", 1, "--validation_steps", 1))
+    return {"out": out, "log": log, "metrics": read_metrics(str(out))}
 
 
 def test_full_unet_first_loss_is_log2_and_reloads_in_stock_diffusers(full_run, tiny_sd_path):
@@ -551,9 +553,9 @@ BASELINE = ["--dataloader_num_workers", 0, "--no-defer_loss_check", "--latent_ca
 def main_in_process(flags):
     """train_dpo.main in this process (so that monkeypatches apply, and without a subprocess's ~15 s of imports), on
     dpo_flags(...) without the script name: conftest.run_main_in_process (a fresh accelerate state, the stop-signal
-    handlers that main() installs put back afterwards)."""
+    handlers that main() installs put back afterwards). Returns the run's log (INFO and above)."""
     assert flags[0] == "train_dpo.py"
-    run_main_in_process(T, flags[1:])
+    return run_main_in_process(T, flags[1:])
 
 
 @pytest.fixture(scope="module")
@@ -571,13 +573,12 @@ def baseline_run(pref_data, tiny_sd_path, tmp_path_factory):
 def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     flags = dpo_flags(tiny_sd_path, pref_data["train"], out, *LEVERS_RUN, *BASELINE, *lever)
+    log = main_in_process(flags)  # in this process, as the baseline
     if "--latent_cache" not in lever:
-        main_in_process(flags)  # in this process, as the baseline
         assert deterministic_metrics(read_metrics(str(out))) == baseline_run  # bit for bit
         return
-    proc = run_script(flags)  # a subprocess: its log must say that the cache is on
     metrics = deterministic_metrics(read_metrics(str(out)))
-    assert "VAE posterior cache on" in proc.stderr
+    assert "VAE posterior cache on" in log  # the run's log (conftest.run_main_in_process) says that the cache is on
     # the cache encodes one image per VAE call, the baseline a whole batch: float32 summation order, ~1e-7 relative
     # in the latents; beta 5000 scales the error difference inside the sigmoid, so the loss agrees to ~1e-4
     for ours, plain in zip(metrics, baseline_run):

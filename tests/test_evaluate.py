@@ -59,7 +59,7 @@ def eval_flags(work, out, models=True, extra=()):
 def evaluation(work):
     """evaluate.py in this process (conftest.run_main_in_process); its command line, accelerate launch and two
     processes are run as subprocesses below (test_same_seed_same_base_image_with_other_batch_size_and_two_processes,
-    test_toyworld_accuracy_is_the_judge_of_each_saved_image, test_bad_input_is_one_line_on_stderr)."""
+    test_bad_input_is_one_line_on_stderr)."""
     from tests.conftest import run_main_in_process
 
     root = work[0]
@@ -183,15 +183,17 @@ def test_bad_input_is_a_usage_error(flags, message, tmp_path):
         evaluate.parse_args(["--pretrained_model_name_or_path", "tiny-sd", "--reward_models", "brightness", *flags])
 
 
-def test_toyworld_accuracy_is_the_judge_of_each_saved_image(run_script, tmp_path):
+def test_toyworld_accuracy_is_the_judge_of_each_saved_image(tmp_path):
+    from tests.conftest import run_main_in_process
     from utils.toy.world import prompt_accuracy
 
     out, prompts = tmp_path / "eval", tmp_path / "prompts.txt"
     prompts.write_text("two red circles\ntwo blue circles\nthree yellow circles\ntwo orange squares\n"
                        "three purple circles\ntwo green circles\n")
-    run_script(["evaluate.py", "--pretrained_model_name_or_path", "toy-sd", "--prompts", prompts,
-                "--num_seeds", 4, "--num_inference_steps", 8, "--reward_models", "toyclip", "--diversity", "pixel",
-                "--toyworld_accuracy", "--output_dir", out])
+    # in this process, as the `evaluation` fixture: what is tested is what evaluate.py writes
+    run_main_in_process(evaluate, ["--pretrained_model_name_or_path", "toy-sd", "--prompts", prompts,
+                                   "--num_seeds", 4, "--num_inference_steps", 8, "--reward_models", "toyclip",
+                                   "--diversity", "pixel", "--toyworld_accuracy", "--output_dir", out])
     records = [json.loads(line) for line in open(out / "scores.jsonl")]
     # toy-sd gets some right (8 of the 24 at 8 steps, 4 at 20: the judge sees both outcomes either way)
     assert len(records) == 24 and {r["toyworld_acc"] for r in records} == {0.0, 1.0}

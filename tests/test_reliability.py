@@ -233,6 +233,14 @@ def straight(data):
     return read_metrics(str(out))
 
 
+def resume(flags):
+    """A resume after a failed subprocess, in this process (conftest.run_main_in_process): what is tested is the
+    metrics it writes (equal to the straight run's); the failure is the subprocess under test. main() alone writes no
+    run_status.json (the entry point, utils.training.run_main, does): a test that reads the status after a resume
+    resumes through run_script."""
+    run_main_in_process(train_dpo, flags[1:])
+
+
 def run_dpo(flags, env=None):
     """The script directly (not through accelerate launch, which turns every non-zero exit code into 1)."""
     return subprocess.run([sys.executable, *map(str, flags)], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -253,6 +261,7 @@ def test_a_stop_mid_accumulation_checkpoints_the_last_step_and_resumes_exactly(d
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "stopped"
     assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight[:4])
 
+    # a subprocess through the entry point: run_main, not main(), writes the "finished" status
     run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
     assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)  # bit-identical: batches follow (seed, step, micro)
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "finished"
@@ -279,7 +288,7 @@ def test_three_non_finite_steps_checkpoint_the_last_good_one_and_exit_4_then_res
     assert [m["skipped"] for m in metrics] == [0, 1, 1, 1]
     assert json.loads((out / STATUS_FILE).read_text()) == {"status": "diverged", "exit_code": 4, "step": 1,
                                                            "message": line.removeprefix("error: ")}
-    run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
+    resume(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"))
     assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)
 
 

@@ -19,10 +19,10 @@ FLAGS = ["--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, tiny_sd_path):
-    from tests.conftest import run_script
-
+    """The experiment, its main in this process (run_in_process below): its training runs and evaluations are the
+    subprocesses that it starts, as for users; what is tested is the files they and the summary write."""
     out = tmp_path_factory.mktemp("trends") / "out"
-    run_script([SCRIPT, *FLAGS, "--output_dir", out])
+    run_in_process(SCRIPT, [*FLAGS, "--output_dir", out])
     return out
 
 
@@ -35,8 +35,8 @@ def load_script(script=SCRIPT):
 
 def run_in_process(script, flags):
     """The script's main in this process (conftest.run_main_in_process), without a subprocess's ~15 s of imports.
-    The experiment's training runs and evaluations are subprocesses either way; the `experiment` fixture runs
-    experiments/toyworld_trends.py itself as a subprocess, as users do."""
+    The experiment's training runs and evaluations are subprocesses either way (the script starts them); its command
+    line's usage errors are parse_args' (test_bad_flags_are_usage_errors)."""
     run_main_in_process(load_script(script), flags)
 
 
