@@ -123,8 +123,9 @@ def run_main_in_process(script, flags) -> str:
     """`script.main(script.parse_args(flags))` in this process: a training run without the ~15 s that a subprocess
     spends importing torch, diffusers and transformers (most of a tiny run). As a new process would, it starts from a
     fresh accelerate state; the stop-signal handlers that main() installs are put back afterwards. `script` is the
-    imported module (train_draftp, train_dpo), `flags` its command line without the script name. Tests that are
-    about the command line itself (exit codes, stderr, accelerate launch, several processes) use run_script.
+    imported module (train_draftp, train_dpo, evaluate, an experiment script), `flags` its command line without the
+    script name. Tests that are about the command line itself (exit codes, stderr, accelerate launch, several
+    processes) use run_script.
 
     Returns the run's log: every record of level INFO and above that this process logged during the run, one line
     each ("LEVEL logger: message"), what the scripts' logging.basicConfig would have printed to stderr in a process

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+sys.path.insert(0, str(REPO_ROOT / "bench"))  # bench/e2e.py and the bench modules it imports
+
 
 # diffusers' DPO example (third-party, never copied into the project) lives beside the checkout, in ../shared/peers/,
 # on the development machines; CI has no copy.
@@ -19,7 +21,7 @@ PEER_SD15 = "diffusers_dpo_train_diffusion_dpo.py"
 @pytest.fixture(scope="module")
 def e2e_smoke(tmp_path_factory):
     """One smoke call: train_dpo.py (and, where its copy exists, diffusers' SD1.5 DPO example), train_draftp.py and
-    the plain DRaFT+ loop (bench/plain_draftp.py), each a 3-step run on tiny-sd on the CPU, as subprocesses (e2e.py's own main runs in this process)."""
+    the plain DRaFT+ loop (bench/plain_draftp.py), each a 3-step run on tiny-sd on the CPU, as subprocesses."""
     root = tmp_path_factory.mktemp("e2e")
     peers = root / "peers"
     peers.mkdir()
@@ -28,7 +30,6 @@ def e2e_smoke(tmp_path_factory):
     flags = ["--peers", peers] if (peers / PEER_SD15).exists() else ["--no_peers"]
     # bench/e2e.py's main() in this process (its runs are the subprocesses that it starts either way; what is tested is
     # what it reads from them and writes), without a subprocess's imports
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
     from e2e import main
 
     main([str(a) for a in ["--smoke", "--out", root / "out", "--sections", "dpo4", "draftp4", *flags]])
@@ -71,9 +72,6 @@ def test_e2e_smoke_runs_diffusers_dpo_example_on_the_same_data(e2e_smoke):
 def test_steady_rate_times_the_window_between_step_counts():
     """bench/e2e.py's throughput: from the first count seen at or after M to the last count seen (tqdm may skip
     counts), not from the start of the run."""
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
     from e2e import steady_rate
 
     seen_at = {1: 13.0, 2: 13.4, 4: 14.0, 5: 14.3, 10: 15.8}  # a slow first step, counts 3 and 6-9 not shown
@@ -81,5 +79,3 @@ def test_steady_rate_times_the_window_between_step_counts():
     assert per_step == pytest.approx((15.8 - 14.0) / 6) and rate == pytest.approx(4 / per_step)
     assert steady_rate({1: 2.0, 2: 2.0}, 1, 4) == (None, None)  # both counts read in one poll: no rate
     assert steady_rate({10: 5.0}, 1, 4) == (None, None)
-
-

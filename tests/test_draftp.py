@@ -3,7 +3,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -411,13 +410,7 @@ class _UNetCalls:
 
 def run_in_process(output_dir, monkeypatch, steps, extra):
     calls = _UNetCalls(monkeypatch)
-    flags = [str(f) for f in draftp_flags(output_dir, steps=steps, extra=extra)[1:]]
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
-    try:
-        train_draftp.main(train_draftp.parse_args(flags + ["--compile_sampler", "off"]))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    run_draftp(draftp_flags(output_dir, steps=steps, extra=[*extra, "--compile_sampler", "off"]))
     return calls, read_metrics(output_dir)
 
 

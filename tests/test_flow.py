@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deterministic_metrics
+from conftest import deterministic_metrics, run_main_in_process
 from utils.flow import FlowConditioning, FlowSchedule, flow_family
 from utils.models import (add_lora, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           resolve_model_path, save_lora)
@@ -344,23 +344,11 @@ def draftp_flags(name, output_dir, steps, extra=()):
 
 
 def run_draftp(flags):
-    """train_draftp.main in this process (a subprocess would spend most of a tiny run importing), with a fresh
-    accelerate state as a new process has, and the signal handlers that main() installs put back."""
-    import signal
-
+    """train_draftp.main in this process (conftest.run_main_in_process: a subprocess would spend most of a tiny run
+    importing)."""
     import train_draftp
-    from accelerate.state import AcceleratorState, GradientState
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        train_draftp.main(train_draftp.parse_args(flags))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    run_main_in_process(train_draftp, flags)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -410,7 +398,6 @@ def test_evaluate_scores_base_and_trained_flow_models(lora_run, tmp_path):
     import csv
 
     import evaluate
-    from tests.conftest import run_main_in_process
 
     name, out = lora_run
     run_main_in_process(evaluate, [

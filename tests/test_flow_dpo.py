@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_dpo as T
-from conftest import deterministic_metrics
+from conftest import deterministic_metrics, run_main_in_process
 from utils import UsageError
 from utils.flow import FlowTrainingTimesteps
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
@@ -135,22 +135,9 @@ def test_sft_loss_is_the_flow_matching_mse_at_a_known_point():
 
 # --------------------------------------------------------------------------- train_dpo.py end to end
 def run_dpo(flags):
-    """train_dpo.main in this process (a subprocess would spend most of a tiny run importing), with a fresh accelerate
-    state as a new process has, and the signal handlers that main() installs put back."""
-    import signal
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        T.main(T.parse_args([str(f) for f in flags]))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    """train_dpo.main in this process (conftest.run_main_in_process: a subprocess would spend most of a tiny run
+    importing)."""
+    run_main_in_process(T, flags)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +237,6 @@ def test_evaluate_scores_the_base_and_the_dpo_transformer(full_run, tmp_path):
     import csv
 
     import evaluate
-    from tests.conftest import run_main_in_process
 
     name, out = full_run
     run_main_in_process(evaluate, [
