@@ -43,7 +43,8 @@ from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_part
                           reference_model)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
-from utils.speed import add_speed_args, apply_speed_options, compile_training_unet
+from utils.fp8 import float8_sampling_unet, refresh_float8_weights
+from utils.speed import add_speed_args, apply_speed_options, compile_training_unet, compiled_sampler
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
                             add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
                             compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
@@ -232,6 +233,11 @@ def main(args):
 
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
     grad_unet = compile_training_unet(unet, args.compile_unet)  # the steps with grad; `unet` keeps DDP's no_sync
+    # --fp8_sampler: the no-grad steps run a copy of the trained UNet that shares its weights and adapters (so it is
+    # made once both exist) with FP8 transformer projections; a full UNet's FP8 weights follow each optimizer step
+    fp8_unet = float8_sampling_unet(trained) if args.fp8_sampler else None
+    if fp8_unet is not None:
+        sampling_unet = compiled_sampler(args, fp8_unet, device) or fp8_unet
 
     use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
     # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would
@@ -266,6 +272,8 @@ def main(args):
                 lv_noise = torch.randn(args.draft_lv_samples, global_batch, *latent_shape, generator=g)[:, rows]
             eta_generator = step_generator(args.seed, step, micro, accelerator.process_index)
 
+            if fp8_unet is not None:
+                refresh_float8_weights(fp8_unet)  # LoRA: nothing (the base is frozen); full UNet: the new weights
             with accelerator.accumulate(unet), accelerator.autocast():
                 # ---- sample: no grad for the first T-K steps, grad (and KL) through the last K; DRaFT-LV: the
                 # whole chain without grad, then N re-noised copies of its x_0 denoised once each with grad

@@ -14,6 +14,7 @@ leaves what it measured.
     python3 bench/bench.py --out $OUT --sections sd15_kernels        # profile by kernel kind; attention / inductor variants
     python3 bench/bench.py --out $OUT --sections vae_layout          # the VAE: channels-last vs NCHW, compiled encoder
     python3 bench/bench.py --out $OUT --sections dpo_reference_graphs  # DPO's reference pass replayed from CUDA graphs
+    python3 bench/bench.py --out $OUT --sections sd15_fp8            # --fp8_sampler: FP8 vs bf16 sampler, image difference
     python3 bench/bench.py --smoke --out /tmp/bench                  # tiny configs on the CPU: the script runs
 
 On one H100 each of the first three fits one 10-minute call; BENCHMARKS.md has the results of all four.
@@ -37,7 +38,8 @@ import train_draftp  # noqa: E402
 from utils.models import (TextConditioning, adapters_disabled, add_lora, reference_model,  # noqa: E402
                           skip_lora_input_casts)
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents  # noqa: E402
-from utils.speed import add_speed_args, apply_speed_options  # noqa: E402
+from utils.fp8 import float8_sampling_unet  # noqa: E402
+from utils.speed import add_speed_args, apply_speed_options, compiled_sampler  # noqa: E402
 
 STEPS, GUIDANCE, LORA_RANK, KL_COEFF, BETA_DPO = 50, 7.5, 8, 0.1, 5000.0
 
@@ -589,6 +591,44 @@ def section_sd15_kernels(R, args, peak_tflops):
     torch._dynamo.reset()
 
 
+def section_sd15_fp8(R, args, peak_tflops):
+    """--fp8_sampler (utils/fp8.py): the no-grad sampling and the whole DRaFT+ K=1 step at batch 4 and 8 with the bf16
+    sampler and with the FP8 one (both graphed as --compile_sampler auto does; the defaults + UNet ckpt), the image
+    difference of the two samplers from the same noise and weights, and the FP8 sampling's profile by kernel kind."""
+    S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512)
+    S.add_lora()
+    f = unet_flops(S, 1)
+    sample_flops, k1 = STEPS * 2 * f["unet_fwd"] + f["decode_fwd"], draftp_flops(f, 1)
+    opts = speed_options(args, compile_sampler="off" if args.smoke else "reduce-overhead")
+    bf16 = apply_speed_options(opts, S.unet, S.vae, S.device)
+    S.unet.enable_gradient_checkpointing()
+    fp8_unet = float8_sampling_unet(S.unet)
+    samplers = {"bf16 sampler": bf16, "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
+
+    def rows(batch):
+        for name, sampler in samplers.items():
+            rate_row(R, f"sd15 sampling b{batch} {name}",
+                     *measure(lambda: project_draftp_step(S, batch, 0, sampler, train=False), args.device, reps=args.reps),
+                     batch, "img/s", sample_flops * batch, peak_tflops)
+            rate_row(R, f"sd15 draftp K1 b{batch} {name}",
+                     *measure(lambda: project_draftp_step(S, batch, 1, sampler), args.device, reps=args.reps),
+                     batch, "img/s", k1 * batch, peak_tflops)
+
+    rows(4)  # batch 4 first, then the image check and profile: batch 8 compiles two more graphs
+    S.reset_lora()
+    compare(R, "sd15 b4 sampling: bf16 vs fp8 sampler (changes results)",
+            project_draftp_step(S, 4, 0, samplers["bf16 sampler"], train=False),
+            project_draftp_step(S, 4, 0, samplers["fp8 sampler"], train=False))
+    if args.device.type == "cuda":
+        for name, sampler in samplers.items():
+            R.data["checks"][f"profile sd15 sampling b4 {name}"] = profile_step(
+                lambda: project_draftp_step(S, 4, 0, sampler, train=False))
+        R.save()
+    rows(8)
+    del S, samplers, fp8_unet
+    torch._dynamo.reset()
+
+
 def section_sdxl(R, args, peak_tflops):
     S = Setup(args, sdxl=True, resolution=64 if args.smoke else 1024)
     S.add_lora()
@@ -865,7 +905,7 @@ def section_dpo_lora_casts(R, args, peak_tflops):
     del S
 
 
-SECTIONS = {"dpo_reference_graphs": section_dpo_reference_graphs, "vae_layout": section_vae_layout, "dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sdxl": section_sdxl, "dpo": section_dpo}
+SECTIONS = {"dpo_reference_graphs": section_dpo_reference_graphs, "vae_layout": section_vae_layout, "dpo_lora_casts": section_dpo_lora_casts, "dpo_kernels": section_dpo_kernels, "sd15": section_sd15, "sd15_graphs": section_sd15_graphs, "sd15_tradeoffs": section_sd15_tradeoffs, "sd15_kernels": section_sd15_kernels, "sd15_fp8": section_sd15_fp8, "sdxl": section_sdxl, "dpo": section_dpo}
 
 
 def main():

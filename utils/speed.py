@@ -70,6 +70,13 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                         "(about 100 s for SD1.5 on an H100)")
     g.add_argument("--vae_gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute the VAE decoder's activations in backward (saves GBs per 512 px image)")
+    g = parser.add_argument_group("speed, changing results")
+    g.add_argument("--fp8_sampler", action="store_true",
+                   help="run the transformer projections (attention, feed-forward) of the sampling steps without grad "
+                        "as FP8 matrix products with row-wise scales (utils/fp8.py; GPUs of compute capability 8.9+: "
+                        "Ada, Hopper). CHANGES RESULTS: x_K differs by FP8 rounding (BENCHMARKS.md has the image "
+                        "difference); the steps with grad, the reference (KL), the VAE and the reward keep the compute "
+                        "dtype. One process or DDP only")
 
 
 def compile_training_unet(unet, mode: str, backend: str = "inductor"):
@@ -101,6 +108,11 @@ def apply_speed_options(args, unet, vae, device, backend: str = "inductor", plai
         unet.to(memory_format=torch.channels_last)
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # diffusers' decoder checks torch.is_grad_enabled(), not .training
+    return compiled_sampler(args, unet, device, backend, plain_unet)
+
+
+def compiled_sampler(args, unet, device, backend: str = "inductor", plain_unet: bool = True) -> Optional[Callable]:
+    """`unet` compiled as --compile_sampler says (a view sharing its parameters), or None for eager."""
     mode = compile_mode(args.compile_sampler, device)
     if not plain_unet and args.compile_sampler == "auto":
         mode = None

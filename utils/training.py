@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import UsageError
+from .fp8 import check_float8_device
 from .grids import format_score, save_grid
 
 logger = logging.getLogger(__name__)
@@ -412,6 +413,11 @@ def check_distributed_setup(accelerator, args):
     if getattr(args, "compile_unet", "off") != "off" and unet_is_wrapped(accelerator):
         raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with "
                          f"{strategy_name(accelerator)}: drop it")
+    if getattr(args, "fp8_sampler", False):
+        if unet_is_wrapped(accelerator):
+            raise UsageError(f"--fp8_sampler works with one process or DDP, not with {strategy_name(accelerator)}: "
+                             f"drop it")
+        check_float8_device(accelerator.device)
     if getattr(args, "compile_sampler", "off") not in ("auto", "off") and shards_parameters(accelerator):
         raise UsageError(f"--compile_sampler {args.compile_sampler} cannot compile a UNet that {strategy_name(accelerator)} "
                          f"shards; pass --compile_sampler off (or auto, which is off under FSDP and DeepSpeed)")
