@@ -38,7 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 # first, the long files leave only short ones for the end, when the two workers even out.
 LONG_FILES_FIRST = ["test_draftp.py", "test_reliability.py", "test_toyworld_models.py", "test_dpo.py",
                     "test_toyworld_trends.py", "test_evaluate.py", "test_bench_dpo.py", "test_bench.py",
-                    "test_bench_e2e.py", "test_distributed.py", "test_flow.py", "test_speed.py", "test_cli.py"]
+                    "test_bench_e2e.py", "test_distributed.py", "test_flow.py", "test_fp8.py", "test_speed.py", "test_cli.py"]
 
 
 def pytest_configure(config):

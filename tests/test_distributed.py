@@ -25,7 +25,7 @@ def fake_accelerator(kind, fsdp_version=2, zero_stage=2):
     """What check_distributed_setup reads of an Accelerator: its strategy and the plugin's settings."""
     state = types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=fsdp_version),
                                   deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage))
-    return types.SimpleNamespace(distributed_type=kind, state=state)
+    return types.SimpleNamespace(distributed_type=kind, state=state, device=torch.device("cpu"))
 
 
 def args(**kw):
@@ -50,6 +50,10 @@ def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag(
     for kind, name in ((DistributedType.FSDP, "FSDP2"), (DistributedType.DEEPSPEED, "DeepSpeed ZeRO-2")):
         with pytest.raises(UsageError, match=rf"--compile_unet default works with one process or DDP, not with {name}"):
             check_distributed_setup(fake_accelerator(kind), args(compile_unet="default"))
+    check_distributed_setup(fake_accelerator(DistributedType.MULTI_GPU), args(fp8_sampler=True))
+    for kind, name in ((DistributedType.FSDP, "FSDP2"), (DistributedType.DEEPSPEED, "DeepSpeed ZeRO-2")):
+        with pytest.raises(UsageError, match=rf"--fp8_sampler works with one process or DDP, not with {name}"):
+            check_distributed_setup(fake_accelerator(kind), args(fp8_sampler=True))
     assert strategy_name(fake_accelerator(DistributedType.DEEPSPEED)) == "DeepSpeed ZeRO-2"
 
 
