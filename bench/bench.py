@@ -594,7 +594,8 @@ def section_sd15_kernels(R, args, peak_tflops):
 def section_sd15_fp8(R, args, peak_tflops):
     """--fp8_sampler (utils/fp8.py): the no-grad sampling and the whole DRaFT+ K=1 step at batch 4 and 8 with the bf16
     sampler and with the FP8 one (both graphed as --compile_sampler auto does; the defaults + UNet ckpt), the image
-    difference of the two samplers from the same noise and weights, and the FP8 sampling's profile by kernel kind."""
+    difference of the two samplers from the same noise and weights, both samplings' profiles by kernel kind, and
+    batch 4 again with torch.backends.cudnn.benchmark on."""
     S = Setup(args, sdxl=False, resolution=64 if args.smoke else 512)
     S.add_lora()
     f = unet_flops(S, 1)
@@ -605,25 +606,40 @@ def section_sd15_fp8(R, args, peak_tflops):
     fp8_unet = float8_sampling_unet(S.unet)
     samplers = {"bf16 sampler": bf16, "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
 
-    def rows(batch):
+    def rows(batch, variant=""):
         for name, sampler in samplers.items():
-            rate_row(R, f"sd15 sampling b{batch} {name}",
+            rate_row(R, f"sd15 sampling b{batch} {name}{variant}",
                      *measure(lambda: project_draftp_step(S, batch, 0, sampler, train=False), args.device, reps=args.reps),
                      batch, "img/s", sample_flops * batch, peak_tflops)
-            rate_row(R, f"sd15 draftp K1 b{batch} {name}",
+            rate_row(R, f"sd15 draftp K1 b{batch} {name}{variant}",
                      *measure(lambda: project_draftp_step(S, batch, 1, sampler), args.device, reps=args.reps),
                      batch, "img/s", k1 * batch, peak_tflops)
 
-    rows(4)  # batch 4 first, then the image check and profile: batch 8 compiles two more graphs
+    rows(4)  # batch 4 first, then the image check and profiles: batch 8 compiles two more graphs
     S.reset_lora()
-    compare(R, "sd15 b4 sampling: bf16 vs fp8 sampler (changes results)",
-            project_draftp_step(S, 4, 0, samplers["bf16 sampler"], train=False),
+    exact = project_draftp_step(S, 4, 0, samplers["bf16 sampler"], train=False)
+    compare(R, "sd15 b4 sampling: bf16 vs fp8 sampler (changes results)", exact,
             project_draftp_step(S, 4, 0, samplers["fp8 sampler"], train=False))
     if args.device.type == "cuda":
         for name, sampler in samplers.items():
             R.data["checks"][f"profile sd15 sampling b4 {name}"] = profile_step(
                 lambda: project_draftp_step(S, 4, 0, sampler, train=False))
         R.save()
+    # the convolutions: cuDNN's own heuristic picks their algorithms unless cudnn.benchmark times them (once per shape)
+    torch.backends.cudnn.benchmark = True
+    try:
+        torch._dynamo.reset()
+        samplers = {"bf16 sampler": compiled_sampler(opts, S.unet, S.device) or S.unet,
+                    "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
+        rows(4, ", cudnn.benchmark")
+        S.reset_lora()
+        compare(R, "sd15 b4 sampling: bf16 sampler vs the same with cudnn.benchmark", exact,
+                project_draftp_step(S, 4, 0, samplers["bf16 sampler"], train=False))
+    finally:
+        torch.backends.cudnn.benchmark = False
+        torch._dynamo.reset()
+    samplers = {"bf16 sampler": compiled_sampler(opts, S.unet, S.device) or S.unet,
+                "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
     rows(8)
     del S, samplers, fp8_unet
     torch._dynamo.reset()

@@ -159,10 +159,13 @@ def test_train_draftp_with_the_fp8_sampler(tmp_path, tiny_sd_path, lora):
 
 
 def test_bench_section_compares_the_two_samplers(tmp_path):
-    """bench/bench.py --sections sd15_fp8 on the tiny configs: both samplers timed at batch 4 and 8, alone and in the
-    DRaFT+ step, and their images from the same noise and weights differ by FP8 rounding only."""
+    """bench/bench.py --sections sd15_fp8 on the tiny configs: both samplers timed at batch 4 and 8 (and 4 with
+    cudnn.benchmark), alone and in the DRaFT+ step; their images from the same noise and weights differ by FP8 rounding
+    only, and cudnn.benchmark changes nothing on the CPU (on the GPU: other convolution algorithms, bf16 rounding)."""
     data = run_bench_smoke(tmp_path, ["sd15_fp8"])
-    assert {f"sd15 {what} b{batch} {sampler} sampler" for what in ("sampling", "draftp K1") for batch in (4, 8)
-            for sampler in ("bf16", "fp8")} == set(data["rows"])
+    expected = {f"sd15 {what} b{batch} {sampler} sampler{variant}" for what in ("sampling", "draftp K1")
+                for sampler in ("bf16", "fp8") for batch, variant in ((4, ""), (4, ", cudnn.benchmark"), (8, ""))}
+    assert set(data["rows"]) == expected
     check = data["checks"]["sd15 b4 sampling: bf16 vs fp8 sampler (changes results)"]
     assert 0 < check["image_mean_abs_diff"] < 0.02
+    assert data["checks"]["sd15 b4 sampling: bf16 sampler vs the same with cudnn.benchmark"]["image_max_abs_diff"] < 1e-4
