@@ -121,6 +121,10 @@ def check_float8_capability(capability, name: str) -> None:
 
 def check_float8_device(device) -> None:
     """Refuse a CUDA GPU without FP8 matrix products; the CPU runs them too (slowly: what the tests use)."""
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 5):
+        raise UsageError(f"--fp8_sampler needs torch 2.5 or newer (row-wise scaled FP8 products); this is torch "
+                         f"{torch.__version__}: upgrade torch or drop --fp8_sampler")
     device = torch.device(device)
     if device.type == "cuda":
         check_float8_capability(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
