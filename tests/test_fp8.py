@@ -65,6 +65,14 @@ def test_only_the_transformer_projections_are_replaced(tiny_sd_path):
     assert not any(isinstance(m, Float8Linear) for m in unet.modules())  # the trained UNet itself is unchanged
 
 
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_flow_models_get_their_attention_and_feed_forward_in_fp8(name):
+    """SD3 / FLUX: the joint attention's projections and the feed-forward layers, not the adaptive norms' modulation."""
+    names = projection_names(load_pipeline_parts(name).unet)
+    assert any(n.endswith("attn.to_q") for n in names) and any(".ff." in n for n in names)
+    assert not any(".norm" in n for n in names)
+
+
 def test_fp8_sampler_shares_the_trained_weights_and_applies_the_adapters(tiny_sd_path):
     """The copy holds the UNet's own Parameter objects (no second set of weights), and its eps is that of the LoRA
     model, changed by FP8 rounding far less than the adapters change it; with the adapters zeroed in the UNet, the

@@ -77,13 +77,14 @@ def convertible(module: nn.Module) -> bool:
 
 
 def projection_names(unet: nn.Module) -> list:
-    """Names of the nn.Linear layers the FP8 sampler replaces: inside the transformer blocks, not LoRA's own A / B
-    matrices, with both sizes multiples of 16."""
+    """Names of the nn.Linear layers the FP8 sampler replaces: inside the transformer blocks, with both sizes multiples
+    of 16; not LoRA's own A / B matrices, and not the adaptive norms' modulation layers of SD3 / FLUX (norm1.linear
+    and the like: a few rows each, so nothing to gain, and their scale and shift act on the whole block)."""
     names = []
     for name, module in unet.named_modules():
         parts = name.split(".")
         if (convertible(module) and any(p in TRANSFORMER_BLOCKS for p in parts)
-                and not any(p.startswith("lora_") for p in parts)):
+                and not any(p.startswith("lora_") or p.startswith("norm") for p in parts)):
             names.append(name)
     return names
 
