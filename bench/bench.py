@@ -601,10 +601,15 @@ def section_sd15_fp8(R, args, peak_tflops):
     f = unet_flops(S, 1)
     sample_flops, k1 = STEPS * 2 * f["unet_fwd"] + f["decode_fwd"], draftp_flops(f, 1)
     opts = speed_options(args, compile_sampler="off" if args.smoke else "reduce-overhead")
-    bf16 = apply_speed_options(opts, S.unet, S.vae, S.device)
+    apply_speed_options(opts, S.unet, S.vae, S.device)
     S.unet.enable_gradient_checkpointing()
     fp8_unet = float8_sampling_unet(S.unet)
-    samplers = {"bf16 sampler": bf16, "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
+
+    def compile_samplers():  # as train_draftp.py does for each sampler (after a dynamo reset: compiled anew)
+        return {name: compiled_sampler(opts, unet, S.device) or unet
+                for name, unet in (("bf16 sampler", S.unet), ("fp8 sampler", fp8_unet))}
+
+    samplers = compile_samplers()
 
     def rows(batch, variant=""):
         for name, sampler in samplers.items():
@@ -629,8 +634,7 @@ def section_sd15_fp8(R, args, peak_tflops):
     torch.backends.cudnn.benchmark = True
     try:
         torch._dynamo.reset()
-        samplers = {"bf16 sampler": compiled_sampler(opts, S.unet, S.device) or S.unet,
-                    "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
+        samplers = compile_samplers()
         rows(4, ", cudnn.benchmark")
         S.reset_lora()
         compare(R, "sd15 b4 sampling: bf16 sampler vs the same with cudnn.benchmark", exact,
@@ -638,8 +642,7 @@ def section_sd15_fp8(R, args, peak_tflops):
     finally:
         torch.backends.cudnn.benchmark = False
         torch._dynamo.reset()
-    samplers = {"bf16 sampler": compiled_sampler(opts, S.unet, S.device) or S.unet,
-                "fp8 sampler": compiled_sampler(opts, fp8_unet, S.device) or fp8_unet}
+    samplers = compile_samplers()
     rows(8)
     del S, samplers, fp8_unet
     torch._dynamo.reset()
