@@ -125,7 +125,6 @@ def test_refresh_follows_a_trained_full_unet_and_leaves_frozen_weights(tiny_sd_p
     fp8_unet = float8_sampling_unet(unet)
     layer = next(m for m in fp8_unet.modules() if isinstance(m, Float8Linear))
     buffer, before = layer.weight_fp8, layer.weight_fp8.clone()
-    torch.optim.SGD(unet.parameters(), lr=1.0).zero_grad()
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # an optimizer step, in place on the shared Parameter
     assert torch.equal(layer.weight_fp8, before)  # stale until refreshed
@@ -152,13 +151,24 @@ def test_capability_check_names_the_flag():
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_train_draftp_with_the_fp8_sampler(tmp_path, tiny_sd_path, lora):
+def test_train_draftp_with_the_fp8_sampler(tmp_path, monkeypatch, tiny_sd_path, lora):
     """Two DRaFT+ steps with --fp8_sampler (LoRA and full UNet): the same prompts and noise as without, so the first
     step's reward differs only by the FP8 rounding of the no-grad steps; the KL of the first step is still 0 (the
-    steps with grad and the reference run in float32 here, from the same x_K)."""
+    steps with grad and the reference run in float32 here, from the same x_K). The FP8 weights are refreshed before
+    each step's sampling: a full UNet's follow its first update, LoRA's frozen base stays as it was."""
+    import train_draftp
+
+    fp8_weights, refresh = [], train_draftp.refresh_float8_weights
+
+    def refresh_and_keep(fp8_unet):
+        refresh(fp8_unet)
+        fp8_weights.append(next(m for m in fp8_unet.modules() if isinstance(m, Float8Linear)).weight_fp8.float().clone())
+
+    monkeypatch.setattr(train_draftp, "refresh_float8_weights", refresh_and_keep)
     extra = ["--kl_coeff", 0.1, "--log_kl", *([] if lora else ["--no-use_lora", "--learning_rate", 1e-4])]
     run_draftp(draftp_flags(tmp_path / "exact", steps=2, extra=extra))
     run_draftp(draftp_flags(tmp_path / "fp8", steps=2, extra=[*extra, "--fp8_sampler"]))
+    assert len(fp8_weights) == 2 and torch.equal(fp8_weights[0], fp8_weights[1]) == lora
     exact, fp8 = deterministic_metrics(read_metrics(tmp_path / "exact")), deterministic_metrics(read_metrics(tmp_path / "fp8"))
     assert [m["step"] for m in fp8] == [1, 2] and not any(m["skipped"] for m in fp8)
     assert fp8[0]["kl"] == 0.0
