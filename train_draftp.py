@@ -44,7 +44,7 @@ from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_part
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
-from utils.speed import add_speed_args, apply_speed_options, compile_training_unet, compiled_sampler
+from utils.speed import add_speed_args, apply_speed_options, compile_training_unet, sampling_model
 from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
                             add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
                             compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
@@ -237,7 +237,7 @@ def main(args):
     # made once both exist) with FP8 transformer projections; a full UNet's FP8 weights follow each optimizer step
     fp8_unet = float8_sampling_unet(trained) if args.fp8_sampler else None
     if fp8_unet is not None:
-        sampling_unet = compiled_sampler(args, fp8_unet, device) or fp8_unet
+        sampling_unet = sampling_model(args, fp8_unet, device)
 
     use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
     # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would

@@ -39,7 +39,7 @@ from utils.models import (TextConditioning, adapters_disabled, add_lora, referen
                           skip_lora_input_casts)
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents  # noqa: E402
 from utils.fp8 import float8_sampling_unet  # noqa: E402
-from utils.speed import add_speed_args, apply_speed_options, compiled_sampler  # noqa: E402
+from utils.speed import add_speed_args, apply_speed_options, sampling_model  # noqa: E402
 
 STEPS, GUIDANCE, LORA_RANK, KL_COEFF, BETA_DPO = 50, 7.5, 8, 0.1, 5000.0
 
@@ -606,7 +606,7 @@ def section_sd15_fp8(R, args, peak_tflops):
     fp8_unet = float8_sampling_unet(S.unet)
 
     def compile_samplers():  # as train_draftp.py does for each sampler (after a dynamo reset: compiled anew)
-        return {name: compiled_sampler(opts, unet, S.device) or unet
+        return {name: sampling_model(opts, unet, S.device)
                 for name, unet in (("bf16 sampler", S.unet), ("fp8 sampler", fp8_unet))}
 
     samplers = compile_samplers()

@@ -8,11 +8,12 @@ from torch import nn
 from conftest import deterministic_metrics
 from test_bench import run_bench_smoke
 from test_draftp import draftp_flags, read_metrics, run_draftp
-from test_speed import PROMPTS, tiny_lora_parts
+from test_speed import PROMPTS, speed_args, tiny_lora_parts
 from utils.fp8 import (FLOAT8_MAX, Float8Linear, check_float8_capability, float8_sampling_unet, projection_names,
                        quantize_rows, refresh_float8_weights)
 from utils.models import encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
+from utils.speed import sampling_model
 
 E4M3_HALF_ULP = 2.0 ** -4  # 3 mantissa bits: rounding to nearest moves a normal value by at most 1/16 of itself
 E4M3_SUBNORMAL_HALF_STEP = 2.0 ** -10  # below 2^-6, e4m3 steps by 2^-9 (of the scaled value)
@@ -99,6 +100,25 @@ def test_fp8_sampler_shares_the_trained_weights_and_applies_the_adapters(tiny_sd
     fp8_error, lora_effect = (fp8 - exact).abs().mean(), (exact - base).abs().mean()
     assert 0 < fp8_error < 0.2 * lora_effect
     assert (fp8_base - base).abs().mean() < 0.2 * lora_effect
+
+
+def test_compiled_fp8_sampler_gives_the_same_eps(tiny_sd_path):
+    """train_draftp.py's path on a GPU: `sampling_model` compiles the FP8 copy (--compile_sampler; dynamo's eager
+    backend here) into one graph, the quantize-and-multiply included, with the uncompiled copy's output. (Session 13's
+    first GPU run failed here: `compiled or fp8_unet` asked a compiled module for its truth value.)"""
+    parts, unet = tiny_lora_parts(tiny_sd_path)
+    fp8_unet = float8_sampling_unet(unet)
+    assert sampling_model(speed_args(compile_sampler="off"), fp8_unet, "cpu") is fp8_unet
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = sampling_model(speed_args(compile_sampler="default"), fp8_unet, "cpu", backend="eager")
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    kwargs = encode_prompts(parts, PROMPTS, "cpu").unet_kwargs()
+    x_t = torch.randn(len(PROMPTS), 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x_t, torch.tensor(500), **kwargs).sample,
+                                   fp8_unet(x_t, torch.tensor(500), **kwargs).sample, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_fp8_sampler_images_differ_from_exact_ones_by_a_little(tiny_sd_path):

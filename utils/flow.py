@@ -94,7 +94,8 @@ def build_flow_pipeline(parts, transformer=None):
     names = ENCODER_NAMES[parts.family]
     encoders = dict(zip(names, parts.text_encoders))
     tokenizers = {_tokenizer_name(n): t for n, t in zip(names, parts.tokenizers)}
-    return pipeline_class(parts.family)(transformer=transformer or parts.unet, vae=parts.vae, scheduler=parts.scheduler,
+    transformer = parts.unet if transformer is None else transformer
+    return pipeline_class(parts.family)(transformer=transformer, vae=parts.vae, scheduler=parts.scheduler,
                                         **encoders, **tokenizers)
 
 

@@ -193,7 +193,7 @@ def build_pipeline(parts: PipelineParts, unet=None):
 
     if parts.is_flow:
         return build_flow_pipeline(parts, unet)
-    unet = unet or parts.unet
+    unet = parts.unet if unet is None else unet  # `is None`: a compiled module has no truth value
     if parts.is_sdxl:
         return StableDiffusionXLPipeline(
             vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],

@@ -111,6 +111,12 @@ def apply_speed_options(args, unet, vae, device, backend: str = "inductor", plai
     return compiled_sampler(args, unet, device, backend, plain_unet)
 
 
+def sampling_model(args, unet, device, backend: str = "inductor") -> Callable:
+    """What the no-grad steps call for `unet`: its compiled view (--compile_sampler) or `unet` itself."""
+    compiled = compiled_sampler(args, unet, device, backend)
+    return unet if compiled is None else compiled  # not `or`: a compiled module refuses bool() (it defines __len__)
+
+
 def compiled_sampler(args, unet, device, backend: str = "inductor", plain_unet: bool = True) -> Optional[Callable]:
     """`unet` compiled as --compile_sampler says (a view sharing its parameters), or None for eager."""
     mode = compile_mode(args.compile_sampler, device)
