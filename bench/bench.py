@@ -620,11 +620,13 @@ def section_sd15_fp8(R, args, peak_tflops):
                      *measure(lambda: project_draftp_step(S, batch, 1, sampler), args.device, reps=args.reps),
                      batch, "img/s", k1 * batch, peak_tflops)
 
-    rows(4)  # batch 4 first, then the image check and profiles: batch 8 compiles two more graphs
-    S.reset_lora()
+    # the image difference first (what a call cut short must still bring back: each sampler's cold compile takes
+    # minutes), then batch 4's rows and the profiles; batch 8 compiles two more graphs
     exact = project_draftp_step(S, 4, 0, samplers["bf16 sampler"], train=False)
     compare(R, "sd15 b4 sampling: bf16 vs fp8 sampler (changes results)", exact,
             project_draftp_step(S, 4, 0, samplers["fp8 sampler"], train=False))
+    rows(4)
+    S.reset_lora()
     if args.device.type == "cuda":
         for name, sampler in samplers.items():
             R.data["checks"][f"profile sd15 sampling b4 {name}"] = profile_step(
