@@ -306,8 +306,9 @@ def parse_args(argv=None):
     parser.add_argument("--dpo_flags", nargs=argparse.REMAINDER, default=[],
                         help="extra flags of this project's DPO runs (the rest of the command line)")
     parser.add_argument("--draftp_flags", type=shlex.split, default=[],
-                        help='extra flags of the DRaFT+ runs, one quoted string: --draftp_flags "--compile_unet default"; a '
-                             'single flag with "=" (--draftp_flags=--fp8_sampler), else argparse takes it for its own')
+                        help='extra flags of the DRaFT+ runs, one quoted string: --draftp_flags "--compile_unet '
+                             'default"; a single flag with "=" (--draftp_flags=--fp8_sampler), else argparse takes it '
+                             'for its own')
     args = parser.parse_args(argv)
     if args.smoke:
         args.mixed_precision, args.inference_steps, args.steps = "no", 2, args.steps or [3, 1]

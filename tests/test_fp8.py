@@ -182,7 +182,8 @@ def test_train_draftp_with_the_fp8_sampler(tmp_path, monkeypatch, tiny_sd_path, 
 
     def refresh_and_keep(fp8_unet):
         refresh(fp8_unet)
-        fp8_weights.append(next(m for m in fp8_unet.modules() if isinstance(m, Float8Linear)).weight_fp8.float().clone())
+        layer = next(m for m in fp8_unet.modules() if isinstance(m, Float8Linear))
+        fp8_weights.append(layer.weight_fp8.float().clone())
 
     monkeypatch.setattr(train_draftp, "refresh_float8_weights", refresh_and_keep)
     extra = ["--kl_coeff", 0.1, "--log_kl", *([] if lora else ["--no-use_lora", "--learning_rate", 1e-4])]

@@ -1,8 +1,8 @@
 """The opt-in FP8 sampler (`--fp8_sampler`): the no-grad sampling steps of DRaFT / DRaFT+ with the UNet's transformer
 projections (attention q, k, v, out and the feed-forward layers) run as FP8 matrix products. It CHANGES RESULTS:
 float8 e4m3 keeps 3 mantissa bits, so each operand is rounded by up to 1/16 of itself before the sums over the inner
-dimension average the errors down; BENCHMARKS.md has the measured image difference against the bf16 sampler. The steps with grad, the reference
-model (the KL term), the VAE and the reward stay in the compute dtype.
+dimension average the errors down; BENCHMARKS.md has the measured image difference against the bf16 sampler. The
+steps with grad, the reference model (the KL term), the VAE and the reward stay in the compute dtype.
 
 Recipe ("row-wise" scaling, as torchao's PerRow): each output channel of a weight and each token of an activation gets
 its own float32 scale, amax / 448 (e4m3's largest value), and `torch._scaled_mm` multiplies the float8 operands
