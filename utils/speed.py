@@ -76,7 +76,8 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                         "as FP8 matrix products with row-wise scales (utils/fp8.py; GPUs of compute capability 8.9+: "
                         "Ada, Hopper). CHANGES RESULTS: x_K differs by FP8 rounding (BENCHMARKS.md has the image "
                         "difference); the steps with grad, the reference (KL), the VAE and the reward keep the compute "
-                        "dtype. One process or DDP only")
+                        "dtype. Measured SLOWER on SD1.5 (0.94x end to end on an H200: quantizing the activations "
+                        "costs more than the FP8 products save). One process or DDP only")
 
 
 def compile_training_unet(unet, mode: str, backend: str = "inductor"):
