@@ -83,7 +83,9 @@ FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.path.splitext(source)[1] != ""
+    """A path rather than a hub id: written as one, or naming a data file. Hub ids may hold dots
+    (`owner/name.v2`), so a dot alone does not make a path."""
+    return source.startswith((".", "/", "~")) or source.lower().endswith((*FILE_BUILDERS, ".txt"))
 
 
 def open_dataset(source: str, where: str, split: str = "train", cache_dir: Optional[str] = None,

@@ -78,6 +78,21 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def is_hub_id(name: str) -> bool:
+    """`owner/name` as the hub spells repository ids: letters, digits and '-', '_', '.' (dots are common:
+    `stabilityai/stable-diffusion-3.5-medium`, `black-forest-labs/FLUX.1-dev`). A name written as a path
+    (`./x`, `/x`, `~/x`) or with another number of slashes is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:
     """model_index.json of a local folder or hub id, with errors that name the flag and what was expected."""
     flag = "--pretrained_model_name_or_path"
@@ -88,8 +103,7 @@ def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:
                              f"(expected the folder written by DiffusionPipeline.save_pretrained)")
         with open(index) as f:
             return json.load(f)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.splitext(name_or_path)[1]
-    if looks_local:
+    if not is_hub_id(name_or_path):
         raise UsageError(f"{flag} {name_or_path!r} does not exist; expected a diffusers pipeline folder, a hub id "
                          f"such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join([*TINY_NAMES, *TOY_NAMES])}")
     from huggingface_hub import hf_hub_download
@@ -98,8 +112,9 @@ def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:
         with open(hf_hub_download(name_or_path, "model_index.json", revision=revision)) as f:
             return json.load(f)
     except Exception as e:  # offline, unknown repo, gated repo: one clear line
-        raise UsageError(f"{flag} {name_or_path!r}: could not get model_index.json from the hub ({type(e).__name__}); "
-                         f"pass a local pipeline folder instead") from None
+        raise UsageError(f"{flag} {name_or_path!r}: no local folder of that name, and model_index.json could not be "
+                         f"had from the hub or its cache ({type(e).__name__}); pass a local pipeline folder "
+                         f"instead") from None
 
 
 def is_sdxl_index(model_index: dict) -> bool:
