@@ -129,6 +129,33 @@ def test_missing_weights_name_what_was_looked_for(tmp_path, tiny_paths):
         assert f"--reward_model_paths {name}=PATH" in out[key]
 
 
+def test_unreachable_hub_fails_at_once_with_one_line(tmp_path):
+    """HF_HUB_OFFLINE unset and a hub that refuses connections: one request, then the cache only, and one error
+    line per scorer naming the hub, the reason and the flag; none of huggingface_hub's retry messages (five
+    retries with back-off per file, half a minute per file) on stderr."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connections to it are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import sys\nfrom utils.rewards import load_reward\nfrom utils import UsageError\n"
+        "for name in ['pickscore', 'hpsv2.1']:\n"
+        "    try:\n        load_reward(name)\n    except UsageError as err:\n"
+        "        print(f'error: {err}', file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Retry" not in proc.stderr, proc.stderr
+    for line, name, looked_for in zip(lines, ["pickscore", "hpsv2.1"], ["yuvalkirstain/PickScore_v1", HPS_FILES["hpsv2.1"]]):
+        assert line.startswith(f"error: {name}: could not load") and looked_for in line, line
+        assert f"the hub at http://127.0.0.1:{port} is unreachable" in line, line
+        assert f"--reward_model_paths {name}=PATH" in line, line
+
+
 # --------------------------------------------------------------------------- loading real formats
 def test_weights_come_from_the_files(scorers, tiny_paths):
     """The loaded parameters are the saved ones (not a fresh random init)."""

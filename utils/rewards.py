@@ -54,6 +54,10 @@ Where the weights come from. Each learned scorer takes a local path instead of i
   does the same in code.
 
 Nothing downloads when ``HF_HUB_OFFLINE=1``; missing weights raise ``UsageError`` naming what was looked for.
+Without it, one request (``HUB_CHECK_TIMEOUT`` seconds at most) asks whether the hub answers before any hub id is
+loaded: huggingface_hub retries each missing file five times with back-off (about 23 s a file, several files a
+model) and has no setting for the count, so an unreachable hub means loading from the local cache only, and
+weights missing there fail at once with the same one-line error.
 
 Precision: ``load_reward(..., dtype=torch.bfloat16)`` runs the towers (vision and text transformers, their
 projections) in that dtype and keeps the numerically sensitive parts in float32 whatever the scorer is moved to:
@@ -66,6 +70,7 @@ The processor works on uint8 and rounds after each of its two resize passes, so 
 levels (max |difference| <= 0.05, mean <= 0.006 after normalisation, where one level is ~0.015; see
 tests/test_rewards.py), and exactly when no resize is needed.
 """
+import functools
 import math
 import os
 import re
@@ -87,6 +92,31 @@ def _path_flag(name: str) -> str:
 def hub_offline() -> bool:
     """True when the user asked for no network (``HF_HUB_OFFLINE=1``, the flag the HF libraries honour)."""
     return any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+HUB_CHECK_TIMEOUT = 5.0  # seconds: connect and answer time of the one request that decides whether the hub is used
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face hub cannot be reached (e.g. "[Errno 111] Connection refused"), or None when it answers.
+
+    One HEAD request to the endpoint (``HF_ENDPOINT``) through huggingface_hub's own HTTP session, asked once per
+    process: any HTTP answer counts as reachable. Not asked with ``HF_HUB_OFFLINE=1``."""
+    if hub_offline():
+        return None
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT)
+    except Exception as err:  # httpx's connect, DNS, TLS and timeout errors share no base class with OSError
+        return str(err).strip() or type(err).__name__
+    return None
+
+
+def _local_files_only() -> bool:
+    """Load hub ids from the local cache only: offline by request, or the hub does not answer."""
+    return hub_offline() or hub_unreachable() is not None
 
 
 # --------------------------------------------------------------------------- differentiable preprocessing
@@ -489,6 +519,11 @@ def _hub_error(name: str, what: str, source: str, err: Exception) -> UsageError:
     else:
         where = "the Hugging Face cache and hub"
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not os.path.isdir(source) and not hub_offline() and hub_unreachable() is not None:
+        from huggingface_hub import constants
+
+        where = "the local Hugging Face cache"
+        first_line = f"the hub at {constants.ENDPOINT} is unreachable: {hub_unreachable()}"
     return UsageError(
         f"{name}: could not load {what} from {where} ({first_line}); download it once with network access "
         f"or point at a local copy with {_path_flag(name)}"
@@ -508,11 +543,12 @@ def _load_clip(name: str, model_id: str, processor_id: str):
     if os.path.isdir(model_id) and any(os.path.isfile(os.path.join(model_id, f)) for f in _PROCESSOR_FILES):
         processor_id = model_id
     try:
-        model = CLIPModel.from_pretrained(model_id)
+        model = CLIPModel.from_pretrained(model_id, local_files_only=not os.path.isdir(model_id) and _local_files_only())
     except OSError as err:
         raise _hub_error(name, f"CLIPModel {model_id!r} (config.json + model.safetensors)", model_id, err) from err
     try:
-        processor = CLIPProcessor.from_pretrained(processor_id)
+        local = not os.path.isdir(processor_id) and _local_files_only()
+        processor = CLIPProcessor.from_pretrained(processor_id, local_files_only=local)
     except OSError as err:
         raise _hub_error(name, f"CLIPProcessor {processor_id!r} (processor config + tokenizer files)", processor_id, err) from err
     return model, processor
@@ -559,7 +595,7 @@ def _hps_checkpoint(name: str, path: Optional[str]) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(HPS_REPO, filename)
+        return hf_hub_download(HPS_REPO, filename, local_files_only=_local_files_only())
     except Exception as err:  # the hub raises several unrelated types (offline, HTTP, not found); all mean "missing"
         raise _hub_error(name, f"{filename} of hub repo {HPS_REPO!r}", HPS_REPO, err) from err
 
