@@ -75,6 +75,54 @@ def test_grad_flows_through_exactly_the_last_k_steps_into_lora_only(lora_parts, 
     assert all(p.grad is None for p in parts.vae.parameters())
 
 
+def _directional_gradient(unet, frozen, scheduler, cond, x_T, probe, param, direction, truncation_steps):
+    """d/dh of the read-out (latents * probe).sum() of the chain whose last `truncation_steps` steps run `unet` with
+    `param` moved by h * direction and whose steps before run `frozen` (the unmoved weights): by autograd through
+    sample_latents, and by a central finite difference of the same chain."""
+    unet.zero_grad(set_to_none=True)
+    out = sample_latents(unet, scheduler, cond, x_T, STEPS, 7.5, truncation_steps, nograd_unet=frozen)
+    (grad,) = torch.autograd.grad((out.latents * probe).sum(), [param])
+    h, readouts = 1e-5, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            param.add_(sign * h * direction)
+            chain = sample_latents(unet, scheduler, cond, x_T, STEPS, 7.5, truncation_steps, nograd_unet=frozen)
+            readouts.append((chain.latents * probe).sum().item())
+            param.sub_(sign * h * direction)
+    return (grad * direction).sum().item(), (readouts[0] - readouts[1]) / (2 * h)
+
+
+def test_gradient_through_the_last_k_steps_equals_a_finite_difference(tiny_sd_path):
+    """The value of the DRaFT-K gradient (K = 3 of 5 steps), on the tiny UNet in float64: the derivative of a fixed linear read-out of
+    the final latent w.r.t. a UNet weight, moved only in the K steps with grad (the steps before run a frozen copy,
+    sample_latents' nograd_unet), equals the central finite difference of that chain. This holds only if the latent
+    carries its gradient from each grad step into the next: detaching it between the K steps leaves the last step's
+    term alone, which is the K = 1 gradient, and that differs from the K > 1 one by far more than the tolerance
+    (asserted below). Mutation this fails under: in utils/sampling.py sample_latents, `latents = schedule.step(...)`
+    followed by `latents = latents.detach()` when `with_grad` and not the last step (or the UNet fed
+    `latents.detach()`)."""
+    import copy
+
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from utils.models import TextConditioning
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").double()
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler")
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    # [uncond; text] token embeddings of one prompt: the text encoder plays no part in the gradient's path
+    cond = TextConditioning(torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probe = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    param = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_v.weight
+    direction = torch.randn(param.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours, finite = _directional_gradient(unet, frozen, scheduler, cond, x_T, probe, param, direction, 3)
+    # float64, h = 1e-5: the central difference's error is O(h^2) plus rounding of ~1e-16 / h, both far below 1e-6
+    assert ours == pytest.approx(finite, rel=1e-6)
+    last_step_only, _ = _directional_gradient(unet, frozen, scheduler, cond, x_T, probe, param, direction, 1)
+    assert abs(last_step_only - finite) > 1e-3 * abs(finite)  # what a detached latent would give: far outside
+
+
 def _lora_grads(unet):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
 
@@ -199,6 +247,37 @@ def test_kl_is_zero_for_the_base_model_and_positive_after_an_update(lora_parts):
             if n in saved:
                 p.copy_(saved[n])
     assert kl1.item() > 0
+
+
+def test_kl_is_the_mean_over_grad_steps_of_the_mean_squared_difference_by_hand(tiny_sd_path):
+    """DRaFT+'s KL on known predictions: a stand-in UNet whose guided eps is c_t * D (both CFG halves alike, so the
+    guided eps is exactly that) against a reference that predicts 0. On 5 DDIM steps (timesteps 801 ... 201, 1), K = 2
+    runs t = 201 with c = 2 and t = 1 with c = 1, so KL = (4 + 1) / 2 * mean(D^2) per sample. Sample 0's D holds 1 and
+    -3 (mean(D^2) = 5), sample 1's is 0.5 everywhere (0.25): KL = [12.5, 0.625]. Mutations this fails under: in
+    utils/sampling.py kl_to_reference, `.pow(2)` replaced by `.abs()` (gives [3, 0.75]); the mean over the steps
+    replaced by their sum or by the last step's term."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from utils.models import TextConditioning
+
+    D = torch.tensor([1.0, -3.0]).repeat(8).reshape(1, 4, 2, 2)
+    D = torch.cat([D, torch.full((1, 4, 2, 2), 0.5)])  # (B=2, C, h, w)
+
+    def trained(x, t, **kwargs):  # x: (2B, C, h, w), the uncond and text halves
+        c = 2.0 if int(t) > 100 else 1.0
+        return SimpleNamespace(sample=torch.cat([c * D, c * D]) + 0 * x)
+
+    def reference(x, t, **kwargs):
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler")
+    cond = TextConditioning(torch.zeros(4, 1, 8))
+    x_T = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    kl = sample_latents(trained, scheduler, cond, x_T, 5, 7.5, truncation_steps=2, reference_unet=reference).kl
+    assert [int(t) for t in scheduler.timesteps[-2:]] == [201, 1]
+    assert kl.tolist() == [12.5, 0.625]
 
 
 def test_sampler_equals_the_stock_diffusers_pipeline(tiny_sd_path):
