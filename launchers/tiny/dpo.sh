@@ -7,7 +7,6 @@
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 4 x 1 = 4 pairs per optimizer step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-source launchers/env.bash  # PYTHON and ACCELERATE_LAUNCH: the project's .venv if there is one
 
 MODEL=${MODEL:-tiny-sd}
 DATA=${DATA:-outputs/toy_prefs}
@@ -18,21 +17,7 @@ TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-4}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/single_gpu.yaml}
 
-[ -e "$DATA" ] || $PYTHON -m utils.toy.synthetic --output_dir "$DATA" --num_pairs 64 --seed 0
-
-ARGS=(
-  --pretrained_model_name_or_path "$MODEL"
-  --dataset_name "$DATA"
-  --output_dir "$OUTPUT_DIR"
-  --resolution 32
-  --no-use_lora --beta_dpo 500 --learning_rate 1e-4
-  --lr_warmup_steps 0
-  --train_batch_size "$TRAIN_BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
-  --max_train_steps "$MAX_STEPS"
-  --mixed_precision no
-  --num_inference_steps 20 --validation_steps 10
-  --report_to none
-)
-# LAUNCHER replaces the launch command (tests set it to a parser-only stub); it is word-split on purpose.
-LAUNCHER=${LAUNCHER:-$ACCELERATE_LAUNCH --config_file $ACCELERATE_CONFIG --num_processes $GPUS}
-$LAUNCHER train_dpo.py "${ARGS[@]}" "$@"
+source launchers/tiny/common.bash  # the flags the tiny preference-data launchers share, and the launch line
+SAMPLING=(--num_inference_steps 20)
+METHOD=(--no-use_lora --beta_dpo 500 --learning_rate 1e-4)
+tiny_dpo "$@"
