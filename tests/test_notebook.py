@@ -1,5 +1,8 @@
-"""notebooks/quick_samples.ipynb: runs top to bottom on tiny-sd against a tiny trained LoRA, and is stored clean."""
+"""notebooks/quick_samples.ipynb: stored clean, and runs top to bottom with the README's offline recipe (its QS_*
+variables, read from the README's code block) on a short run of the README's quickstart command."""
 import json
+import re
+import shlex
 import sys
 
 import nbformat
@@ -8,7 +11,39 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "quick_samples.ipynb"
+README = REPO_ROOT / "README.md"
 KERNEL = "diffusion-align-test"
+
+
+def readme_commands():
+    """Every command line of the README's bash code blocks, line continuations joined, split as the shell would."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [words for words in (shlex.split(line, comments=True) for line in lines) if words]
+
+
+def readme_notebook_recipe() -> dict:
+    """The QS_* assignments of the README's command that runs the notebook."""
+    command = next(words for words in readme_commands() if "notebooks/quick_samples.ipynb" in words)
+    return dict(word.split("=", 1) for word in command if re.fullmatch(r"QS_[A-Z]+=.*", word))
+
+
+def readme_quickstart_flags() -> list:
+    """The flags of the README's quickstart training command (the train_draftp.py line that trains on toy-sd)."""
+    command = next(words for words in readme_commands()
+                   if "train_draftp.py" in words and "toy-sd" in words and "--output_dir" in words)
+    return command[command.index("train_draftp.py") + 1:]
+
+
+def replace_flag(flags: list, name: str, value=None) -> list:
+    """`flags` without `name` and its values; then `name value` appended where a value is given."""
+    out, skipping = [], False
+    for word in flags:
+        if word.startswith("--"):
+            skipping = word == name
+        if not skipping:
+            out.append(word)
+    return out + ([name, str(value)] if value is not None else [])
 
 
 def test_notebook_is_stored_without_outputs():
@@ -20,18 +55,23 @@ def test_notebook_is_stored_without_outputs():
         assert cell.outputs == [] and cell.execution_count is None, f"saved outputs in cell:\n{cell.source[:200]}"
 
 
+def test_readme_notebook_recipe_uses_the_quickstart_output():
+    recipe, flags = readme_notebook_recipe(), readme_quickstart_flags()
+    assert recipe["QS_TRAINED"] == flags[flags.index("--output_dir") + 1]
+    assert recipe["QS_BASE"] == flags[flags.index("--pretrained_model_name_or_path") + 1]
+
+
 @pytest.fixture(scope="module")
-def tiny_lora(tmp_path_factory, tiny_sd_path):
-    """A LoRA output of a 2-step train_draftp.py run on tiny-sd (in this process: the notebook is what is tested)."""
+def quickstart_lora(tmp_path_factory):
+    """The README's quickstart command, shortened to 2 steps without validation grids, into a temporary folder
+    (in this process: the notebook is what is tested). Its LoRA has the quickstart's base model and rank."""
     import train_draftp
     from tests.conftest import run_main_in_process
 
-    out = tmp_path_factory.mktemp("nb") / "lora"
-    run_main_in_process(train_draftp, [
-        "--pretrained_model_name_or_path", "tiny-sd", "--reward_model", "color_match", "--prompts", "colored_animals",
-        "--num_inference_steps", 3, "--truncation_steps", 1, "--train_batch_size", 1, "--learning_rate", 1e-2,
-        "--lora_rank", 4, "--max_train_steps", 2, "--validation_prompts", "a red cat", "--num_validation_images", 1,
-        "--report_to", "none", "--output_dir", out])
+    out = tmp_path_factory.mktemp("nb") / "quickstart"
+    flags = replace_flag(readme_quickstart_flags(), "--validation_prompts")
+    flags = replace_flag(replace_flag(flags, "--max_train_steps", 2), "--output_dir", out)
+    run_main_in_process(train_draftp, flags)
     return out
 
 
@@ -47,11 +87,12 @@ def kernel_of_this_interpreter(tmp_path, monkeypatch):
     return KERNEL
 
 
-def test_notebook_runs_top_to_bottom_on_tiny_sd(tiny_lora, kernel_of_this_interpreter, monkeypatch):
+def test_notebook_runs_the_readme_recipe(quickstart_lora, kernel_of_this_interpreter, monkeypatch):
     from nbclient import NotebookClient
 
-    for key, value in {"QS_BASE": "tiny-sd", "QS_TRAINED": str(tiny_lora), "QS_PROMPTS": "a red cat;a blue dog",
-                       "QS_SEEDS": "0,1", "QS_STEPS": "3", "QS_REWARD": "color_match"}.items():
+    recipe = readme_notebook_recipe()
+    assert {"QS_BASE", "QS_TRAINED", "QS_REWARD"} <= recipe.keys()
+    for key, value in {**recipe, "QS_TRAINED": str(quickstart_lora)}.items():
         monkeypatch.setenv(key, value)  # the kernel process inherits this environment
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows the figure as image/png
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -61,8 +102,9 @@ def test_notebook_runs_top_to_bottom_on_tiny_sd(tiny_lora, kernel_of_this_interp
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert f"trained: {tiny_lora} (lora)" in text
-    assert "base     mean color_match:" in text and "trained  mean color_match:" in text
+    reward = recipe["QS_REWARD"]
+    assert f"trained: {quickstart_lora} (lora)" in text
+    assert f"base     mean {reward}:" in text and f"trained  mean {reward}:" in text
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was shown"
     # the file on disk is untouched by the run
     test_notebook_is_stored_without_outputs()
