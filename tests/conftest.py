@@ -84,6 +84,42 @@ def deterministic_metrics(metrics):
     return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
 
 
+# A key that no run writes into metrics.jsonl: the resume tests tag the interrupted run's rows with it.
+RESUME_MARK = "test_row_before_resume"
+
+
+def mark_rows_before_resume(output_dir):
+    """Tag every row of output_dir/metrics.jsonl with RESUME_MARK, before a test resumes the run: a resume keeps the
+    rows up to its checkpoint's step as they are (the run's MetricsLog) and writes the later ones itself, while a
+    fresh start rewrites the file from step 1. See assert_resumed."""
+    import json
+
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps({**row, RESUME_MARK: True}) + "\n" for row in rows))
+
+
+def assert_resumed(output_dir, log: str, step: int) -> list:
+    """Proof that a run given --resume_from_checkpoint continued from checkpoint-<step> instead of starting over.
+    With the same seed, a fresh start writes the same numbers as a resume, so equal metrics alone cannot tell the
+    two apart: the run's log says "resumed from .../checkpoint-<step> at step <step>", args-resume-<step>.json
+    sits next to args.json, and in metrics.jsonl exactly the rows up to <step> still carry the tag that
+    mark_rows_before_resume put there before the resume (a fresh start would have rewritten them all).
+    Returns the rows of metrics.jsonl without the tag.
+
+    Mutation the callers fail under: in resume_from_checkpoint (the run protocol's checkpoint code),
+    `if args.resume_from_checkpoint is None:` made `if True:` (every resume starts fresh)."""
+    import json
+    import re
+
+    assert re.search(rf"resumed from \S*checkpoint-{step} at step {step}\b", log), log[-3000:]
+    assert (Path(output_dir) / f"args-resume-{step}.json").is_file()
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert [RESUME_MARK in row for row in rows] == [row["step"] <= step for row in rows], rows
+    return [{k: v for k, v in row.items() if k != RESUME_MARK} for row in rows]
+
+
 def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, env=None) -> subprocess.CompletedProcess:
     """Run a repository script in a subprocess with this interpreter and return the finished process.
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train_dpo as T
-from conftest import REPO_ROOT, deterministic_metrics, run_main_in_process, run_script
+from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process,
+                      run_script)
 from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
@@ -357,11 +358,12 @@ def test_lora_output_reloads_in_stock_diffusers(lora_run, tiny_sd_path):
 def test_resume_continues_metrics_exactly(lora_run, pref_data, tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(lora_run["out"], out)  # the run holds checkpoint-2: step 3 is run again from it
+    mark_rows_before_resume(out)
     # in this process (the run's log: conftest.run_main_in_process); lora_run is the run through accelerate launch
     log = main_in_process(dpo_flags(tiny_sd_path, pref_data["train"], out, *LORA_RUN, "--max_train_steps", 3,
                                     "--resume_from_checkpoint", "latest"))
-    assert "resumed from" in log and "checkpoint-2" in log
-    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(lora_run["metrics"])
+    # continued from checkpoint-2 (conftest.assert_resumed says the mutation this fails under), equal (==) after it
+    assert deterministic_metrics(assert_resumed(out, log, 2)) == deterministic_metrics(lora_run["metrics"])
 
 
 def test_two_processes_give_the_numbers_of_one_with_the_same_global_batch(lora_run, pref_data, tiny_sd_path, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_dpo as T
-from conftest import deterministic_metrics, run_main_in_process
+from conftest import assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process
 from utils import UsageError
 from utils.flow import FlowTrainingTimesteps
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
@@ -136,8 +136,8 @@ def test_sft_loss_is_the_flow_matching_mse_at_a_known_point():
 # --------------------------------------------------------------------------- train_dpo.py end to end
 def run_dpo(flags):
     """train_dpo.main in this process (conftest.run_main_in_process: a subprocess would spend most of a tiny run
-    importing)."""
-    run_main_in_process(T, flags)
+    importing). Returns the run's log."""
+    return run_main_in_process(T, flags)
 
 
 @pytest.fixture(scope="module")
@@ -202,11 +202,14 @@ def test_lora_output_reloads_in_the_stock_pipeline_with_the_same_images(lora_run
 
 
 def test_resume_continues_metrics_exactly(lora_run, prefs, tmp_path):
+    """The 3-step run resumed from its checkpoint-2: it continues from there (conftest.assert_resumed, which says the
+    mutation this fails under) and step 3 comes out equal (==) to the uninterrupted run's."""
     name, out = lora_run
     resumed = tmp_path / "run"
     shutil.copytree(out, resumed)  # holds checkpoint-2: step 3 runs again from it
-    run_dpo(dpo_flags(name, prefs, resumed, *LORA, "--resume_from_checkpoint", "latest"))
-    a, b = deterministic_metrics(read_metrics(str(out))), deterministic_metrics(read_metrics(str(resumed)))
+    mark_rows_before_resume(resumed)
+    log = run_dpo(dpo_flags(name, prefs, resumed, *LORA, "--resume_from_checkpoint", "latest"))
+    a, b = deterministic_metrics(read_metrics(str(out))), deterministic_metrics(assert_resumed(resumed, log, 2))
     assert [m["step"] for m in b] == [1, 2, 3]
     assert a == b
 

@@ -19,7 +19,8 @@ import torch
 
 import train_dpo
 import train_draftp
-from conftest import REPO_ROOT, deterministic_metrics, run_main_in_process, run_script
+from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process,
+                      run_script)
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
@@ -236,9 +237,9 @@ def straight(data):
 def resume(flags):
     """A resume after a failed subprocess, in this process (conftest.run_main_in_process): what is tested is the
     metrics it writes (equal to the straight run's); the failure is the subprocess under test. main() alone writes no
-    run_status.json (the entry point, utils.training.run_main, does): a test that reads the status after a resume
-    resumes through run_script."""
-    run_main_in_process(train_dpo, flags[1:])
+    run_status.json (the entry point, utils.train.run_main, does): a test that reads the status after a resume
+    resumes through run_script. Returns the run's log."""
+    return run_main_in_process(train_dpo, flags[1:])
 
 
 def run_dpo(flags, env=None):
@@ -261,9 +262,13 @@ def test_a_stop_mid_accumulation_checkpoints_the_last_step_and_resumes_exactly(d
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "stopped"
     assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight[:4])
 
-    # a subprocess through the entry point: run_main, not main(), writes the "finished" status
-    run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
-    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)  # bit-identical: batches follow (seed, step, micro)
+    # a subprocess through the entry point: run_main, not main(), writes the "finished" status. It continues from
+    # checkpoint-4 (conftest.assert_resumed says the mutation this fails under) and equals the straight run
+    # bit for bit: batches, noise and timesteps follow (seed, step, micro-step)
+    mark_rows_before_resume(out)
+    proc = run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
+    resumed = assert_resumed(out, proc.stdout + proc.stderr, 4)
+    assert deterministic_metrics(resumed) == deterministic_metrics(straight)
     assert json.loads((out / STATUS_FILE).read_text())["status"] == "finished"
 
 
@@ -288,8 +293,11 @@ def test_three_non_finite_steps_checkpoint_the_last_good_one_and_exit_4_then_res
     assert [m["skipped"] for m in metrics] == [0, 1, 1, 1]
     assert json.loads((out / STATUS_FILE).read_text()) == {"status": "diverged", "exit_code": 4, "step": 1,
                                                            "message": line.removeprefix("error: ")}
-    resume(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"))
-    assert deterministic_metrics(read_metrics(str(out))) == deterministic_metrics(straight)
+    mark_rows_before_resume(out)
+    log = resume(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"))
+    # from checkpoint-1 (conftest.assert_resumed says the mutation this fails under): the three skipped rows go
+    resumed = assert_resumed(out, log, 1)
+    assert deterministic_metrics(resumed) == deterministic_metrics(straight)
 
 
 def test_one_truncated_png_is_skipped_counted_and_reported(data):
@@ -389,7 +397,9 @@ def test_sigterm_to_the_whole_process_group_stops_every_process_with_a_checkpoin
     assert [m["step"] for m in read_metrics(str(out))][:step] == list(range(1, step + 1))
 
     flags[flags.index("--max_train_steps") + 1] = str(step + 1)
+    mark_rows_before_resume(out)
     proc = subprocess.run(two_processes([*flags, "--resume_from_checkpoint", "latest"], free_port()), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, **TWO_ENV})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [m["step"] for m in read_metrics(str(out))] == list(range(1, step + 2))
+    # it continues from the stop's checkpoint (conftest.assert_resumed says the mutation this fails under)
+    assert [m["step"] for m in assert_resumed(out, proc.stdout + proc.stderr, step)] == list(range(1, step + 2))
