@@ -237,7 +237,7 @@ def straight(data):
 def resume(flags):
     """A resume after a failed subprocess, in this process (conftest.run_main_in_process): what is tested is the
     metrics it writes (equal to the straight run's); the failure is the subprocess under test. main() alone writes no
-    run_status.json (the entry point, utils.train.run_main, does): a test that reads the status after a resume
+    run_status.json (the entry point, utils.training.run_main, does): a test that reads the status after a resume
     resumes through run_script. Returns the run's log."""
     return run_main_in_process(train_dpo, flags[1:])
 
