@@ -24,7 +24,6 @@ images, diversity), reward_vs_diversity.png, grids/<model>.png (rows = prompts, 
 (rows = models, columns = prompts at the first seed), labelled, each image's scores under it, with a sidecar json
 each; images/<model>/p<prompt>_s<seed>.png, scores.jsonl (one line per image) and args.json.
 """
-import argparse
 import csv
 import json
 import logging
@@ -37,12 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import UsageError
+from utils.cli import ArgumentParser
 from utils.data import BUILTIN_PROMPT_SETS, load_prompts
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           weights_subfolder)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
+from utils.toy import TINY_NAMES, TOY_NAMES
 from utils.toy.world import parse_prompt, prompt_accuracy
 from utils.training import HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args
 
@@ -53,10 +54,13 @@ TOYWORLD_ACC = "toyworld_acc"
 
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = parser.add_argument_group("models")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="the base pipeline (hub id or folder; 'tiny-sd' / 'tiny-sdxl'); always evaluated, as 'base'")
+                   help="the base pipeline, always evaluated, as 'base': a hub id or local folder of any diffusers "
+                        "pipeline of SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 (the family is read from its model_index.json); "
+                        f"offline names: {', '.join(TINY_NAMES)} (tiny random pipelines built in code), "
+                        f"{', '.join(TOY_NAMES)} (the toy world's trained pipelines, utils/toy/assets)")
     g.add_argument("--revision", default=None, help="hub revision of the base pipeline (default: the main branch)")
     g.add_argument("--variant", default=None, help="weight variant of the base, e.g. fp16")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
@@ -183,19 +187,23 @@ class ModelSwitcher:
 
 
 @torch.no_grad()
-def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype):
-    """Yield (items of the batch, uint8 images (B, H, W, 3)) for `items` = [(prompt index, seed), ...]."""
+def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype, desc="images", show_progress=True):
+    """Yield (items of the batch, uint8 images (B, H, W, 3)) for `items` = [(prompt index, seed), ...].
+
+    A progress bar on stderr (`desc`, in images) counts each batch once the caller is done with it."""
     resolution = latent_shape[-1] * parts.vae_scale_factor
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start : start + args.batch_size]
-        texts = [prompts[i] for i, _ in batch]
-        # one generator per image: its noise does not depend on the batch it lands in
-        x_T = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in batch])
-        cond = cfg_conditioning(encode_prompts(parts, texts, device, resolution), uncond, args.guidance_scale)
-        latents = sample_latents(unet, parts.scheduler, cond, x_T.to(device, dtype), args.num_inference_steps,
-                                 args.guidance_scale).latents
-        images = decode_latents(parts.vae, latents)  # (B, 3, H, W) in [0, 1]
-        yield batch, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not show_progress) as progress:
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start : start + args.batch_size]
+            texts = [prompts[i] for i, _ in batch]
+            # one generator per image: its noise does not depend on the batch it lands in
+            x_T = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s)) for _, s in batch])
+            cond = cfg_conditioning(encode_prompts(parts, texts, device, resolution), uncond, args.guidance_scale)
+            latents = sample_latents(unet, parts.scheduler, cond, x_T.to(device, dtype), args.num_inference_steps,
+                                     args.guidance_scale).latents
+            images = decode_latents(parts.vae, latents)  # (B, 3, H, W) in [0, 1]
+            yield batch, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            progress.update(len(batch))
 
 
 def diversity_of(images: np.ndarray, args, lpips_model) -> float:
@@ -340,8 +348,8 @@ def main(args):
             os.makedirs(image_dir, exist_ok=True)
             unet = switcher.unet(name, path)
             pending = {}  # prompt index -> its finished images, until all N are there
-            progress = tqdm(total=len(items), desc=name, disable=not accelerator.is_local_main_process)
-            for batch, images in generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype):
+            for batch, images in generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype,
+                                          desc=name, show_progress=accelerator.is_local_main_process):
                 pils = [Image.fromarray(im) for im in images]
                 texts = [prompts[i] for i, _ in batch]
                 scores = {spec: scorer.score(pils, texts) for spec, scorer in scorers.items()}
@@ -356,8 +364,6 @@ def main(args):
                     if len(pending[i]) == len(seeds) and args.diversity != "none":
                         diversities.append({"model": name, "prompt_index": i,
                                             "diversity": diversity_of(np.stack(pending.pop(i)), args, lpips_model)})
-                progress.update(len(batch))
-            progress.close()
             del unet
             switcher.release(path)
 
@@ -373,7 +379,10 @@ def main(args):
         write_tables(rows, args)
         plot_reward_vs_diversity(rows, args)
         write_grids(records, list(models), columns, args)
-        logger.info("results:\n" + open(os.path.join(args.output_dir, "results.md")).read())
+        logger.info(f"wrote results.csv, results.md, reward_vs_diversity.png, grids/ and comparison.png to {args.output_dir}")
+        # the results table is the output (stdout, e.g. `evaluate.py ... > results.md`); logs and bars go to stderr
+        with open(os.path.join(args.output_dir, "results.md")) as f:
+            print(f.read(), end="", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -8,7 +8,8 @@ same --seed and sampling flags its seed<k>/pairs begins with the same pairs.
     python experiments/toyworld_pairs.py --output_dir outputs/toy_pairs --num_pairs 128 --seed 0
 
 Writes a `save_to_disk` folder with the Pick-a-Pic columns (jpg_0, jpg_1, label_0, caption) for train_dpo.py's
---dataset_name, and args.json.
+--dataset_name, and args.json. Progress (a bar over the sampled images) goes to stderr, the closing summary line to
+stdout.
 """
 import argparse
 import os
@@ -58,6 +59,9 @@ def main(args):
     base = Base(args)
     rows = base.sample_pairs(prompts, PAIR_SEED_BASE * (args.seed + 1), args.num_pairs, args.pair_candidates, args)
     write_preference_set(rows, args.output_dir)
+    # evaluate.generate, which sample_pairs calls, shows the bar over the num_pairs x pair_candidates images
+    print(f"sampling {args.num_pairs} x {args.pair_candidates} images of {args.pretrained_model_name_or_path} and scoring "
+          f"them with {args.reward_model}", file=sys.stderr, flush=True)
     save_args(args, args.output_dir)
     ties = sum(r["label_0"] == 0.5 for r in rows)
     print(f"{len(rows)} pairs ({ties} ties) of {len(prompts)} prompts, best and worst of {args.pair_candidates} "

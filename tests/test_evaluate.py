@@ -148,9 +148,10 @@ def test_base_images_are_those_of_stock_diffusers_with_the_same_seed(evaluation,
 
 
 def test_same_seed_same_base_image_with_other_batch_size_and_two_processes(evaluation, work, run_script):
-    """A second run, base only, batch size 1, prompts split over 2 processes: the same base images and scores."""
+    """A second run, base only, batch size 1, prompts split over 2 processes: the same base images and scores.
+    Its output streams: the results table, once, is all of stdout (`evaluate.py ... > results.md`); logs go to stderr."""
     out = work[0] / "eval2"
-    run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
+    proc = run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", 29531,
                 *eval_flags(work, out, models=False, extra=["--reward_models", "color_match", "--diversity", "pixel",
                                                             "--batch_size", 1])],
@@ -165,6 +166,8 @@ def test_same_seed_same_base_image_with_other_batch_size_and_two_processes(evalu
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, r["image"]
         assert r["color_match"] == pytest.approx(first[(r["prompt_index"], r["seed"])]["color_match"], abs=1e-3)
     assert [row["model"] for row in read_rows(out)] == ["base"]
+    assert proc.stdout == (out / "results.md").read_text()
+    assert "| model |" not in proc.stderr and "INFO evaluate:" in proc.stderr
 
 
 # --------------------------------------------------------------------------- bad input
@@ -208,6 +211,16 @@ def test_one_seed_is_fine_without_diversity():
     args = evaluate.parse_args(["--pretrained_model_name_or_path", "tiny-sd", "--num_seeds", "1", "--diversity", "none",
                                 "--reward_models", "brightness"])
     assert args.num_seeds == 1
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--num_seed", "2"], "error: unrecognized argument --num_seed; did you mean --num_seeds?"),  # no abbreviations
+    (["--reward_model", "brightness"], "error: unrecognized argument --reward_model; did you mean --reward_models?"),
+])
+def test_misspelled_flag_is_one_line_naming_the_closest_flag(flags, line, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--pretrained_model_name_or_path", "tiny-sd", *flags])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
 
 
 def test_bad_input_is_one_line_on_stderr(run_script, tmp_path):
