@@ -43,7 +43,6 @@ from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, free
                           weights_subfolder)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
-from utils.toy import TINY_NAMES, TOY_NAMES
 from utils.toy.world import parse_prompt, prompt_accuracy
 from utils.training import HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args
 
@@ -59,8 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="the base pipeline, always evaluated, as 'base': a hub id or local folder of any diffusers "
                         "pipeline of SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 (the family is read from its model_index.json); "
-                        f"offline names: {', '.join(TINY_NAMES)} (tiny random pipelines built in code), "
-                        f"{', '.join(TOY_NAMES)} (the toy world's trained pipelines, utils/toy/assets)")
+                        "offline names: tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux (tiny random pipelines built in code), "
+                        "toy-sd, toy-sd3 (the toy world's trained pipelines, utils/toy/assets)")
     g.add_argument("--revision", default=None, help="hub revision of the base pipeline (default: the main branch)")
     g.add_argument("--variant", default=None, help="weight variant of the base, e.g. fp16")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,

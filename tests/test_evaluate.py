@@ -213,6 +213,19 @@ def test_one_seed_is_fine_without_diversity():
     assert args.num_seeds == 1
 
 
+def test_help_names_every_offline_pipeline_and_family(monkeypatch, capsys):
+    from utils.toy import TINY_NAMES, TOY_NAMES
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal width, also inside 'tiny-sdxl'
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    options = capsys.readouterr().out.split("\n  --pretrained_model_name_or_path", 1)[1]
+    help_text = " ".join(options.split("\n  --revision", 1)[0].split())
+    for name in (*TINY_NAMES, *TOY_NAMES, "SD1.5", "SDXL", "SD3 / SD3.5", "FLUX.1", "model_index.json"):
+        assert name in help_text, help_text
+
+
 @pytest.mark.parametrize("flags, line", [
     (["--num_seed", "2"], "error: unrecognized argument --num_seed; did you mean --num_seeds?"),  # no abbreviations
     (["--reward_model", "brightness"], "error: unrecognized argument --reward_model; did you mean --reward_models?"),
