@@ -144,6 +144,16 @@ def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, e
     return proc
 
 
+def free_port() -> int:
+    """A TCP port that is free now, for a multi-process run's --main_process_port: a fixed one can collide with
+    another job's on the same machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class _KeepLogRecords(logging.Handler):
     """Keeps the message of every record it is handed (run_main_in_process's log)."""
 

@@ -561,19 +561,31 @@ def test_resume_continues_metrics_exactly(tmp_path):
     assert resumed == straight
 
 
-def test_two_processes_give_the_same_first_loss_as_one(tmp_path, run_script):
+def test_two_processes_give_the_losses_of_one_at_the_first_and_a_later_step(tmp_path, run_script):
+    """DRaFT+ (kl_coeff 0.1), 2 processes x batch 1 against 1 process x batch 2, the same global batch. Step 1's
+    gradient norm is that of the all-reduced gradient, and step 2 runs on the weights of one update: both match only
+    if the two processes' gradients were averaged into the one process's update (loss, reward, KL and gradient norm
+    within float32 rounding of a different batch split). Mutation this fails under: no gradient all-reduce, e.g. in
+    train_draftp.py each micro-step's forward and backward inside `accelerator.no_sync(model)` (DDP's no_sync): each
+    process steps on its own half of the batch, and step 1's grad_norm becomes the mean of the two halves' norms."""
+    from conftest import free_port
+
     one, two = tmp_path / "one", tmp_path / "two"
-    run_draftp(draftp_flags(one, steps=1, extra=["--train_batch_size", 2]))  # the reference: one process, batch 2
+    extra = ["--kl_coeff", 0.1]
+    run_draftp(draftp_flags(one, steps=2, extra=[*extra, "--train_batch_size", 2]))  # the reference: one process, batch 2
     # 2 processes x batch 1 = the same global batch of 2. On a machine without GPUs, `--multi_gpu` with
     # ACCELERATE_USE_CPU starts torchrun-style processes that accelerate joins with gloo (plain `--cpu` with
     # several processes expects MPI).
     run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", 29517,
-                *draftp_flags(two, steps=1, extra=["--train_batch_size", 1])], env={"ACCELERATE_USE_CPU": "true"})
-    first_one, first_two = read_metrics(one)[0], read_metrics(two)[0]
-    assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-5)
-    assert first_two["reward"] == pytest.approx(first_one["reward"], rel=1e-5)
-    assert len(read_metrics(two)) == 1  # only the main process writes metrics
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+                *draftp_flags(two, steps=2, extra=[*extra, "--train_batch_size", 1])], env={"ACCELERATE_USE_CPU": "true"})
+    metrics_one, metrics_two = read_metrics(one), read_metrics(two)
+    assert [m["step"] for m in metrics_two] == [1, 2]  # only the main process writes metrics
+    assert metrics_two[0]["kl"] == metrics_one[0]["kl"] == 0.0
+    for a, b in zip(metrics_two, metrics_one):
+        for key in ("loss", "reward", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (key, a["step"], a[key], b[key])
+    assert metrics_two[1]["kl"] > 0  # step 2 does see the updated weights
 
 
 def test_tiny_sdxl_trains(tmp_path):

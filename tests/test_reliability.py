@@ -364,6 +364,25 @@ def test_a_nan_on_one_process_skips_the_update_on_both(data, straight, tmp_path,
     assert b[2]["grad_norm"] == pytest.approx(a[2]["grad_norm"], rel=1e-3)
 
 
+def test_one_bad_row_over_two_processes_is_counted_once_and_trips_max_bad_rows(tmp_path):
+    """Two processes x batch 1 over 4 pairs, pair 1 unreadable, --max_bad_rows 0: the process that draws pair 1 counts
+    1 and the other 0, and the step's bad_rows must be their sum, 1 (reduce_step_metrics all-reduces the mean and
+    multiplies it by the number of processes), more than the limit: the run ends with the one-line error. 2 steps
+    are one epoch, so pair 1 is drawn exactly once. Mutation this fails under: in reduce_step_metrics,
+    `int(round(out[k] * accelerator.num_processes))` made `int(round(out[k]))`: the mean 0.5 rounds to 0, so
+    bad_rows reads 0 and --max_bad_rows never trips."""
+    rows = synthetic_preference_rows(4, seed=0)
+    rows[1]["jpg_0"] = truncated_png(rows[1]["jpg_0"])
+    out = tmp_path / "run"
+    flags = dpo(write_preference_set(rows, str(tmp_path / "data")), out, "--max_train_steps", 2, "--max_bad_rows", 0)
+    flags[flags.index("--train_batch_size") + 1] = "1"
+    proc = subprocess.run(two_processes(flags, free_port()), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **TWO_ENV})
+    assert proc.returncode != 0 and "error: 1 unreadable rows skipped, more than --max_bad_rows 0" in proc.stderr, \
+        proc.stderr[-4000:]
+    assert sum(m["bad_rows"] for m in read_metrics(str(out))) == 1
+
+
 def test_sigterm_to_the_whole_process_group_stops_every_process_with_a_checkpoint(data, tmp_path):
     """As scancel and preemption: SIGTERM to the launcher and both workers at once; torchrun then forwards a
     second SIGTERM to each worker. Both must stop cleanly with one checkpoint, and the run resumes."""
