@@ -57,11 +57,11 @@ def parse_args(argv=None):
 def main(args):
     prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)
     base = Base(args)
-    rows = base.sample_pairs(prompts, PAIR_SEED_BASE * (args.seed + 1), args.num_pairs, args.pair_candidates, args)
-    write_preference_set(rows, args.output_dir)
     # evaluate.generate, which sample_pairs calls, shows the bar over the num_pairs x pair_candidates images
     print(f"sampling {args.num_pairs} x {args.pair_candidates} images of {args.pretrained_model_name_or_path} and scoring "
           f"them with {args.reward_model}", file=sys.stderr, flush=True)
+    rows = base.sample_pairs(prompts, PAIR_SEED_BASE * (args.seed + 1), args.num_pairs, args.pair_candidates, args)
+    write_preference_set(rows, args.output_dir)
     save_args(args, args.output_dir)
     ties = sum(r["label_0"] == 0.5 for r in rows)
     print(f"{len(rows)} pairs ({ties} ties) of {len(prompts)} prompts, best and worst of {args.pair_candidates} "
