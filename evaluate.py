@@ -44,7 +44,10 @@ from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, free
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.toy.world import parse_prompt, prompt_accuracy
-from utils.training import HelpFormatter, check_mixed_precision, compute_dtype, parse_name_paths, run_main, save_args
+from utils.train import run_main
+from utils.train.cli import HelpFormatter, parse_name_paths
+from utils.train.distributed import check_mixed_precision, compute_dtype
+from utils.train.outcome import save_args
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names

@@ -37,36 +37,35 @@ SDXL (the original always used Adafactor and gradient checkpointing there), LoRA
     ... --sft                                                               # MSE on the preferred images
     ... --sft --dataset_name my/captioned-images --image_column image      # plain text-to-image fine-tuning
 """
-import argparse
 import contextlib
-import functools
 import logging
-import math
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from utils import UsageError
-from utils.data import (CACHE_STEP, CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        LatentCacheDataset, PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows,
-                        collate_images, next_batch, open_image_dataset, require_columns, scan_rows, select_pairs)
-from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES, FlowTrainingTimesteps, flow_noise
-from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline, encode_prompts, freeze_frozen_parts,
-                          frozen_copy, load_pipeline_parts, model_prediction, read_family, reference_model,
-                          sdxl_time_ids)
+from utils.cli import ArgumentParser
+from utils.data import (CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
+                        PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows, collate_images,
+                        next_batch, open_image_dataset, require_columns, select_pairs)
+from utils.denoising import (FLOW_TIMESTEP_DEFAULTS, default_train_guidance, encode_batch, family_noising,
+                             per_sample_error)
+from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES
+from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline, freeze_frozen_parts, frozen_copy,
+                          load_pipeline_parts, load_unet_init, model_prediction, read_family, reference_model)
+from utils.pairs import (LATENT_CACHE_AUTO_BYTES, build_latent_cache, choose_winners, dataset_prompt,
+                         default_num_workers, latent_cache_applies, scan_dataset, swap_pairs)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
-from utils.speed import add_speed_args, compile_training_unet
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
-                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
-                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
-                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
-                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, set_help, shards_parameters, step_generator, stop_run,
-                            unet_is_wrapped, validation_due, validation_wanted)
+from utils.seeding import step_generator
+from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
+from utils.speed import add_speed_args, check_speed_args, compile_training_unet
+from utils.train import Run, run_main
+from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, check_common_args, describe_defaults,
+                             parse_name_paths, set_help)
+from utils.train.distributed import shards_parameters
+from utils.train.validation import log_validation
 
 
 logger = logging.getLogger("train_dpo")
@@ -77,11 +76,9 @@ CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2"}
 # effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
 # (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
 FULL_UNET_LEARNING_RATE, LORA_LEARNING_RATE = 1e-8, 5e-4
-
-
-# --latent_cache auto keeps the VAE posteriors of a run that sees its data more than once up to this size (CPU memory;
-# SD1.5 at 512 px: 64 KiB per image and flip in bf16, so 4 GiB hold 32k pairs with both flips).
-LATENT_CACHE_AUTO_BYTES = 4 * 2**30
+# Flags a resume may change: how the data is read, not what it holds.
+SAFE_TO_CHANGE_ON_RESUME = {*SPEED_FLAGS_SAFE_ON_RESUME, "dataloader_num_workers", "cache_dir", "reward_model_paths",
+                            "reward_paths", "max_bad_rows", "scan_data", "latent_cache"}
 
 
 # --------------------------------------------------------------------------- the method
@@ -116,94 +113,10 @@ def sft_loss(model_err, weights=None):
     return loss, {"loss": loss.detach()}
 
 
-def min_snr_weights(scheduler, timesteps, gamma: float):
-    """Min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556): min(SNR, gamma) / SNR for eps
-    prediction, / (SNR + 1) for v prediction, as the diffusers text-to-image examples."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.minimum(snr, torch.full_like(snr, gamma))
-    return weights / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
-
-
-def per_sample_error(pred, target):
-    """(N, C, H, W) -> (N,): mean squared error of each sample, in float32."""
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-
-
-def noise_pairs(scheduler, latents, noise, timesteps):
-    """Noise n images per row with the row's ONE noise sample and timestep.
-
-    latents (n*B, C, h, w), stacked [first images; second images] (winners, then losers); noise (B, C, h, w);
-    timesteps (B,). Returns (noisy latents, target, timesteps), each with n*B rows.
-    """
-    n = latents.shape[0] // noise.shape[0]
-    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        return noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps
-    return noisy, noise, timesteps
-
-
-def flow_noise_pairs(latents, noise, timesteps, num_train_timesteps: int = 1000):
-    """`noise_pairs` for flow matching (SD3 / FLUX): x_t = (1 - sigma) * x_0 + sigma * noise with sigma = t / 1000,
-    and the velocity target noise - x_0; winner and loser share the row's noise and sigma."""
-    n = latents.shape[0] // noise.shape[0]
-    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
-    return flow_noise(latents, noise, timesteps / num_train_timesteps), noise - latents, timesteps
-
-
-@dataclass
-class Noising:
-    """What the model's family fixes about training on noised data, chosen once at start (`family_noising`)."""
-
-    draw: Callable         # (n, generator) -> (n,) timesteps: DDPM steps, or sigma * 1000
-    pairs: Callable        # (latents, noise, timesteps) -> (noisy, target, timesteps): `noise_pairs`' contract
-    sft_weights: Callable  # (timesteps,) -> (n,) per-sample weights of the SFT loss, or None
-
-
-def family_noising(parts, args) -> Noising:
-    """SD1.5 / SDXL: t uniform over the DDPM steps, eps (or v) target, min-SNR for SFT. SD3 / FLUX: t drawn as the
-    model was trained (--weighting_scheme), the velocity target, SD3's loss weights for SFT (DPO's errors stay plain
-    per-sample MSE: a weight w(t) would only rescale beta at each t)."""
-    scheduler = parts.scheduler
-    if parts.is_flow:
-        t = FlowTrainingTimesteps(scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
-        return Noising(t.draw, functools.partial(flow_noise_pairs, num_train_timesteps=t.num_train_timesteps),
-                       t.loss_weights)
-    return Noising(lambda n, g: torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g),
-                   functools.partial(noise_pairs, scheduler),
-                   lambda t: min_snr_weights(scheduler, t, args.snr_gamma) if args.snr_gamma else None)
-
-
-@torch.no_grad()
-def choose_winners(scorer, batch):
-    """AI feedback: (B,) bool, True where the scoring model prefers the second image of the pair."""
-    first, second = [p[0] for p in batch["pil"]], [p[1] for p in batch["pil"]]
-    scores = scorer.score(first + second, batch["prompt"] * 2)  # one batched call for all 2B images
-    n = len(first)
-    return torch.tensor([scores[n + i] > scores[i] for i in range(n)])
-
-
-PER_IMAGE_FIELDS = ("pixels", "original_size", "crop", "latent_mean", "latent_std")  # (B, 2, ...) in a batch
-
-
-def swap_pairs(batch, swap):
-    """Swap first and second image of the rows where `swap` (B,) is True, in every per-image field."""
-    out = dict(batch)
-    for key in PER_IMAGE_FIELDS:
-        if key in batch:
-            value = batch[key]
-            out[key] = torch.where(swap.view(-1, *[1] * (value.dim() - 1)), value.flip(1), value)
-    if "pil" in batch:
-        out["pil"] = [p[::-1] if s else p for p, s in zip(batch["pil"], swap.tolist())]
-    return out
-
-
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                     epilog=DEFAULTS_NOTE)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                            epilog=DEFAULTS_NOTE)
     add_common_args(parser)
     # The Diffusion-DPO train.py defaults: full UNet, constant lr after a 500-step warmup, 2000 steps; the lr
     # depends on --use_lora and is resolved after parsing (resolve_learning_rate).
@@ -351,8 +264,6 @@ def check_args(args):
 
 
 FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
-# diffusers' SD3 / FLUX training examples' defaults
-FLOW_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
 
 
 def check_family_args(args, family: str, is_sdxl: bool):
@@ -374,53 +285,37 @@ def check_family_args(args, family: str, is_sdxl: bool):
     args.weighting_scheme = args.weighting_scheme or DEFAULT_WEIGHTING[family]
     # each density's own parameters; the other schemes draw t uniformly and take none
     shapes = {"logit_normal": ("logit_mean", "logit_std"), "mode": ("mode_scale",)}.get(args.weighting_scheme, ())
-    given = [f"--{f}" for f in FLOW_DEFAULTS if f not in shapes and getattr(args, f) is not None]
+    given = [f"--{f}" for f in FLOW_TIMESTEP_DEFAULTS if f not in shapes and getattr(args, f) is not None]
     if given:
         raise UsageError(f"{', '.join(given)}: not used by --weighting_scheme {args.weighting_scheme} (the {name} "
                          f"default when not given); --logit_mean / --logit_std shape logit_normal, --mode_scale mode")
     if not args.sft and args.weighting_scheme in ("cosmap", "sigma_sqrt"):
         raise UsageError(f"--weighting_scheme {args.weighting_scheme} weights the --sft loss (t uniform); DPO draws t "
                          f"only and keeps plain errors: use logit_normal, mode or none")
-    for flag, value in FLOW_DEFAULTS.items():
+    for flag, value in FLOW_TIMESTEP_DEFAULTS.items():
         setattr(args, flag, value if getattr(args, flag) is None else getattr(args, flag))
-    if family == "flux" and args.train_guidance_scale is None:
-        args.train_guidance_scale = 1.0
+    if args.train_guidance_scale is None:
+        args.train_guidance_scale = default_train_guidance(family)
 
 
 # --------------------------------------------------------------------------- main
 def main(args):
     # ---- data first, before accelerate logs a line: a wrong path or column fails in seconds, in one line
-    ds, base_dir, where = open_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.cache_dir)
-    pairs = not args.image_column  # plain image-caption data has one image per row (--sft only)
-    image_columns = [args.image_0_column, args.image_1_column] if pairs else [args.image_column]
-    use_labels = pairs and args.choice_model is None
-    columns = {"--caption_column": args.caption_column,
-               **dict(zip(["--image_0_column", "--image_1_column"] if pairs else ["--image_column"], image_columns))}
-    require_columns(ds, {**columns, **({"--label_column": args.label_column} if use_labels else {})}, where)
-    data_rows, winner_first, n_ties = select_pairs(ds, args.label_column if use_labels else None,
-                                                   args.max_train_samples, args.seed)
-    # accelerate launch sets WORLD_SIZE for more than one process; a set of only ties fails here, not after loading
-    check_enough_rows(len(data_rows), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), n_ties,
-                      args.label_column)
-    # the first row read once now (images decoded at any size, caption checked): a wrong image path or a caption
-    # that is not text fails in seconds, not after the models load. SFT without a scorer never reads the loser.
-    ImagePairDataset(ds, image_columns, args.caption_column, data_rows[:1], winner_first[:1], resolution=8,
-                     decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
+    data = open_training_data(args)
     # the model's family from its model_index.json (no weights yet): flags that cannot work with it fail here
     check_family_args(args, *read_family(args.pretrained_model_name_or_path, args.revision))
 
     # ---- set-up
-    accelerator = make_accelerator(args, project_name="dpo" if not args.sft else "sft")
+    run = Run(args, "sft" if args.sft else "dpo", "SFT" if args.sft else "DPO", shown=("loss", "implicit_acc"),
+              safe_on_resume=SAFE_TO_CHANGE_ON_RESUME)
+    check_speed_args(args, run.strategy, run.wraps_model, run.shards_model, run.device)
     if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = default_num_workers(args, accelerator.num_processes)
-    device, dtype = accelerator.device, compute_dtype(accelerator)
-    stop = StopRequest()
-    global_batch = accelerator.num_processes * args.train_batch_size
-    rows = slice(accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size)
-    if accelerator.is_main_process:
-        if use_labels:
-            logger.info(f"dropped {n_ties} of {len(ds)} pairs with a tie ({args.label_column} = 0.5)")
-        logger.info(f"training on {len(data_rows)} {'pairs' if pairs else 'images'} from {where}")
+        args.dataloader_num_workers = default_num_workers(run.num_processes, decodes_images=not args.cache_latents)
+    device, dtype = run.device, run.dtype
+    if run.is_main_process:
+        if data.use_labels:
+            logger.info(f"dropped {data.n_ties} of {len(data.ds)} pairs with a tie ({args.label_column} = 0.5)")
+        logger.info(f"training on {len(data.rows)} {'pairs' if data.pairs else 'images'} from {data.where}")
 
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full), reference
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
@@ -428,111 +323,63 @@ def main(args):
     if args.unet_init:
         parts.unet = load_unet_init(args.unet_init, type(parts.unet))
     freeze_frozen_parts(parts, device, dtype)
-    unet = parts.unet
-    frozen_unet = None
+    unet, frozen_unet = parts.unet, None
     if args.use_lora:
         add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
     else:
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = frozen_copy(unet, dtype)
-    if args.channels_last and not unet_is_wrapped(accelerator):
-        # cuDNN's bf16 convolutions run in NHWC: +8-16 % per DPO step on an H100 (BENCHMARKS.md); the full-UNet
-        # reference copy runs every step too. FSDP and DeepSpeed need the trained UNet contiguous, and then the
-        # reference stays NCHW as well: other bf16 convolution kernels would make it differ from the model at step 0
-        # (first loss 0.72 instead of log 2 under ZeRO-2 on an H200, BENCHMARKS.md "Distributed"). The VAE's encoder
-        # stays NCHW: its GroupNorms would copy channels-last activations to NCHW and back (1.36x, BENCHMARKS.md)
+    if args.channels_last and not run.wraps_model:
+        # cuDNN's bf16 convolutions run in NHWC (BENCHMARKS.md); the full-UNet reference copy runs every step too.
+        # FSDP and DeepSpeed need the trained UNet contiguous, and then the reference stays NCHW as well: other bf16
+        # convolution kernels would make it differ from the model at step 0 (a first loss other than log 2). The
+        # VAE's encoder stays NCHW: its GroupNorms would copy channels-last activations to NCHW and back.
         for model in filter(None, (unet, frozen_unet)):
             model.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    scorer = None
-    if args.choice_model:
-        scorer = load_reward(args.choice_model, paths=args.reward_paths, device=device, dtype=dtype)
+    scorer = load_reward(args.choice_model, paths=args.reward_paths, device=device, dtype=dtype) \
+        if args.choice_model else None
     resolution = args.resolution or parts.default_resolution
     latent_shape = parts.latent_shape(resolution)
     n_images = 1 if args.sft else 2  # images per row that the loss sees (winner, loser)
     logger.info(f"{parts.name} at {resolution}px, {'SFT' if args.sft else 'DPO'}, "
                 f"{'LoRA rank ' + str(args.lora_rank) if args.use_lora else 'full UNet'}, beta {args.beta_dpo}, "
                 f"loss {args.loss_type}, choice model {args.choice_model}")
+    dataset = build_dataset(args, data, resolution, scorer, n_images, run, parts.vae)
 
-    dataset = ImagePairDataset(
-        ds, image_columns, args.caption_column, data_rows, winner_first, resolution, args.random_crop,
-        not args.no_hflip, args.proportion_empty_prompts, args.seed, base_dir=base_dir, keep_pil=scorer is not None,
-        decode=2 if scorer is not None else n_images,  # SFT without a scorer never reads the loser
-    )
-    if args.scan_data:
-        dataset = scan_dataset(dataset, args, accelerator)
-
-    if args.cache_latents:
-        dataset = build_latent_cache(dataset, parts.vae, scorer, args, accelerator.is_local_main_process)
-
-    # ---- optimizer, scheduler, accelerate
-    learning_rate = scaled_learning_rate(args, accelerator.num_processes)
-    optimizer = build_optimizer(args, unet.parameters(), learning_rate)
-    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
-    register_checkpoint_hooks(accelerator, parts.is_sdxl)
-    unet, optimizer, lr_scheduler = prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, frozen_unet)
-    trained = accelerator.unwrap_model(unet)
-    start_step = resume_from_checkpoint(accelerator, args)
-    metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
-    guard, bad_rows_total = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator)), 0
-    # Our own sharding (not accelerate's): this process's slice of each global batch, from the step we start at.
-    sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
-                                 accelerator.process_index, args.seed, start_step * args.gradient_accumulation_steps)
-    cache = PosteriorCache(parts.vae.dtype) if latent_cache_applies(args, dataset, global_batch, parts, latent_shape,
-                                                                    n_images) else None
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=SkipCachedSampler(sampler, dataset, cache)
-                                              if cache is not None else sampler, collate_fn=collate_images,
-                                              num_workers=args.dataloader_num_workers,
-                                              pin_memory=accelerator.device.type == "cuda"))
-    logger.info(f"{args.dataloader_num_workers} data-loader workers per process; VAE posterior cache "
-                f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
+    # ---- optimizer, accelerate, resume, and this process's batches from the step we start at
+    unet = run.prepare(unet, frozen_unet, is_sdxl=parts.is_sdxl, defer_loss_check=args.defer_loss_check)
+    trained = run.trained
+    loader, cache = make_loader(args, run, dataset, parts.vae.dtype, latent_shape, n_images)
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
-
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
-
-    # The objective, chosen once: both take the trained model's per-image errors and the noised inputs.
-    def dpo_objective(err, noisy, timesteps, cond, target):
-        with torch.no_grad():
-            ref_err = per_sample_error(predict(reference_unet, noisy, timesteps, cond), target)
-        return dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.loss_type)
-
-    def sft_objective(err, noisy, timesteps, cond, target):
-        return sft_loss(err, noising.sft_weights(timesteps))
-
-    objective = sft_objective if args.sft else dpo_objective
-    # the family's timesteps, noising and target, and its model call (FLUX: the guidance embedding at a fixed value)
-    noising = family_noising(parts, args)
-    predict = functools.partial(model_prediction, guidance_scale=args.train_guidance_scale)
+    noising = family_noising(parts, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
+                             args.snr_gamma)  # the family's timesteps, noising and target
+    guidance = args.train_guidance_scale  # FLUX.1-dev: its guidance embedding's value in the training passes
     validation_prompts = args.validation_prompts or [dataset_prompt(dataset, i) for i in range(min(2, len(dataset)))]
-    has_reference = args.use_lora or frozen_unet is not None
-
-    def validate(step):
-        validation(args, accelerator, parts, trained, frozen_unet, has_reference, validation_prompts, scorer,
-                   resolution, step)
-
     # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
-    progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="SFT" if args.sft else "DPO")
-    stopping, clock = False, StepClock()
+    run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, frozen_unet,
+                                              args.use_lora or frozen_unet is not None, validation_prompts, scorer,
+                                              resolution, step))
+    run.add_step_check(lambda logs: check_bad_rows(run.totals["bad_rows"], args.max_bad_rows))
 
-    for step in progress:
-        unet.train()
-        micro_metrics, skipped, stopping, bad_rows = [], False, False, 0
-        for micro in range(args.gradient_accumulation_steps):
+    for step in run.steps():
+        bad_rows = 0
+        for micro in run.micro_steps():
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
             g = step_generator(args.seed, step, micro)
-            timesteps = noising.draw(global_batch, g)[rows]
-            noise = torch.randn(global_batch, *latent_shape, generator=g)[rows]
-            offset = torch.randn(global_batch, latent_shape[0], 1, 1, generator=g)[rows]
-            posterior_eps = torch.randn(global_batch, 2, *latent_shape, generator=g)[rows]  # VAE posterior sample
+            timesteps = noising.draw(run.global_batch, g)[run.rows]
+            noise = torch.randn(run.global_batch, *latent_shape, generator=g)[run.rows]
+            offset = torch.randn(run.global_batch, latent_shape[0], 1, 1, generator=g)[run.rows]
+            posterior_eps = torch.randn(run.global_batch, 2, *latent_shape, generator=g)[run.rows]  # VAE posterior
             noise = (noise + args.noise_offset * offset).to(device)  # offset noise: crosslabs.org/blog/diffusion-with-offset-noise
             timesteps = timesteps.to(device)
 
             # ---- encode: order by the scoring model, images -> latents, captions -> text conditioning
-            with clock.data():
+            with run.waiting_for_data():
                 batch = next_batch(loader)
             bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
@@ -542,174 +389,99 @@ def main(args):
             # ---- noise: one noise sample and one timestep per pair, shared by winner and loser
             noisy, target, timesteps = noising.pairs(latents, noise, timesteps)
 
-            with accelerator.accumulate(unet), accelerator.autocast():
-                # ---- loss
-                err = per_sample_error(predict(train_unet, noisy, timesteps, cond), target)  # (n*B,)
-                loss, metrics = objective(err, noisy, timesteps, cond, target)
-
-                # ---- update (skipped on every process if any loss or gradient is not finite); a stop request
-                # drops the partial accumulation at once: a long step need not finish before the launcher kills it
-                finite, stopping = guard.check(accelerator, loss, stop, step + 1, micro)
-                if stopping:
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                if finite:
-                    accelerator.backward(loss)
+            with run.accumulate():
+                # ---- loss: the trained model's errors (winners, then losers), the reference's without grad
+                err = per_sample_error(model_prediction(train_unet, noisy, timesteps, cond, guidance), target)  # (n*B,)
+                if args.sft:
+                    loss, logs = sft_loss(err, noising.sft_weights(timesteps))
                 else:
-                    skipped = True
-                if accelerator.sync_gradients:
-                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped,
-                                                          guard.take_pending())
-            micro_metrics.append(metrics)
-        if stopping:
-            stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
+                    with torch.no_grad():
+                        ref_err = per_sample_error(model_prediction(reference_unet, noisy, timesteps, cond, guidance),
+                                                   target)
+                    loss, logs = dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.loss_type)
 
-        # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
-        global_step = step + 1
-        logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm, counts={"bad_rows": bad_rows})
-        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], skipped=int(skipped), **clock.lap())
-        log_step(accelerator, metrics_log, progress, logs, shown=("loss", "implicit_acc"))
-        bad_rows_total += logs["bad_rows"]
-        check_bad_rows(bad_rows_total, args.max_bad_rows)
-        guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
+                # ---- update (skipped on every process if any loss or gradient is not finite)
+                run.backward(loss, logs)
+        run.end_step(counts={"bad_rows": bad_rows})
 
-        with clock.paused():  # checkpoints and grids are not steps
-            stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
-            if validation_due(args, global_step):
-                validate(global_step)
-
-    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
-    save_outputs(accelerator, args, trained, parts.is_sdxl)
-    if not stopping and validation_wanted(args):
-        validate(args.max_train_steps)
-    logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite), "
-                f"{bad_rows_total} unreadable rows skipped in this run")
-    metrics_log.close()
-    accelerator.end_training()
+    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid, upload
+    return run.finish(summary=f"{run.totals.get('bad_rows', 0)} unreadable rows skipped in this run")
 
 
-# --------------------------------------------------------------------------- helpers of main
-def default_num_workers(args, num_processes: int) -> int:
-    """--dataloader_num_workers not given: decode images off the training process where that pays (see its help)."""
-    import multiprocessing
+# --------------------------------------------------------------------------- data
+@dataclass
+class TrainingData:
+    """The rows a run trains on, opened and checked before any model loads."""
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", num_processes)))
-    if args.cache_latents or per_process < 4 or multiprocessing.get_start_method() == "spawn":
-        return 0  # nothing to decode; workers would take cores from the step; spawned workers re-import everything
-    return min(8, per_process // 2)
-
-
-@torch.no_grad()
-def vae_moments(vae, pixels):
-    """(B, n, 3, R, R) in [-1,1] -> mean and std of the VAE posterior, each (B, n, C, h, w) float32."""
-    param = next(vae.parameters())
-    dist = vae.encode(pixels.flatten(0, 1).to(param.device, param.dtype)).latent_dist
-    return dist.mean.float().unflatten(0, pixels.shape[:2]), dist.std.float().unflatten(0, pixels.shape[:2])
+    ds: object           # the datasets.Dataset
+    base_dir: str        # image paths in the data are relative to this folder
+    where: str           # the flag and value, for messages
+    image_columns: list  # [first, second] of a pair, or [image] (--image_column)
+    rows: object         # (N,) the rows kept (ties dropped, --max_train_samples)
+    winner_first: object  # (N,) bool per kept row
+    n_ties: int
+    pairs: bool          # pairs, or plain image-caption rows
+    use_labels: bool     # the label column orders the pairs (no --choice_model)
 
 
-@torch.no_grad()
-def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, cache=None):
-    """A collated batch -> (latents (n*B, C, h, w) stacked [winners; losers], TextConditioning of n*B rows).
-
-    The first `n_images` images of each row are used (SFT: the winner). `posterior_eps` (B, >=n, C, h, w) draws
-    the VAE posterior sample. SDXL time ids come from each image's own original size and crop. `cache`
-    (--latent_cache): the posteriors of images seen before come from there, the others are encoded into it.
-    """
-    device = parts.text_encoders[0].device
-    if cache is not None:
-        mean, std, batch = cache.moments(lambda pixels: vae_moments(parts.vae, pixels), batch, n_images, device)
-    elif "pixels" in batch:
-        mean, std = vae_moments(parts.vae, batch["pixels"][:, :n_images])
-    else:  # --cache_latents
-        mean, std = batch["latent_mean"][:, :n_images].float(), batch["latent_std"][:, :n_images].float()
-    latents = mean.to(device) + std.to(device) * posterior_eps[:, :n_images].to(device)  # (B, n, C, h, w)
-    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
-    latents = (latents.transpose(0, 1).flatten(0, 1) - shift) * parts.vae.config.scaling_factor  # (n*B, C, h, w)
-
-    def per_image(key):  # (B, n, 2) -> n*B rows, in the order of the latents
-        return batch[key][:, :n_images].transpose(0, 1).flatten(0, 1).tolist()
-
-    time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
-    cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
-    return latents, cond
+def open_training_data(args) -> TrainingData:
+    """Open --dataset_name / --train_data_dir, check the columns, drop ties, take --max_train_samples, and read the
+    first row once (images decoded, caption checked): a wrong path, column or image fails in seconds, in one line,
+    before the models load. SFT without a scorer never reads the loser."""
+    ds, base_dir, where = open_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.cache_dir)
+    pairs = not args.image_column  # plain image-caption data has one image per row (--sft only)
+    image_columns = [args.image_0_column, args.image_1_column] if pairs else [args.image_column]
+    use_labels = pairs and args.choice_model is None
+    columns = {"--caption_column": args.caption_column,
+               **dict(zip(["--image_0_column", "--image_1_column"] if pairs else ["--image_column"], image_columns))}
+    require_columns(ds, {**columns, **({"--label_column": args.label_column} if use_labels else {})}, where)
+    rows, winner_first, n_ties = select_pairs(ds, args.label_column if use_labels else None, args.max_train_samples,
+                                              args.seed)
+    # accelerate launch sets WORLD_SIZE for more than one process; a set of only ties fails here, not after loading
+    check_enough_rows(len(rows), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), n_ties,
+                      args.label_column)
+    ImagePairDataset(ds, image_columns, args.caption_column, rows[:1], winner_first[:1], resolution=8,
+                     decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
+    return TrainingData(ds, base_dir, where, image_columns, rows, winner_first, n_ties, pairs, use_labels)
 
 
-def latent_cache_applies(args, dataset, global_batch: int, parts, latent_shape, n_images: int) -> bool:
-    """--latent_cache: on, off, or (auto) on where it pays: the run draws more batches than one epoch holds (each
-    epoch is a permutation cut into whole global batches), and the posteriors of every image and flip fit
-    LATENT_CACHE_AUTO_BYTES."""
-    if args.latent_cache == "off" or args.cache_latents or args.random_crop or args.choice_model:
-        return False
-    if args.latent_cache == "on":
-        return True
-    one_image = 2 * math.prod(latent_shape) * parts.vae.dtype.itemsize  # mean and std
-    size = len(dataset) * n_images * (1 if args.no_hflip else 2) * one_image
-    more_than_one_epoch = args.max_train_steps * args.gradient_accumulation_steps > len(dataset) // global_batch
-    return more_than_one_epoch and size <= LATENT_CACHE_AUTO_BYTES
-
-
-def scan_dataset(dataset, args, accelerator):
-    """--scan_data: every process reads its share of the rows (with the data-loader workers); the main process
-    lists the unreadable ones. `exit`: stop here (exit code 0 if none, 2 if some); `continue`: train without them."""
-    from accelerate.utils import gather_object
-
-    share = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    found = scan_rows(dataset, share, args.dataloader_num_workers, accelerator.is_local_main_process)
-    found = sorted(gather_object(found))
-    for _, reason in found:
-        logger.warning(f"--scan_data: {reason}")
-    logger.info(f"--scan_data: {len(found)} of {len(dataset)} rows are unreadable")
-    if args.scan_data == "exit":
-        accelerator.end_training()
-        if found:
-            raise UsageError(f"--scan_data: {len(found)} of {len(dataset)} rows are unreadable (listed above)")
-        raise SystemExit(0)
-    keep = sorted(set(range(len(dataset))) - {position for position, _ in found})
-    dataset.rows, dataset.winner_first = dataset.rows[keep], dataset.winner_first[keep]
+def build_dataset(args, data: TrainingData, resolution: int, scorer, n_images: int, run, vae):
+    """The training rows as a dataset of augmented, collatable items; --scan_data drops (or lists) the unreadable
+    rows first; --cache_latents encodes every row once."""
+    dataset = ImagePairDataset(
+        data.ds, data.image_columns, args.caption_column, data.rows, data.winner_first, resolution, args.random_crop,
+        not args.no_hflip, args.proportion_empty_prompts, args.seed, base_dir=data.base_dir,
+        keep_pil=scorer is not None, decode=2 if scorer is not None else n_images,  # SFT without a scorer: winners only
+    )
+    if args.scan_data:
+        dataset = scan_dataset(dataset, args.scan_data, args.dataloader_num_workers, run.accelerator)
+    if args.cache_latents:
+        dataset = build_latent_cache(dataset, vae, scorer, args.train_batch_size, args.proportion_empty_prompts,
+                                     args.seed, run.accelerator.is_local_main_process)
     return dataset
 
 
-def load_unet_init(path, model_class):
-    """--unet_init: a folder holding unet/ or transformer/ (e.g. an earlier full fine-tune's output), or the model's
-    own folder / hub id; `model_class`: the pipeline's denoiser class (UNet, SD3 or FLUX transformer)."""
-    import os
-
-    subfolder = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(path, s))), None)
-    try:
-        return model_class.from_pretrained(path, subfolder=subfolder)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--unet_init {path}: not a {model_class.__name__} folder or a folder with unet/ or "
-                         f"transformer/ ({type(e).__name__})") from None
-
-
-def dataset_prompt(dataset, position):
-    """The caption of a row, for the default validation prompts."""
-    if isinstance(dataset, LatentCacheDataset):
-        return dataset.prompts[position]
-    value = dataset.ds[int(dataset.rows[position])][dataset.caption_column]
-    return value if isinstance(value, str) else str(value[0])
-
-
-@torch.no_grad()
-def build_latent_cache(dataset, vae, scorer, args, show_progress):
-    """--cache_latents: every row through the VAE once (after the scoring model has ordered the pair)."""
-    means, stds, originals, crops, prompts = [], [], [], [], []
-    for start in tqdm(range(0, len(dataset), args.train_batch_size), disable=not show_progress, desc="caching latents"):
-        items = [dataset[(i, CACHE_STEP, i)] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
-        batch = collate_images(items)
-        if "pil" in batch:
-            batch = swap_pairs(batch, choose_winners(scorer, batch))
-        mean, std = vae_moments(vae, batch["pixels"])
-        means.append(mean.cpu())
-        stds.append(std.cpu())
-        originals.append(batch["original_size"])
-        crops.append(batch["crop"])
-        prompts += batch["prompt"]
-    return LatentCacheDataset(torch.cat(means), torch.cat(stds), torch.cat(originals), torch.cat(crops), prompts,
-                              dataset.rows, args.proportion_empty_prompts, args.seed)
+def make_loader(args, run, dataset, vae_dtype, latent_shape, n_images: int):
+    """This process's batches (our own sharding, not accelerate's: its slice of each global batch, from the step the
+    run starts at) and the VAE posterior cache (--latent_cache; None when off)."""
+    sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, run.num_processes, run.process_index, args.seed,
+                                 run.start_step * args.gradient_accumulation_steps)
+    # one posterior per image and flip: not with a crop per draw, a scorer reading every image, or latents cached
+    cacheable = not (args.cache_latents or args.random_crop or args.choice_model)
+    cache = None
+    if cacheable and latent_cache_applies(args.latent_cache, len(dataset), n_images, 1 if args.no_hflip else 2,
+                                          latent_shape, vae_dtype, args.max_train_steps * args.gradient_accumulation_steps,
+                                          run.global_batch):
+        cache = PosteriorCache(vae_dtype)
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=SkipCachedSampler(sampler, dataset, cache) if cache is not None else sampler,
+        collate_fn=collate_images, num_workers=args.dataloader_num_workers, pin_memory=run.device.type == "cuda"))
+    logger.info(f"{args.dataloader_num_workers} data-loader workers per process; VAE posterior cache "
+                f"{'on' if cache is not None else 'off'} (--latent_cache {args.latent_cache})")
+    return loader, cache
 
 
+# --------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompts, scorer, resolution, step):
     """Fixed prompts and seeds through a stock diffusers pipeline: the base model's images (first row) beside

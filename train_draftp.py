@@ -35,23 +35,23 @@ import logging
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from utils import UsageError
-from utils.data import BUILTIN_PROMPT_SETS, load_prompts
+from utils.cli import ArgumentParser
+from utils.data import load_prompts, prompt_sets
+from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           reference_model)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
-from utils.fp8 import float8_sampling_unet, refresh_float8_weights
-from utils.speed import add_speed_args, apply_speed_options, compile_training_unet, sampling_model
-from utils.training import (DEFAULTS_NOTE, HelpFormatter, MetricsLog, NonFiniteGuard, StepClock, StopRequest,
-                            add_common_args, build_lr_scheduler, build_optimizer, check_common_args, checkpoint_or_stop,
-                            compute_dtype, defers_loss_check, describe_defaults, log_step, log_validation,
-                            make_accelerator, optimizer_update, parse_name_paths, prepare_for_training,
-                            reduce_step_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main,
-                            save_outputs, scaled_learning_rate, shards_parameters, step_generator, stop_run,
-                            unet_is_wrapped, validation_due, validation_wanted)
+from utils.seeding import step_generator
+from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
+from utils.speed import add_speed_args, apply_speed_options, check_speed_args, compile_training_unet, sampling_model
+from utils.train import Run, run_main
+from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, check_common_args, describe_defaults,
+                             parse_name_paths)
+from utils.train.distributed import shards_parameters
+from utils.train.validation import log_validation
 
 
 logger = logging.getLogger("train_draftp")
@@ -94,8 +94,8 @@ def parse_truncation_range(text: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                     epilog=DEFAULTS_NOTE)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                            epilog=DEFAULTS_NOTE)
     add_common_args(parser)
     g = parser.add_argument_group("reward")
     g.add_argument("--reward_model", default="pickscore",
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     g.add_argument("--reward_scale", type=float, default=1.0, help="multiplies the reward in the loss")
     g = parser.add_argument_group("prompts")
     g.add_argument("--prompts", default="animals",
-                   help=f"built-in set ({', '.join(BUILTIN_PROMPT_SETS)}), a .txt/.jsonl file, or a datasets id / folder")
+                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
     g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
     g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
     g = parser.add_argument_group("sampling and DRaFT")
@@ -191,9 +191,10 @@ def check_family_args(args, parts):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    accelerator = make_accelerator(args, project_name="draftp")
-    device, dtype = accelerator.device, compute_dtype(accelerator)
-    stop = StopRequest()
+    run = Run(args, "draftp", "DRaFT+" if args.kl_coeff > 0 else "DRaFT", shown=("loss", "reward", "kl"),
+              safe_on_resume={*SPEED_FLAGS_SAFE_ON_RESUME, "reward_model_paths", "reward_paths"})
+    check_speed_args(args, run.strategy, run.wraps_model, run.shards_model, run.device)
+    device, dtype = run.device, run.dtype
 
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full)
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
@@ -202,7 +203,7 @@ def main(args):
     freeze_frozen_parts(parts, device, dtype)
     unet, scheduler = parts.unet, parts.scheduler
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`
-    sampling_unet = apply_speed_options(args, unet, parts.vae, device, plain_unet=not unet_is_wrapped(accelerator))
+    sampling_unet = apply_speed_options(args, unet, parts.vae, device, plain_unet=not run.wraps_model)
     if args.use_lora:
         add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
         frozen_unet = None  # the reference is the same UNet with its adapters switched off
@@ -220,17 +221,9 @@ def main(args):
                 f"{args.reward_model}, K={args.truncation_steps_random or args.truncation_steps}, "
                 f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}, scored latent {args.scored_latent}")
 
-    # ---- optimizer, scheduler, accelerate
-    learning_rate = scaled_learning_rate(args, accelerator.num_processes)
-    optimizer = build_optimizer(args, unet.parameters(), learning_rate)
-    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
-    register_checkpoint_hooks(accelerator, parts.is_sdxl)
-    unet, optimizer, lr_scheduler = prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, frozen_unet)
-    trained = accelerator.unwrap_model(unet)
-    start_step = resume_from_checkpoint(accelerator, args)
-    metrics_log = MetricsLog(args.output_dir, start_step, enabled=accelerator.is_main_process)
-    guard = NonFiniteGuard(start_step=start_step, defer=defers_loss_check(args, accelerator))
-
+    # ---- optimizer, accelerate, resume
+    unet = run.prepare(unet, frozen_unet, is_sdxl=parts.is_sdxl, defer_loss_check=args.defer_loss_check)
+    trained = run.trained
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
     grad_unet = compile_training_unet(unet, args.compile_unet)  # the steps with grad; `unet` keeps DDP's no_sync
     # --fp8_sampler: the no-grad steps run a copy of the trained UNet that shares its weights and adapters (so it is
@@ -238,43 +231,32 @@ def main(args):
     fp8_unet = float8_sampling_unet(trained) if args.fp8_sampler else None
     if fp8_unet is not None:
         sampling_unet = sampling_model(args, fp8_unet, device)
-
-    use_reference = args.use_lora or frozen_unet is not None  # the validation grid's base row
     # the training steps call the frozen model only where its output is used: with kl_coeff 0 and K = 50 it would
     # add 50 UNet forwards per sample just to log a number
     training_reference = reference_unet if wants_kl(args) else None
-
-    def validate(step):
-        validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step,
-                   base_model=reference_unet if use_reference else None)
-
+    base_unet = reference_unet if args.use_lora or frozen_unet is not None else None  # the validation grid's base row
+    run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, scorer, uncond, latent_shape,
+                                              resolution, step, base_model=base_unet))
     # a grid at step 0 only where later grids need it: without a base model in memory its images are the base row
-    if start_step == 0 and not use_reference and validation_wanted(args):
-        validate(0)
-    global_batch = accelerator.num_processes * args.train_batch_size
-    rows = slice(accelerator.process_index * args.train_batch_size, (accelerator.process_index + 1) * args.train_batch_size)
-    progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="DRaFT+" if args.kl_coeff > 0 else "DRaFT")
-    stopping, clock = False, StepClock()
+    if run.start_step == 0 and base_unet is None and run.validation_wanted:
+        run.validate(0)
 
-    for step in progress:
-        unet.train()
-        micro_metrics, skipped, stopping = [], False, False
-        for micro in range(args.gradient_accumulation_steps):
+    for step in run.steps():
+        for micro in run.micro_steps():
             # ---- the batch: prompts, x_T and K drawn for the whole global batch from (seed, step, micro),
             # then sliced, so resume and any number of processes give the same samples
-            with clock.data():
+            with run.waiting_for_data():
                 g = step_generator(args.seed, step, micro)
                 truncation_steps = draw_truncation_steps(args, g)
-                prompt_ids = torch.randint(len(prompts), (global_batch,), generator=g)[rows]
+                prompt_ids = torch.randint(len(prompts), (run.global_batch,), generator=g)[run.rows]
                 batch_prompts = [prompts[i] for i in prompt_ids]
-                x_T = torch.randn(global_batch, *latent_shape, generator=g)[rows].to(device)
-                lv_noise = torch.randn(args.draft_lv_samples, global_batch, *latent_shape, generator=g)[:, rows]
-            eta_generator = step_generator(args.seed, step, micro, accelerator.process_index)
+                x_T = torch.randn(run.global_batch, *latent_shape, generator=g)[run.rows].to(device)
+                lv_noise = torch.randn(args.draft_lv_samples, run.global_batch, *latent_shape, generator=g)[:, run.rows]
+            eta_generator = step_generator(args.seed, step, micro, run.process_index)
 
             if fp8_unet is not None:
                 refresh_float8_weights(fp8_unet)  # LoRA: nothing (the base is frozen); full UNet: the new weights
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with run.accumulate():
                 # ---- sample: no grad for the first T-K steps, grad (and KL) through the last K; DRaFT-LV: the
                 # whole chain without grad, then N re-noised copies of its x_0 denoised once each with grad
                 cond = cfg_conditioning(encode_prompts(parts, batch_prompts, device, resolution), uncond,
@@ -293,49 +275,18 @@ def main(args):
                 images = decode_latents(parts.vae, sample.latents)
                 reward, reward_parts = scorer.parts(images, batch_prompts * images_per_prompt)
                 reward = reward.float().view(images_per_prompt, -1).mean(0)  # DRaFT-LV: the mean of the N rewards
-                loss, metrics = draftp_loss(reward, sample.kl, args.reward_scale, args.kl_coeff)
-                metrics.update({f"reward_{name}": r.detach().float().mean() for name, r in reward_parts.items()
-                                if len(reward_parts) > 1})
+                loss, logs = draftp_loss(reward, sample.kl, args.reward_scale, args.kl_coeff)
+                logs.update({f"reward_{name}": r.detach().float().mean() for name, r in reward_parts.items()
+                             if len(reward_parts) > 1})
                 if training_reference is None:
-                    metrics.pop("kl")
+                    logs.pop("kl")
 
-                # ---- update (skipped on every process if any loss, reward or gradient is not finite); a stop
-                # request drops the partial accumulation at once: a long step need not finish before the kill
-                finite, stopping = guard.check(accelerator, loss, stop, step + 1, micro)
-                if stopping:
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                if finite:
-                    accelerator.backward(loss)
-                else:
-                    skipped = True
-                if accelerator.sync_gradients:
-                    grad_norm, skipped = optimizer_update(accelerator, args, unet, optimizer, lr_scheduler, skipped,
-                                                          guard.take_pending())
-            micro_metrics.append(metrics)
-        if stopping:
-            stop_run(accelerator, args, step, metrics_log)  # checkpoint of the last completed step, exit code 3
+                # ---- update (skipped on every process if any loss, reward or gradient is not finite)
+                run.backward(loss, logs)
+        run.end_step(truncation_steps=truncation_steps)
 
-        # ---- log: one metrics dict per optimizer step, averaged over micro-steps and processes
-        global_step = step + 1
-        logs = reduce_step_metrics(accelerator, micro_metrics, grad_norm)
-        logs.update(step=global_step, lr=lr_scheduler.get_last_lr()[0], truncation_steps=truncation_steps,
-                    skipped=int(skipped), **clock.lap())
-        log_step(accelerator, metrics_log, progress, logs, shown=("loss", "reward", "kl"))
-        guard.end_step(accelerator, args, global_step, skipped, metrics_log)  # Diverged (exit code 4) if it must
-
-        with clock.paused():  # checkpoints and grids are not steps
-            stopping = checkpoint_or_stop(accelerator, args, global_step, stop, metrics_log)  # Stopped (exit code 3)
-            if validation_due(args, global_step):
-                validate(global_step)
-
-    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid (not when told to stop), upload
-    save_outputs(accelerator, args, trained, parts.is_sdxl)
-    if not stopping and validation_wanted(args):
-        validate(args.max_train_steps)
-    logger.info(f"finished {args.max_train_steps} steps; {guard.total} updates skipped (non-finite)")
-    metrics_log.close()
-    accelerator.end_training()
+    # ---- save: LoRA in the diffusers format (or unet/), a last validation grid, upload
+    return run.finish()
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Every number of the project's code path stands beside a plain diffusers-style loop measured in the same run.
 The project's path is composed from the functions train_draftp.py / train_dpo.py import and call
 (utils.sampling.sample_latents, decode_latents, train_draftp.draftp_loss, utils.speed.apply_speed_options,
-train_dpo.dpo_loss / sft_loss / noise_pairs / per_sample_error), with prompts replaced by random embeddings.
+train_dpo.dpo_loss / sft_loss, utils.denoising.noise_pairs / per_sample_error), with prompts replaced by random embeddings.
 Results go to OUT/bench.json and OUT/bench.md, rewritten after every measurement, so a run cut short still
 leaves what it measured.
 
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_dpo  # noqa: E402
 import train_draftp  # noqa: E402
+from utils.denoising import noise_pairs, per_sample_error  # noqa: E402
 from utils.models import (TextConditioning, adapters_disabled, add_lora, reference_model,  # noqa: E402
                           skip_lora_input_casts)
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents  # noqa: E402
@@ -690,17 +691,17 @@ def project_dpo_step(S, pairs, sft, train_unet=None, reference=None):
     reference: what computes the reference's (default S.reference: S.unet with its adapters off, eager)."""
     n = 1 if sft else 2
     latents, noise, timesteps, cond = dpo_batch(S, pairs, n)
-    noisy, target, timesteps = train_dpo.noise_pairs(S.scheduler, latents, noise, timesteps)
+    noisy, target, timesteps = noise_pairs(S.scheduler, latents, noise, timesteps)
     cond = cond.repeat(n)
     with S.autocast:
         prediction = (S.unet if train_unet is None else train_unet)(noisy, timesteps, **cond.unet_kwargs()).sample
-        err = train_dpo.per_sample_error(prediction, target)
+        err = per_sample_error(prediction, target)
         if sft:
             loss, _ = train_dpo.sft_loss(err)
         else:
             with torch.no_grad():
                 ref_out = (reference or S.reference)(noisy, timesteps, **cond.unet_kwargs()).sample
-                ref_err = train_dpo.per_sample_error(ref_out, target)
+                ref_err = per_sample_error(ref_out, target)
             loss, _ = train_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), BETA_DPO)
     loss.backward()
     S.optimizer.step()

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench  # noqa: E402  (bench/bench.py: the plain loop's step)
 from utils.models import TextConditioning, add_trainable_lora  # noqa: E402
 from utils.rewards import load_reward  # noqa: E402
-from utils.training import parse_name_paths  # noqa: E402
+from utils.train.cli import parse_name_paths  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -23,7 +23,9 @@ from utils import UsageError  # noqa: E402
 from utils.data import load_prompts  # noqa: E402
 from utils.rewards import parse_reward_spec  # noqa: E402
 from utils.toy.synthetic import write_preference_set  # noqa: E402
-from utils.training import parse_name_paths, run_main, save_args  # noqa: E402
+from utils.train import run_main  # noqa: E402
+from utils.train.cli import parse_name_paths  # noqa: E402
+from utils.train.outcome import save_args  # noqa: E402
 
 
 def parse_args(argv=None):

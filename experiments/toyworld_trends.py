@@ -34,13 +34,19 @@ import evaluate  # noqa: E402
 import train_dpo  # noqa: E402
 from utils import UsageError  # noqa: E402
 from utils.data import PAIR_COLUMNS, decode_image, load_prompts  # noqa: E402
+from utils.denoising import default_train_guidance, encode_batch, family_noising, per_sample_error  # noqa: E402
 from utils.models import (LORA_WEIGHT_NAME, encode_prompts, freeze_frozen_parts, load_pipeline_parts,  # noqa: E402
                           model_prediction)
 from utils.rewards import load_reward, parse_reward_spec  # noqa: E402
 from utils.toy.synthetic import png_bytes, write_preference_set  # noqa: E402
 from utils.speed import COMPILE_MODES  # noqa: E402
 from utils.toy.world import parse_prompt, prompt_accuracy  # noqa: E402
-from utils.training import list_checkpoints, parse_name_paths, read_metrics, run_main, save_args, step_generator  # noqa: E402
+from utils.seeding import step_generator  # noqa: E402
+from utils.train import run_main  # noqa: E402
+from utils.train.checkpoints import list_checkpoints  # noqa: E402
+from utils.train.cli import parse_name_paths  # noqa: E402
+from utils.train.metrics import read_metrics  # noqa: E402
+from utils.train.outcome import save_args  # noqa: E402
 
 # --------------------------------------------------------------------------- the methods, chosen once
 # family -> (script, its flags); "draftp" is one run per --kl_coeffs value, named draftp-<kl>. The placeholders
@@ -252,19 +258,16 @@ class Base:
             for s in range(0, n, batch_size):
                 rows = slice(s, s + batch_size)
                 batch = {"pixels": pixels[rows], "original_size": sizes[rows], "crop": crops[rows], "caption": captions[rows]}
-                latents, cond = train_dpo.encode_batch(self.parts, batch, posterior_eps[rows], 2, self.resolution)
+                latents, cond = encode_batch(self.parts, batch, posterior_eps[rows], 2, self.resolution)
                 noisy, target, t = noising.pairs(latents, noise[rows].to(self.device), timesteps[rows].to(self.device))
-                err = train_dpo.per_sample_error(model_prediction(unet, noisy.to(self.dtype), t, cond, guidance), target)
+                err = per_sample_error(model_prediction(unet, noisy.to(self.dtype), t, cond, guidance), target)
                 errors[rows] += torch.stack(err.cpu().chunk(2), dim=1)  # [winners; losers] (2b,) -> (b, 2)
         return errors / draws
 
     def noising(self):
         """train_dpo.py's timesteps and noising for the base model's family with its default flags (DDPM steps
-        uniform; SD3 / FLUX: the family's --weighting_scheme), and FLUX's training guidance: (Noising, guidance)."""
-        flags = argparse.Namespace(sdxl=self.parts.is_sdxl, sft=False, snr_gamma=None, train_guidance_scale=None,
-                                   weighting_scheme=None, **{f: None for f in train_dpo.FLOW_DEFAULTS})
-        train_dpo.check_family_args(flags, self.parts.family, self.parts.is_sdxl)
-        return train_dpo.family_noising(self.parts, flags), flags.train_guidance_scale
+        uniform; SD3 / FLUX: the family's default weighting scheme), and FLUX's training guidance: (Noising, guidance)."""
+        return family_noising(self.parts), default_train_guidance(self.parts.family)
 
     def implicit_accuracy(self, heldout_dir, trained, args, seed):
         """{name: held-out implicit accuracy and DPO loss} of each output against its reference, the base UNet (for

@@ -180,7 +180,7 @@ def run_main_in_process(script, flags) -> str:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from utils.training import STOP_SIGNALS
+    from utils.train.guards import STOP_SIGNALS
 
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     root, keep = logging.getLogger(), _KeepLogRecords()

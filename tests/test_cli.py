@@ -12,7 +12,7 @@ import train_dpo
 import train_draftp
 from tests.conftest import run_script
 from utils import UsageError
-from utils.training import check_common_args, clear_earlier_run
+from utils.train.cli import check_common_args, clear_earlier_run
 
 SCRIPTS = {"train_draftp.py": train_draftp, "train_dpo.py": train_dpo, "evaluate.py": evaluate}
 NEMO = "from NeMo-Aligner's DRaFT+ config"

@@ -16,7 +16,11 @@ from accelerate.utils import DistributedType
 
 from tests.conftest import REPO_ROOT
 from utils import UsageError
-from utils.training import check_distributed_setup, read_metrics, save_unet_weights, strategy_name
+from utils.speed import check_speed_args
+from utils.train.checkpoints import save_unet_weights
+from utils.train.distributed import check_distributed_setup as check_strategy
+from utils.train.distributed import shards_parameters, strategy_name, unet_is_wrapped
+from utils.train.metrics import read_metrics
 
 NODE = str(REPO_ROOT / "launchers" / "slurm" / "launch_node.sh")
 
@@ -29,7 +33,15 @@ def fake_accelerator(kind, fsdp_version=2, zero_stage=2):
 
 
 def args(**kw):
-    return types.SimpleNamespace(**{"use_lora": False, "compile_sampler": "auto", **kw})
+    return types.SimpleNamespace(**{"use_lora": False, "use_adafactor": False, "compile_sampler": "auto",
+                                    "compile_unet": "off", "fp8_sampler": False, **kw})
+
+
+def check_distributed_setup(accelerator, flags):
+    """What a training script checks once its Run has the accelerator: the strategy itself, then the speed flags."""
+    check_strategy(accelerator, flags)
+    check_speed_args(flags, strategy_name(accelerator), unet_is_wrapped(accelerator), shards_parameters(accelerator),
+                     accelerator.device)
 
 
 def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag():
@@ -63,7 +75,7 @@ def test_deepspeed_input_cast_makes_the_reference_equal_the_model_at_the_start(t
     from diffusers import UNet2DConditionModel
 
     from utils.models import adapters_disabled, add_lora
-    from utils.training import cast_inputs_to
+    from utils.train.distributed import cast_inputs_to
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     add_lora(unet, rank=4, seed=0)

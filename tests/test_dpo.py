@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import train_dpo as T
+from utils.denoising import encode_batch, min_snr_weights, noise_pairs, per_sample_error
+from utils.pairs import choose_winners, latent_cache_applies, swap_pairs
 from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process,
                       run_script)
 from utils import UsageError
@@ -19,7 +21,7 @@ from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, op
                         resize_crop_flip, select_pairs)
 from utils.grids import GAP
 from utils.toy.synthetic import build_synthetic_preferences, synthetic_preference_rows, write_preference_set
-from utils.training import read_metrics
+from utils.train.metrics import read_metrics
 
 LOG2 = math.log(2)
 METRIC_KEYS = ("loss", "implicit_acc", "model_mse", "ref_mse", "grad_norm", "lr")
@@ -87,7 +89,7 @@ def test_sft_loss_with_and_without_min_snr_weights():
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([10, 900])
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
-    weights = T.min_snr_weights(scheduler, t, gamma=5.0)
+    weights = min_snr_weights(scheduler, t, gamma=5.0)
     assert snr[0] > 5 > snr[1]
     assert weights.tolist() == pytest.approx([5.0 / snr[0].item(), 1.0], rel=1e-5)
 
@@ -99,13 +101,13 @@ def test_winner_and_loser_share_one_noise_sample_and_one_timestep():
     g = torch.Generator().manual_seed(0)
     winners, losers = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     noise, timesteps = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5, 500, 999])
-    noisy, target, t = T.noise_pairs(scheduler, torch.cat([winners, losers]), noise, timesteps)
+    noisy, target, t = noise_pairs(scheduler, torch.cat([winners, losers]), noise, timesteps)
     assert t.tolist() == [5, 500, 999, 5, 500, 999]
     assert torch.equal(target[:3], noise) and torch.equal(target[3:], noise)
     # Same noise: the noisy winner and loser differ by exactly sqrt(alpha_bar_t) (winner - loser).
     scale = scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
     assert torch.allclose(noisy[:3] - noisy[3:], scale * (winners - losers), atol=1e-5)
-    same, _, _ = T.noise_pairs(scheduler, torch.cat([winners, winners]), noise, timesteps)
+    same, _, _ = noise_pairs(scheduler, torch.cat([winners, winners]), noise, timesteps)
     assert torch.equal(same[:3], same[3:])
 
 
@@ -128,9 +130,9 @@ def test_choice_model_orders_every_pair_of_a_batch():
     dataset = ImagePairDataset(ds, ["jpg_0", "jpg_1"], "caption", data_rows, winner_first, 32, hflip=False,
                                keep_pil=True)
     batch = collate_images([dataset[(i, 0, i)] for i in range(5)])
-    swap = T.choose_winners(RedScorer(), batch)
+    swap = choose_winners(RedScorer(), batch)
     assert swap.tolist() == [True, False, False, True, False]  # the middle pair is a tie: kept as stored
-    ordered = T.swap_pairs(batch, swap)
+    ordered = swap_pairs(batch, swap)
     red = ordered["pixels"][:, :, 0].mean(dim=(2, 3))  # (B, 2) in [-1, 1]
     assert (red[:, 0] >= red[:, 1]).all() and (red[:, 0] > red[:, 1]).sum() == 4  # every pair ordered
     assert [int(np.asarray(p[0])[0, 0, 0]) for p in ordered["pil"]] == [250, 200, 90, 200, 250]
@@ -251,7 +253,7 @@ def test_sdxl_time_ids_come_from_each_images_own_size_and_crop(tiny_sdxl_path):
     batch = {"pixels": torch.zeros(2, 2, 3, 32, 32), "caption": ["a", "b"],
              "original_size": torch.tensor([[[40, 64], [64, 40]], [[32, 32], [100, 50]]]),
              "crop": torch.tensor([[[4, 0], [0, 4]], [[0, 0], [9, 1]]])}
-    latents, cond = T.encode_batch(parts, batch, torch.zeros(2, 2, 4, 16, 16), 2, 32)
+    latents, cond = encode_batch(parts, batch, torch.zeros(2, 2, 4, 16, 16), 2, 32)
     assert latents.shape == (4, 4, 16, 16) and cond.embeds.shape[0] == 4
     # rows: winner of pair 0, winner of pair 1, loser of pair 0, loser of pair 1
     assert cond.time_ids.tolist() == [[40, 64, 4, 0, 32, 32], [32, 32, 0, 0, 32, 32],
@@ -443,12 +445,12 @@ def held_out_dpo_metrics(base_path, trained_unet, data, beta, resolution=32, dra
     g = torch.Generator().manual_seed(1234)
     accs, losses = [], []
     with torch.no_grad():
-        latents, cond = T.encode_batch(parts, batch, torch.zeros(n, 2, *latent), 2, resolution)
+        latents, cond = encode_batch(parts, batch, torch.zeros(n, 2, *latent), 2, resolution)
         for _ in range(draws):
-            noisy, target, t = T.noise_pairs(parts.scheduler, latents, torch.randn(n, *latent, generator=g),
+            noisy, target, t = noise_pairs(parts.scheduler, latents, torch.randn(n, *latent, generator=g),
                                              torch.randint(0, 1000, (n,), generator=g))
-            err = T.per_sample_error(trained_unet(noisy, t, **cond.unet_kwargs()).sample, target)
-            ref = T.per_sample_error(parts.unet(noisy, t, **cond.unet_kwargs()).sample, target)
+            err = per_sample_error(trained_unet(noisy, t, **cond.unet_kwargs()).sample, target)
+            ref = per_sample_error(parts.unet(noisy, t, **cond.unet_kwargs()).sample, target)
             loss, metrics = T.dpo_loss(*err.chunk(2), *ref.chunk(2), beta)
             accs.append(metrics["implicit_acc"].item())
             losses.append(loss.item())
@@ -591,14 +593,17 @@ def test_speed_levers_leave_the_numbers_unchanged(lever, baseline_run, pref_data
 
 
 def test_latent_cache_auto_is_on_only_past_one_epoch(pref_data, tiny_sd_path, tmp_path):
-    args = T.parse_args([str(f) for f in dpo_flags("tiny-sd", pref_data["train"], tmp_path, *LEVERS_RUN)[1:]])
-    parts = type("Parts", (), {"vae": type("VAE", (), {"dtype": torch.float32})})()
-    shape = (4, 4, 4)
-    assert T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # 9 steps x 2 > 12 pairs
-    args.max_train_steps = 6
-    assert not T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # exactly one epoch: nothing to reuse
-    args.max_train_steps, args.random_crop = 9, True
-    assert not T.latent_cache_applies(args, range(12), 2, parts, shape, 2)  # a new crop every draw
+    shape, dtype = (4, 4, 4), torch.float32
+
+    def applies(mode, batches_drawn, num_rows=12, global_batch=2):
+        return latent_cache_applies(mode, num_rows, 2, 2, shape, dtype, batches_drawn, global_batch)
+
+    assert applies("auto", batches_drawn=9)  # 9 batches of 2 pairs > the 6 batches of an epoch of 12 pairs
+    assert not applies("auto", batches_drawn=6)  # exactly one epoch: nothing to reuse
+    assert not applies("auto", batches_drawn=9, num_rows=2**30)  # the posteriors would not fit the memory budget
+    assert applies("on", batches_drawn=1) and not applies("off", batches_drawn=100)
+    # a new crop every draw (--random_crop), a scorer reading every image (--choice_model) or latents cached up front
+    # (--cache_latents) keep it off whatever the mode: train_dpo.make_loader decides that before asking
 
 
 def test_compiled_training_unet_gives_the_same_numbers(baseline_run, pref_data, tiny_sd_path, tmp_path, monkeypatch,

@@ -15,7 +15,8 @@ from utils.grids import read_cells
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.rewards import load_reward
 from utils.sampling import cfg_conditioning, decode_latents, low_variance_samples, sample_latents
-from utils.training import read_metrics, step_generator
+from utils.seeding import step_generator
+from utils.train.metrics import read_metrics
 
 STEPS = 5  # DDIM steps of the end-to-end runs: small, so a training step takes about a second on a CPU
 VALIDATION_PROMPTS = ["a red cat", "a blue dog"]

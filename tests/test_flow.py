@@ -361,7 +361,7 @@ def lora_run(request, tmp_path_factory):
 
 
 def test_lora_run_writes_the_output_contract_and_kl_starts_at_zero(lora_run):
-    from utils.training import read_metrics
+    from utils.train.metrics import read_metrics
 
     name, out = lora_run
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "validation-step-000003.png").exists()
@@ -415,7 +415,7 @@ def test_full_transformer_draft_lv_saves_transformer(tmp_path):
     """Full fine-tuning (a frozen copy is the KL's reference) with DRaFT-LV: transformer/ loads with from_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    from utils.training import read_metrics
+    from utils.train.metrics import read_metrics
 
     run_draftp(draftp_flags("tiny-flux", tmp_path, steps=2, extra=["--no-use_lora", "--learning_rate", 1e-3,
                                                                     "--truncation_steps", 1, "--draft_lv_samples", 2,
@@ -433,7 +433,7 @@ def test_resume_continues_metrics_exactly(tmp_path):
     (==: the same float32 operations on the CPU) to what the uninterrupted run wrote."""
     import shutil
 
-    from utils.training import read_metrics
+    from utils.train.metrics import read_metrics
 
     out = tmp_path / "run"
     flags = draftp_flags("tiny-sd3", out, steps=4, extra=["--checkpointing_steps", 2, "--kl_coeff", 0.1])

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 import train_dpo as T
+from utils.denoising import family_noising, per_sample_error
+from utils.models import model_prediction
 from conftest import assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process
 from utils import UsageError
 from utils.flow import FlowTrainingTimesteps
 from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
 from utils.toy.synthetic import build_synthetic_preferences
-from utils.training import read_metrics
+from utils.train.metrics import read_metrics
 
 FAMILIES = ["tiny-sd3", "tiny-flux"]
 LOG2 = math.log(2)
@@ -25,9 +27,9 @@ VALIDATION = {"tiny-sd3": 4.5, "tiny-flux": 3.5}  # --guidance_scale of the vali
 
 
 def flow_args(**kw):
-    """The flow flags as parse_args + check_family_args leave them."""
-    return argparse.Namespace(**{"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
-                                 "mode_scale": 1.29, "snr_gamma": None, **kw})
+    """family_noising's arguments as parse_args + check_family_args leave the flow flags."""
+    return {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+            "snr_gamma": None, **kw}
 
 
 # --------------------------------------------------------------------------- t drawn as the model was trained
@@ -80,7 +82,7 @@ def _latents(parts, batch, seed):
 
 def test_winner_and_loser_share_one_noise_sample_and_one_sigma(parts):
     winners, losers, noise = _latents(parts, 2, 0), _latents(parts, 2, 1), _latents(parts, 2, 2)
-    noising = T.family_noising(parts, flow_args())
+    noising = family_noising(parts, **flow_args())
     timesteps = noising.draw(2, torch.Generator().manual_seed(3))
     noisy, target, t = noising.pairs(torch.cat([winners, losers]), noise, timesteps)
     sigma = (timesteps / 1000).view(-1, 1, 1, 1)
@@ -97,13 +99,13 @@ def test_dpo_loss_is_log2_and_grads_reach_only_the_lora_weights(parts):
 
     model = add_lora(copy.deepcopy(parts.unet), rank=4, seed=0)
     cond = encode_prompts(parts, ["a red cat", "a blue dog"], "cpu").repeat(2)
-    noising = T.family_noising(parts, flow_args())
+    noising = family_noising(parts, **flow_args())
     noisy, target, t = noising.pairs(torch.cat([_latents(parts, 2, 0), _latents(parts, 2, 1)]), _latents(parts, 2, 2),
                                      noising.draw(2, torch.Generator().manual_seed(3)))
     guidance = 1.0 if parts.family == "flux" else None
-    err = T.per_sample_error(T.model_prediction(model, noisy, t, cond, guidance), target)
+    err = per_sample_error(model_prediction(model, noisy, t, cond, guidance), target)
     with torch.no_grad(), adapters_disabled(model):
-        ref = T.per_sample_error(T.model_prediction(model, noisy, t, cond, guidance), target)
+        ref = per_sample_error(model_prediction(model, noisy, t, cond, guidance), target)
     loss, metrics = T.dpo_loss(*err.chunk(2), *ref.chunk(2), beta=5000.0)
     assert loss.item() == pytest.approx(LOG2, abs=1e-6) and metrics["implicit_acc"] == 0.5
     loss.backward()
@@ -120,10 +122,10 @@ def test_sft_loss_is_the_flow_matching_mse_at_a_known_point():
     x0, noise = _latents(parts, 2, 0), _latents(parts, 2, 1)
     sigma = torch.tensor([0.25, 0.7])
     cond = encode_prompts(parts, ["a red cat", "a blue dog"], "cpu")
-    noising = T.family_noising(parts, flow_args(weighting_scheme="cosmap"))
+    noising = family_noising(parts, **flow_args(weighting_scheme="cosmap"))
     with torch.no_grad():
         noisy, target, t = noising.pairs(x0, noise, sigma * 1000)
-        err = T.per_sample_error(T.model_prediction(parts.unet, noisy, t, cond), target)
+        err = per_sample_error(model_prediction(parts.unet, noisy, t, cond), target)
         loss, _ = T.sft_loss(err, noising.sft_weights(t))
         x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
         v = parts.unet(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=cond.embeds,

@@ -13,10 +13,12 @@ from utils import UsageError
 from utils.models import (
     adapters_disabled, add_lora, build_pipeline, encode_prompts, is_sdxl_index, load_pipeline_parts, save_lora,
 )
-from utils.training import (
-    MetricsLog, add_common_args, build_lr_scheduler, build_optimizer, check_common_args, list_checkpoints,
-    make_accelerator, read_metrics, register_checkpoint_hooks, resume_from_checkpoint, run_main, save_checkpoint,
-)
+from utils.train import run_main
+from utils.train.checkpoints import list_checkpoints, register_checkpoint_hooks, resume_from_checkpoint, save_checkpoint
+from utils.train.cli import add_common_args, check_common_args
+from utils.train.metrics import MetricsLog, read_metrics
+from utils.train.optim import build_lr_scheduler, build_optimizer
+from utils.train.run import make_accelerator
 
 FLAG = "--pretrained_model_name_or_path"
 

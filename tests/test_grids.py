@@ -1,5 +1,5 @@
 """utils/grids.py: labelled image grids (size, where the labels are drawn, the images back out exactly), and
-utils.training.log_validation, which writes them for both training scripts."""
+utils.train.validation.log_validation, which writes them for both training scripts."""
 import json
 
 import numpy as np
@@ -9,7 +9,7 @@ from PIL import Image
 
 from utils.grids import (BACKGROUND, GAP, MAX_COLUMN_LINES, fit, font, grid_geometry, labelled_grid, line_height,
                          read_cells)
-from utils.training import log_validation
+from utils.train.validation import log_validation
 
 ROWS = ["base", "trained"]
 PROMPTS = ["two red circles", "three blue squares", "one green triangle"]

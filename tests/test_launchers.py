@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from utils.training import read_metrics
+from utils.train.metrics import read_metrics
 
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)

@@ -2,7 +2,7 @@
 steps, unreadable rows, checkpoint history and flags on resume, output-folder errors, exit codes.
 
 Faults are injected through the test-only switches DIFFUSION_ALIGN_INJECT_NAN / DIFFUSION_ALIGN_INJECT_SIGNAL
-(utils.training.injected), so each lands at a known step and micro-step; the 2-process test sends a real
+(utils.train.guards.injected), so each lands at a known step and micro-step; the 2-process test sends a real
 SIGTERM to the whole process group, as scancel and preemption do.
 """
 import argparse
@@ -24,9 +24,14 @@ from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_row
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
-from utils.training import (EXIT_DIVERGED, EXIT_STOPPED, STATUS_FILE, STOP_SIGNALS, StopRequest, add_common_args,
-                            build_lr_scheduler, list_checkpoints, make_accelerator, optimizer_update, read_metrics,
-                            resume_from_checkpoint, run_state, save_checkpoint, save_unet_weights)
+from utils.train.checkpoints import (list_checkpoints, resume_from_checkpoint, run_state, save_checkpoint,
+                                     save_unet_weights)
+from utils.train.cli import add_common_args
+from utils.train.guards import STOP_SIGNALS, StopRequest
+from utils.train.metrics import read_metrics
+from utils.train.optim import build_lr_scheduler, optimizer_update
+from utils.train.outcome import EXIT_DIVERGED, EXIT_STOPPED, STATUS_FILE
+from utils.train.run import make_accelerator
 
 
 def parse_common(*flags):
@@ -125,7 +130,7 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, fresh_accelerate_state, 
     def read_only(*a, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr("utils.training.save_args", read_only)
+    monkeypatch.setattr("utils.train.run.save_args", read_only)
     with pytest.raises(UsageError, match=f"--output_dir {tmp_path}: read-only file system while writing args.json"):
         make_accelerator(parse_common("--output_dir", tmp_path), "test")
 
@@ -237,7 +242,7 @@ def straight(data):
 def resume(flags):
     """A resume after a failed subprocess, in this process (conftest.run_main_in_process): what is tested is the
     metrics it writes (equal to the straight run's); the failure is the subprocess under test. main() alone writes no
-    run_status.json (the entry point, utils.training.run_main, does): a test that reads the status after a resume
+    run_status.json (the entry point, utils.train.run_main, does): a test that reads the status after a resume
     resumes through run_script. Returns the run's log."""
     return run_main_in_process(train_dpo, flags[1:])
 

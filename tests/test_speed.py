@@ -111,17 +111,18 @@ BETA = 5000.0
 def dpo_step(tiny_sd_path, channels_last):
     """One LoRA Diffusion-DPO step's loss and LoRA grads, composed as train_dpo.py's loop (reference = adapters off)."""
     import train_dpo
+    from utils.denoising import noise_pairs, per_sample_error
 
     parts, unet = tiny_lora_parts(tiny_sd_path)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(4, 4, 32, 32, generator=g), torch.randn(2, 4, 32, 32, generator=g)
-    noisy, target, t = train_dpo.noise_pairs(parts.scheduler, latents, noise, torch.tensor([100, 700]))
+    noisy, target, t = noise_pairs(parts.scheduler, latents, noise, torch.tensor([100, 700]))
     kwargs = encode_prompts(parts, PROMPTS * 2, "cpu").unet_kwargs()
-    err = train_dpo.per_sample_error(unet(noisy, t, **kwargs).sample, target)
+    err = per_sample_error(unet(noisy, t, **kwargs).sample, target)
     with torch.no_grad(), adapters_disabled(unet):
-        ref_err = train_dpo.per_sample_error(unet(noisy, t, **kwargs).sample, target)
+        ref_err = per_sample_error(unet(noisy, t, **kwargs).sample, target)
     loss, _ = train_dpo.dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=BETA)
     loss.backward()
     errors = torch.cat([err.detach(), ref_err])
@@ -165,7 +166,7 @@ def test_compile_cache_defaults_to_the_project_cache_unless_the_user_set_one():
     (dict(validation_prompts=[], validation_steps=5), [5], True),  # 10 is the final grid, drawn once
 ])
 def test_validation_grids_only_when_asked_for(flags, due, last):
-    from utils.training import validation_due, validation_wanted
+    from utils.train.validation import validation_due, validation_wanted
 
     args = argparse.Namespace(max_train_steps=10, **flags)
     assert [step for step in range(1, 11) if validation_due(args, step)] == due
@@ -174,11 +175,11 @@ def test_validation_grids_only_when_asked_for(flags, due, last):
 
 def test_step_clock_counts_data_and_leaves_out_pauses(monkeypatch):
     """step_seconds spans log to log (data included, grids and checkpoints not); a fake clock, no real timing."""
-    from utils import training
+    from utils.train import metrics
 
     now = [100.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
-    clock = training.StepClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    clock = metrics.StepClock()
     with clock.data():
         now[0] += 2.0  # waiting for the batch
     now[0] += 3.0  # the step's GPU work

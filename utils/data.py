@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from . import UsageError
-from .toy import world as toyworld
-from .training import step_generator
+from .plugins import load_plugins
+from .seeding import step_generator
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,23 @@ BUILTIN_PROMPT_SETS = {
     "animals": [f"a photo of a {a}" for a in ANIMALS],
     "animal_activities": [f"a {a} {act}" for a in ANIMALS for act in ANIMAL_ACTIVITIES],
     "colored_animals": [f"a {c} {a}" for c in COLORS for a in ANIMALS],
-    "toyworld": toyworld.prompt_set(),  # the toy world's 54 count x colour x shape prompts (utils/toy/world.py)
 }
+
+
+def register_prompt_set(name: str, prompts: List[str]):
+    """Make `name` a prompt set of --prompts (plugins, utils/plugins.py)."""
+    BUILTIN_PROMPT_SETS[name] = list(prompts)
+
+
+def prompt_sets() -> List[str]:
+    """The names --prompts accepts besides files and datasets: the built-in sets and the plugins'."""
+    load_plugins()
+    return list(BUILTIN_PROMPT_SETS)
 
 
 def load_prompts(source: str, column: str = "prompt", split: str = "train", max_prompts: Optional[int] = None) -> List[str]:
     """Prompts from a built-in set name, a .txt (one per line) or .jsonl file, or a datasets id / folder."""
-    if source in BUILTIN_PROMPT_SETS:
+    if source in prompt_sets():
         prompts = list(BUILTIN_PROMPT_SETS[source])
     elif source.endswith(".txt"):
         _must_exist(source)
@@ -60,7 +70,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", max_
 def _must_exist(path):
     if not os.path.isfile(path):
         raise UsageError(f"--prompts {path}: file not found; expected a .txt (one prompt per line) or .jsonl file, "
-                         f"or a built-in set: {', '.join(BUILTIN_PROMPT_SETS)}")
+                         f"or a built-in set: {', '.join(prompt_sets())}")
 
 
 def _prompts_from_datasets(source, column, split):

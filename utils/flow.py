@@ -5,7 +5,7 @@
 
 What differs between the two families sits here, behind three small interfaces that the DDIM path of SD1.5 / SDXL
 also has, so that the training scripts never branch on the family:
-- `load_flow_parts` fills the same `PipelineParts` as SD1.5 / SDXL (`parts.unet` is then the transformer);
+- `load_flow_parts` gives the fields of the same `PipelineParts` as SD1.5 / SDXL (`parts.unet` is then the transformer);
 - `encode_flow_prompts` returns a `FlowConditioning`, which knows how to call its transformer (`guided_velocity`):
   SD3 runs classifier-free guidance on [uncond; text] rows as SD1.5 does, FLUX.1-dev feeds the guidance scale to the
   transformer's guidance embedding (one pass) and packs the latents 2x2 into tokens only around the call, so the
@@ -66,19 +66,18 @@ def _tokenizer_name(encoder_name: str) -> str:
     return encoder_name.replace("text_encoder", "tokenizer")
 
 
-def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None):
-    """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32.
-    `vae`: an AutoencoderKL to use instead of the pipeline's own (--pretrained_vae_model_name_or_path)."""
-    from .models import PipelineParts
-
+def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None) -> dict:
+    """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32, as the
+    fields of a `utils.models.PipelineParts`. `vae`: an AutoencoderKL to use instead of the pipeline's own
+    (--pretrained_vae_model_name_or_path)."""
     kwargs = {"vae": vae} if vae is not None else {}
     if family == "flux":
         avoid_cudnn_attention()
     pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
     names = ENCODER_NAMES[family]
-    return PipelineParts(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
-                         text_encoders=[getattr(pipe, n) for n in names],
-                         tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
+    return dict(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
+                text_encoders=[getattr(pipe, n) for n in names],
+                tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
 
 
 def avoid_cudnn_attention():

@@ -16,7 +16,8 @@ steps with grad and the reference must keep the bf16 weights) and refuses to run
 `torch._scaled_mm` also runs on the CPU, where the tests check this module.
 
 Why these layers only: PyTorch has FP8 matrix products but no FP8 convolution or attention kernels; the projections
-are ~20 % of a sampling step's GPU time on SD1.5 (BENCHMARKS.md, run 5), the convolutions and attention the most of it.
+are about a fifth of a sampling step's GPU time on SD1.5 (BENCHMARKS.md, its profile), the convolutions and attention
+the most of it.
 """
 import copy
 import itertools

@@ -10,14 +10,14 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
 from . import UsageError
 from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, FlowConditioning, build_flow_pipeline, default_sample_size,
                    encode_flow_prompts, flow_family, load_flow_parts, pipeline_class, transformer_family)
-from .toy import TINY_NAMES, TOY_NAMES
+from .plugins import load_plugins
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -66,16 +66,30 @@ class PipelineParts:
 
 
 # --------------------------------------------------------------------------- loading
-def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-sd` / `tiny-sdxl` / `tiny-sd3` / `tiny-flux` become the folder of the built tiny pipeline, `toy-sd` and
-    `toy-sd3` the committed toy-world pipelines (utils/toy/assets/); anything else is kept."""
-    if name_or_path in TOY_NAMES:
-        return str(TOY_NAMES[name_or_path])
-    if name_or_path in TINY_NAMES:
-        from .toy.tiny import tiny_pipeline_path  # builds the pipeline the first time (test infrastructure)
+# Pipelines known by a short name (plugins register them, utils/plugins.py): name -> a folder, or a function that
+# returns one (e.g. builds the pipeline on first use).
+_NAMED_PIPELINES: Dict[str, Union[str, os.PathLike, Callable[[], str]]] = {}
 
-        return tiny_pipeline_path(name_or_path)
-    return name_or_path
+
+def register_pipeline(name: str, folder: Union[str, os.PathLike, Callable[[], str]]):
+    """Make `name` usable wherever a pipeline folder or hub id is (--pretrained_model_name_or_path, evaluate.py, the
+    notebook): `folder` is a diffusers pipeline folder, or a function returning one."""
+    _NAMED_PIPELINES[name] = folder
+
+
+def named_pipelines() -> List[str]:
+    load_plugins()
+    return list(_NAMED_PIPELINES)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A registered pipeline name becomes its folder (e.g. `tiny-sd`, built on first use, or `toy-sd`, committed:
+    the toy world's plugin); anything else is kept."""
+    load_plugins()
+    folder = _NAMED_PIPELINES.get(name_or_path)
+    if folder is None:
+        return name_or_path
+    return str(folder() if callable(folder) else folder)
 
 
 def is_hub_id(name: str) -> bool:
@@ -105,7 +119,7 @@ def read_model_index(name_or_path: str, revision: Optional[str] = None) -> dict:
             return json.load(f)
     if not is_hub_id(name_or_path):
         raise UsageError(f"{flag} {name_or_path!r} does not exist; expected a diffusers pipeline folder, a hub id "
-                         f"such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join([*TINY_NAMES, *TOY_NAMES])}")
+                         f"such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {', '.join(named_pipelines())}")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -134,7 +148,7 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
     family = flow_family(index)
     if family:
         vae = AutoencoderKL.from_pretrained(resolve_model_path(vae_name_or_path), **kw) if vae_name_or_path else None
-        return load_flow_parts(path, family, revision, variant, vae)
+        return PipelineParts(**load_flow_parts(path, family, revision, variant, vae))
     sdxl = is_sdxl_index(index)
     # DDIM is the sampler of DRaFT and the scheduler whose noise schedule DPO trains against.
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -455,3 +469,14 @@ def reference_model(trained, frozen=None):
             return trained(*args, **kwargs)
 
     return base
+
+
+def load_unet_init(path, model_class):
+    """--unet_init: a folder holding unet/ or transformer/ (e.g. an earlier full fine-tune's output), or the model's
+    own folder / hub id; `model_class`: the pipeline's denoiser class (UNet, SD3 or FLUX transformer)."""
+    subfolder = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(path, s))), None)
+    try:
+        return model_class.from_pretrained(path, subfolder=subfolder)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--unet_init {path}: not a {model_class.__name__} folder or a folder with unet/ or "
+                         f"transformer/ ({type(e).__name__})") from None

@@ -24,6 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
+from . import UsageError
+from .fp8 import check_float8_device
+
 COMPILE_MODES = ["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 # Compiling the training UNet's forward: backward runs through it, so no CUDA graphs ("reduce-overhead" would replay
 # captured buffers that the saved activations of a pending backward still point to).
@@ -48,9 +51,9 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
     g = parser.add_argument_group("speed (results stay equal to bf16 rounding; BENCHMARKS.md has the numbers)")
     what = "the UNet" if sampling else "the UNet (and a full UNet's frozen reference copy)"
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"keep {what} in channels-last (NHWC) memory format. The VAE stays NCHW either way: its "
-                        "GroupNorms copy channels-last activations to NCHW and back (1.25-1.36x faster NCHW on an "
-                        "H200, BENCHMARKS.md)")
+                   help=f"keep {what} in channels-last (NHWC) memory format, which cuDNN's bf16 convolutions use. "
+                        "The VAE stays NCHW either way: its GroupNorms would copy channels-last activations to NCHW "
+                        "and back")
     g.add_argument("--defer_loss_check", action=argparse.BooleanOptionalAction, default=True,
                    help="check the loss for NaN/inf once per optimizer step, with the gradient norm, instead of waiting "
                         "for the GPU after every micro-step's forward (one process without fp16 or DeepSpeed; "
@@ -66,8 +69,8 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
         return
     g.add_argument("--compile_sampler", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the UNet for the sampling steps without grad; 'auto' = 'reduce-overhead' "
-                        "(CUDA graphs) on a CUDA GPU and 'off' elsewhere. The first step pays the compilation "
-                        "(about 100 s for SD1.5 on an H100)")
+                        "(CUDA graphs) on a CUDA GPU and 'off' elsewhere. The first step pays the compilation (cached "
+                        "across runs)")
     g.add_argument("--vae_gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute the VAE decoder's activations in backward (saves GBs per 512 px image)")
     g = parser.add_argument_group("speed, changing results")
@@ -76,8 +79,28 @@ def add_speed_args(parser: argparse.ArgumentParser, sampling: bool = True):
                         "as FP8 matrix products with row-wise scales (utils/fp8.py; GPUs of compute capability 8.9+: "
                         "Ada, Hopper). CHANGES RESULTS: x_K differs by FP8 rounding (BENCHMARKS.md has the image "
                         "difference); the steps with grad, the reference (KL), the VAE and the reward keep the compute "
-                        "dtype. Measured SLOWER on SD1.5 (0.94x end to end on an H200: quantizing the activations "
-                        "costs more than the FP8 products save). One process or DDP only")
+                        "dtype. One process or DDP only. Not a speed-up on SD1.5 (BENCHMARKS.md): quantizing the "
+                        "activations costs more than the FP8 products save")
+
+
+# Speed flags change no number of a step (to bf16 rounding): a resume may change them.
+SAFE_TO_CHANGE_ON_RESUME = frozenset({"channels_last", "compile_sampler", "vae_gradient_checkpointing",
+                                      "defer_loss_check", "compile_unet"})
+
+
+def check_speed_args(args, strategy: str, wraps_model: bool, shards_model: bool, device):
+    """Refuse the speed flags that the distributed strategy cannot honour (before any model is loaded).
+    `wraps_model`: FSDP or DeepSpeed takes the model over; `shards_model`: FSDP splits its weights."""
+    if args.compile_unet != "off" and wraps_model:
+        raise UsageError(f"--compile_unet {args.compile_unet} works with one process or DDP, not with {strategy}: "
+                         f"drop it")
+    if getattr(args, "fp8_sampler", False):  # the sampling flags exist where add_speed_args(sampling=True) added them
+        if wraps_model:
+            raise UsageError(f"--fp8_sampler works with one process or DDP, not with {strategy}: drop it")
+        check_float8_device(device)
+    if getattr(args, "compile_sampler", "off") not in ("auto", "off") and shards_model:
+        raise UsageError(f"--compile_sampler {args.compile_sampler} cannot compile a UNet that {strategy} shards; pass "
+                         f"--compile_sampler off (or auto, which is off under FSDP and DeepSpeed)")
 
 
 def compile_training_unet(unet, mode: str, backend: str = "inductor"):

@@ -8,14 +8,34 @@
                    trainers
 - synthetic.py     synthetic preference sets
 
-This file holds only names and paths, so that the product code (utils.models, utils.rewards) can resolve
-`tiny-sd`, `toy-sd`, `toy-sd3` and `toyclip` without importing the toy modules, which import the product code in turn.
+The package is a plugin (utils/plugins.py), loaded by default: importing it registers its pipelines (`tiny-*`, built
+on first use; `toy-sd`, `toy-sd3`), its scorer (`toyclip`) and its prompt set (`toyworld`) with the product's
+registries, as a user's own plugin would. The product code imports nothing from here.
 """
-from pathlib import Path
+from ..data import register_prompt_set
+from ..models import register_pipeline
+from .names import ASSETS, TINY_NAMES, TOY_NAMES, TOY_SD3_PATH, TOY_SD_PATH, TOYCLIP_PATH  # noqa: F401 (the plugin's names)
 
-ASSETS = Path(__file__).parent / "assets"
-TOY_SD_PATH = ASSETS / "toy-sd"
-TOYCLIP_PATH = ASSETS / "toyclip"
-TOY_SD3_PATH = ASSETS / "toy-sd3"
-TOY_NAMES = {"toy-sd": TOY_SD_PATH, "toy-sd3": TOY_SD3_PATH}
-TINY_NAMES = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+
+def _tiny_builder(name):
+    def build() -> str:
+        from .tiny import tiny_pipeline_path  # builds and saves the pipeline the first time
+
+        return tiny_pipeline_path(name)
+
+    return build
+
+
+for _name, _folder in TOY_NAMES.items():
+    register_pipeline(_name, _folder)
+for _name in TINY_NAMES:
+    register_pipeline(_name, _tiny_builder(_name))
+
+
+def _register_prompt_set():
+    from .world import prompt_set
+
+    register_prompt_set("toyworld", prompt_set())  # the toy world's 54 count x colour x shape prompts
+
+
+_register_prompt_set()

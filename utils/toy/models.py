@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..rewards import ImagePrep, prepare_pixels
-from . import TOY_SD_PATH, world
+from . import world
+from .names import TOY_SD_PATH
 
 TEXT_WIDTH = 128  # text encoder width = the UNet's cross_attention_dim
 IMAGE_SIZE = world.RESOLUTION

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import TINY_NAMES
+from .names import TINY_NAMES
 # Bump when the architecture below changes, so stale caches are rebuilt rather than silently reused.
 TINY_VERSION = "v3"
 TINY_RESOLUTION = 64  # pixels; latents are 32x32 (the tiny VAE downsamples by 2)

@@ -1,0 +1,118 @@
+"""Training on noised data (Diffusion-DPO, SFT): timesteps, noising and targets per model family, per-sample errors,
+and a batch's latents and text conditioning."""
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .flow import DEFAULT_WEIGHTING, FlowTrainingTimesteps, flow_noise
+from .models import encode_prompts, sdxl_time_ids
+
+# diffusers' SD3 / FLUX training examples' defaults of the logit-normal and mode densities
+FLOW_TIMESTEP_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+
+
+def default_train_guidance(family: str) -> Optional[float]:
+    """The guidance embedding's value in training passes on real images: FLUX.1-dev (guidance-distilled) at 1.0, the
+    unguided velocity, for which the denoising loss is least (as diffusers' FLUX DreamBooth README trains); the
+    other families have no such input."""
+    return 1.0 if family == "flux" else None
+
+
+def per_sample_error(pred, target):
+    """(N, C, H, W) -> (N,): mean squared error of each sample, in float32."""
+    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def min_snr_weights(scheduler, timesteps, gamma: float):
+    """Min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556): min(SNR, gamma) / SNR for eps
+    prediction, / (SNR + 1) for v prediction, as the diffusers text-to-image examples."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, gamma))
+    return weights / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def noise_pairs(scheduler, latents, noise, timesteps):
+    """Noise n images per row with the row's ONE noise sample and timestep.
+
+    latents (n*B, C, h, w), stacked [first images; second images] (winners, then losers); noise (B, C, h, w);
+    timesteps (B,). Returns (noisy latents, target, timesteps), each with n*B rows.
+    """
+    n = latents.shape[0] // noise.shape[0]
+    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps
+    return noisy, noise, timesteps
+
+
+def flow_noise_pairs(latents, noise, timesteps, num_train_timesteps: int = 1000):
+    """`noise_pairs` for flow matching (SD3 / FLUX): x_t = (1 - sigma) * x_0 + sigma * noise with sigma = t / 1000,
+    and the velocity target noise - x_0; winner and loser share the row's noise and sigma."""
+    n = latents.shape[0] // noise.shape[0]
+    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
+    return flow_noise(latents, noise, timesteps / num_train_timesteps), noise - latents, timesteps
+
+
+@dataclass
+class Noising:
+    """What the model's family fixes about training on noised data, chosen once at start (`family_noising`)."""
+
+    draw: Callable         # (n, generator) -> (n,) timesteps: DDPM steps, or sigma * 1000
+    pairs: Callable        # (latents, noise, timesteps) -> (noisy, target, timesteps): `noise_pairs`' contract
+    sft_weights: Callable  # (timesteps,) -> (n,) per-sample weights of the SFT loss, or None
+
+
+def family_noising(parts, weighting_scheme: Optional[str] = None, logit_mean: float = 0.0, logit_std: float = 1.0,
+                   mode_scale: float = 1.29, snr_gamma: Optional[float] = None) -> Noising:
+    """SD1.5 / SDXL: t uniform over the DDPM steps, eps (or v) target, min-SNR-`snr_gamma` weights for SFT. SD3 /
+    FLUX: t drawn as the model was trained (`weighting_scheme`, default the family's: DEFAULT_WEIGHTING), the
+    velocity target, SD3's loss weights for SFT (DPO's errors stay plain per-sample MSE: a weight w(t) would only
+    rescale beta at each t)."""
+    scheduler = parts.scheduler
+    if parts.is_flow:
+        scheme = weighting_scheme or DEFAULT_WEIGHTING[parts.family]
+        t = FlowTrainingTimesteps(scheduler, scheme, logit_mean, logit_std, mode_scale)
+        return Noising(t.draw, functools.partial(flow_noise_pairs, num_train_timesteps=t.num_train_timesteps),
+                       t.loss_weights)
+    return Noising(lambda n, g: torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g),
+                   functools.partial(noise_pairs, scheduler),
+                   lambda t: min_snr_weights(scheduler, t, snr_gamma) if snr_gamma else None)
+
+
+@torch.no_grad()
+def vae_moments(vae, pixels):
+    """(B, n, 3, R, R) in [-1,1] -> mean and std of the VAE posterior, each (B, n, C, h, w) float32."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.flatten(0, 1).to(param.device, param.dtype)).latent_dist
+    return dist.mean.float().unflatten(0, pixels.shape[:2]), dist.std.float().unflatten(0, pixels.shape[:2])
+
+
+@torch.no_grad()
+def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, cache=None):
+    """A collated batch -> (latents (n*B, C, h, w) stacked [winners; losers], TextConditioning of n*B rows).
+
+    The first `n_images` images of each row are used (SFT: the winner). `posterior_eps` (B, >=n, C, h, w) draws
+    the VAE posterior sample. SDXL time ids come from each image's own original size and crop. `cache`
+    (--latent_cache): the posteriors of images seen before come from there, the others are encoded into it.
+    """
+    device = parts.text_encoders[0].device
+    if cache is not None:
+        mean, std, batch = cache.moments(lambda pixels: vae_moments(parts.vae, pixels), batch, n_images, device)
+    elif "pixels" in batch:
+        mean, std = vae_moments(parts.vae, batch["pixels"][:, :n_images])
+    else:  # --cache_latents
+        mean, std = batch["latent_mean"][:, :n_images].float(), batch["latent_std"][:, :n_images].float()
+    latents = mean.to(device) + std.to(device) * posterior_eps[:, :n_images].to(device)  # (B, n, C, h, w)
+    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
+    latents = (latents.transpose(0, 1).flatten(0, 1) - shift) * parts.vae.config.scaling_factor  # (n*B, C, h, w)
+
+    def per_image(key):  # (B, n, 2) -> n*B rows, in the order of the latents
+        return batch[key][:, :n_images].transpose(0, 1).flatten(0, 1).tolist()
+
+    time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
+    cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
+    return latents, cond
