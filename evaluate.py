@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.cli import ArgumentParser
-from utils.data import BUILTIN_PROMPT_SETS, load_prompts
+from utils.data import load_prompts, prompt_sets
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
-                          weights_subfolder)
+                          named_pipelines, weights_subfolder)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.toy.world import parse_prompt, prompt_accuracy
@@ -61,8 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="the base pipeline, always evaluated, as 'base': a hub id or local folder of any diffusers "
                         "pipeline of SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 (the family is read from its model_index.json); "
-                        "offline names: tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux (tiny random pipelines built in code), "
-                        "toy-sd, toy-sd3 (the toy world's trained pipelines, utils/toy/assets)")
+                        f"or a registered offline name: {', '.join(named_pipelines())}")
     g.add_argument("--revision", default=None, help="hub revision of the base pipeline (default: the main branch)")
     g.add_argument("--variant", default=None, help="weight variant of the base, e.g. fp16")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
@@ -72,7 +71,7 @@ def parse_args(argv=None):
                         f"holding {LORA_WEIGHT_NAME}, or a full-UNet output holding unet/ (SD3 / FLUX: transformer/)")
     g = parser.add_argument_group("prompts and seeds")
     g.add_argument("--prompts", default="animals",
-                   help=f"built-in set ({', '.join(BUILTIN_PROMPT_SETS)}), a .txt/.jsonl file, or a datasets id / folder")
+                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
     g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
     g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
     g.add_argument("--max_prompts", type=int, default=None, help="use the first N prompts only")

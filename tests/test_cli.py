@@ -189,3 +189,26 @@ def test_a_caption_that_is_not_text_is_one_line_before_the_models_load(tmp_path)
                        "--output_dir", tmp_path / "run", "--report_to", "none"], expect_ok=False)
     one_error_line(proc, "row 0: column 'caption' holds int, expected a caption string")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script, flags", [("train_dpo.py", ["--lora_rank", "8"]),
+                                           ("train_dpo.py", ["--lora_alpha", "16"]),
+                                           ("train_draftp.py", ["--no-use_lora", "--lora_rank", "8"])])
+def test_lora_flags_without_lora_are_one_line(script, flags, tmp_path):
+    """train_dpo.py trains the full UNet by default: `--lora_rank 8` alone would silently train the full model."""
+    base = ["--pretrained_model_name_or_path", "tiny-sd", "--output_dir", str(tmp_path / "run")]
+    if script == "train_dpo.py":
+        base += ["--dataset_name", str(tmp_path)]
+    with pytest.raises(UsageError, match=rf"{flags[-2]} given, but LoRA is off .*add --use_lora"):
+        SCRIPTS[script].parse_args(base + flags)
+    SCRIPTS[script].parse_args(base + [f for f in flags if f != "--no-use_lora"] + ["--use_lora"])  # LoRA on: fine
+
+
+@pytest.mark.parametrize("script", ["train_draftp.py", "train_dpo.py"])
+def test_an_abbreviated_or_misspelled_flag_is_one_line_naming_the_closest(script, capsys):
+    """argparse's default would take `--learning_rat` for --learning_rate (allow_abbrev)."""
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script].parse_args(["--pretrained_model_name_or_path", "tiny-sd", "--learning_rat", "1e-3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized argument --learning_rat; did you mean --learning_rate?\n"
+

@@ -274,7 +274,9 @@ def test_a_stop_mid_accumulation_checkpoints_the_last_step_and_resumes_exactly(d
     proc = run_script(dpo(data["good"], out, *ACCUMULATE, "--resume_from_checkpoint", "latest"), launch=True)
     resumed = assert_resumed(out, proc.stdout + proc.stderr, 4)
     assert deterministic_metrics(resumed) == deterministic_metrics(straight)
-    assert json.loads((out / STATUS_FILE).read_text())["status"] == "finished"
+    status = json.loads((out / STATUS_FILE).read_text())
+    assert (status["status"], status["step"]) == ("finished", len(straight))  # the step the final weights are of
+    assert f"; weights in {out.resolve()}" in proc.stderr.strip().splitlines()[-1]  # the run's last line says where
 
 
 def test_a_stop_at_the_end_of_the_last_step_still_writes_the_final_weights(data, straight):

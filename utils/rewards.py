@@ -24,7 +24,7 @@ Names (``list_rewards()``):
   HPS_v2.1_compressed.pt of hub repo xswu/HPSv2 on an open_clip ViT-H-14, loaded through open-clip-torch (not the
   ``hpsv2`` package). Score = ``image_features . text_features`` (both normalised), as HPSv2's ``img_score.py``;
   its processor resizes the longest side and pads with black (HPSv2 scores with ``light_augmentation=True``).
-- ``toyclip``: the toy world's scorer (``utils/toy/models.py``): a small CLIP trained contrastively on the toy
+- ``toyclip`` (registered by the toy world's plugin, ``utils/toy``): a small CLIP trained contrastively on the toy
   world's captioned images, committed in ``utils/toy/assets/toyclip``; scored as PickScore (``logit_scale.exp() * cos``).
   It rates how well a 64 px image fits a toy-world prompt ("two red circles on the left").
 - weight-free, no download, any image size, differentiable: ``brightness`` (mean Rec.601 luma, in [0,1]),
@@ -34,8 +34,11 @@ Names (``list_rewards()``):
 
 Left out: ``imagereward``. ImageReward is BLIP (a ViT-L plus a BERT text encoder with cross-attention) whose
 code lives only in the ``image-reward`` package, which pins timm 0.6.13 and fairscale; running its checkpoint
-without that package means copying BLIP in or mapping ImageReward.pt onto transformers' BLIP classes, and without
-network access here such a mapping could not be checked against the real checkpoint.
+without that package means copying BLIP in or mapping ImageReward.pt onto transformers' BLIP classes, a mapping
+that cannot be checked against the real checkpoint without downloading it.
+
+A scorer of your own: subclass ``Reward`` and register a builder with ``register_reward`` in a plugin module
+(``utils/plugins.py``); ``--reward_model`` then takes its name.
 
 Where the weights come from. Each learned scorer takes a local path instead of its hub id
 (``model_name_or_path=`` for one name, ``paths={name: path}`` for a sum; the training scripts expose this as
@@ -81,6 +84,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import UsageError
+from utils.plugins import load_plugins
 
 PATH_FLAG = "--reward_model_paths NAME=PATH"
 
@@ -533,7 +537,7 @@ def _hub_error(name: str, what: str, source: str, err: Exception) -> UsageError:
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def _load_clip(name: str, model_id: str, processor_id: str):
+def load_clip(name: str, model_id: str, processor_id: str):
     """A CLIPModel and its CLIPProcessor from a hub id or a save_pretrained folder."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -634,18 +638,11 @@ class _Entry:
 
 
 def _build_pickscore(name, path):
-    return PickScore(name, *_load_clip(name, path or "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
+    return PickScore(name, *load_clip(name, path or "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"))
 
 
 def _build_clip(name, path):
-    return ClipScore(name, *_load_clip(name, path or "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"))
-
-
-def _build_toyclip(name, path):
-    from utils.toy import TOYCLIP_PATH
-
-    path = path or str(TOYCLIP_PATH)
-    return PickScore(name, *_load_clip(name, path, path))
+    return ClipScore(name, *load_clip(name, path or "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"))
 
 
 def _build_aesthetic(name, path):
@@ -653,7 +650,7 @@ def _build_aesthetic(name, path):
     if path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         clip_id = path
     mlp_file = _aesthetic_mlp_file(name, path)
-    model, processor = _load_clip(name, clip_id, clip_id)
+    model, processor = load_clip(name, clip_id, clip_id)
     mlp = AestheticMLP(model.config.projection_dim)
     mlp.load_state_dict(torch.load(mlp_file, map_location="cpu", weights_only=True))
     return Aesthetic(name, model, processor, mlp)
@@ -665,16 +662,27 @@ _REGISTRY: Dict[str, _Entry] = {
     "aesthetic": _Entry(_build_aesthetic, True),
     "hpsv2": _Entry(lambda name, path: load_hps(name, path), True),
     "hpsv2.1": _Entry(lambda name, path: load_hps(name, path), True),
-    "toyclip": _Entry(_build_toyclip, True),
     "brightness": _Entry(lambda name, path: Brightness(name), False),
     "saturation": _Entry(lambda name, path: Saturation(name), False),
     "color_match": _Entry(lambda name, path: ColorMatch(name), False),
 }
 
 
+def register_reward(name: str, build: Callable[[str, Optional[str]], Reward], learned: bool = True):
+    """Make `name` a scoring model of --reward_model / --choice_model / evaluate.py (plugins, utils/plugins.py).
+    build(name, local path or None) returns the scorer on the CPU in float32; `learned`: it has weights that a local
+    path (--reward_model_paths) may point at."""
+    _REGISTRY[name] = _Entry(build, learned)
+
+
+def _registry() -> Dict[str, _Entry]:
+    load_plugins()
+    return _REGISTRY
+
+
 def list_rewards() -> List[str]:
     """Every valid reward name (argparse ``choices`` and validation)."""
-    return list(_REGISTRY)
+    return list(_registry())
 
 
 def parse_reward_spec(spec: str) -> List[Tuple[str, float]]:
@@ -687,7 +695,7 @@ def parse_reward_spec(spec: str) -> List[Tuple[str, float]]:
     for item in items:
         name, sep, weight_text = item.partition(":")
         name = name.strip()
-        if name not in _REGISTRY:
+        if name not in _registry():
             raise UsageError(f"unknown reward {name!r} in {spec!r}; valid names: {valid}")
         try:
             weight = float(weight_text) if sep else 1.0

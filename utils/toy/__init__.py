@@ -14,7 +14,8 @@ registries, as a user's own plugin would. The product code imports nothing from 
 """
 from ..data import register_prompt_set
 from ..models import register_pipeline
-from .names import ASSETS, TINY_NAMES, TOY_NAMES, TOY_SD3_PATH, TOY_SD_PATH, TOYCLIP_PATH  # noqa: F401 (the plugin's names)
+from ..rewards import PickScore, load_clip, register_reward
+from .names import ASSETS, TINY_NAMES, TOY_NAMES, TOY_SD3_PATH, TOY_SD_PATH, TOYCLIP_PATH  # noqa: F401 (its names)
 
 
 def _tiny_builder(name):
@@ -39,3 +40,12 @@ def _register_prompt_set():
 
 
 _register_prompt_set()
+
+
+def _build_toyclip(name, path):
+    """toyclip: the committed toy CLIP (or a local copy at `path`), scored as PickScore."""
+    path = path or str(TOYCLIP_PATH)
+    return PickScore(name, *load_clip(name, path, path))
+
+
+register_reward("toyclip", _build_toyclip)
