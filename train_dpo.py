@@ -9,12 +9,12 @@ fine-tuning on the preferred image (or on ordinary image-caption data with `--im
 the model was trained (--weighting_scheme).
 
 Quickstart (offline, the toy world: AI feedback from the `toyclip` scorer on pairs sampled from `toy-sd`, the best
-and the worst of 4 base images each; about 14 minutes on a busy 2-core CPU; samples/validation-step-000032.png shows
-the base and the trained model's images of the two prompts with toyclip's score under each, README "Diffusion-DPO"):
+and the worst of 4 base images each; the full UNet; samples/validation-step-000032.png shows the base and the trained
+model's images of the two prompts with toyclip's score under each, README "Diffusion-DPO"):
 
     python experiments/toyworld_pairs.py --output_dir outputs/toy_pairs --num_pairs 64 --seed 0
     python train_dpo.py --pretrained_model_name_or_path toy-sd --dataset_name outputs/toy_pairs \
-        --choice_model toyclip --lora_rank 8 --learning_rate 5e-5 --beta_dpo 500 --lr_scheduler constant \
+        --choice_model toyclip --no-use_lora --learning_rate 5e-5 --beta_dpo 500 --lr_scheduler constant \
         --lr_warmup_steps 0 --train_batch_size 4 --max_train_steps 32 --validation_steps 16 --num_inference_steps 10 \
         --validation_prompts "two red circles" "three blue squares" --output_dir outputs/dpo-quickstart --report_to none
 

@@ -116,3 +116,19 @@ def test_log_validation_writes_a_labelled_grid_its_sidecar_and_the_tracker_image
     assert inked(grid, (0, 0, g["width"], g["top"] - GAP)) and inked(grid, (0, g["top"], g["left"] - GAP, g["height"]))
     np.testing.assert_array_equal(read_cells(png, g)[1, 2], (images[5] * 255).round().to(torch.uint8).permute(1, 2, 0))
     assert list((tmp_path / "logs" / "grids").glob("events.out.tfevents.*")), "tensorboard got nothing"
+
+
+def test_a_prompt_drawn_with_two_seeds_has_each_seed_in_its_column_label(tmp_path):
+    """Without the seed, two seeds of one prompt would be two columns under one label."""
+    from accelerate import Accelerator
+
+    prompts, seeds = ["a red cat", "a red cat", "a blue dog"], [0, 1, 0]
+    log_validation(Accelerator(cpu=True), str(tmp_path), 1, random_images(6), ROWS, prompts, info={"seeds": seeds})
+    info = json.loads((tmp_path / "samples" / "validation-step-000001.json").read_text())
+    assert info["columns"] == ["a red cat (seed 0)", "a red cat (seed 1)", "a blue dog"]
+    assert info["prompts"] == prompts
+    g, grid = info["grid"], np.asarray(Image.open(tmp_path / "samples" / "validation-step-000001.png").convert("L"))
+    pitch = g["cell_width"] + GAP
+    heads = [grid[: g["top"] - GAP, g["left"] + c * pitch: g["left"] + c * pitch + g["cell_width"]] for c in range(2)]
+    assert not np.array_equal(heads[0], heads[1])  # the two columns' labels are drawn differently
+
