@@ -122,10 +122,10 @@ print("ok", len(grads))
 def test_fsdp2_lora_gradients_reach_the_fp32_adapters_when_the_reference_runs_first(tiny_sd_path):
     """FSDP2 (torch's fully_shard, on the CPU with gloo: accelerate would turn the config into DDP here) around a bf16
     UNet with fp32 LoRA adapters, the policy of launchers/accelerate/fsdp.yaml. FSDP2 picks its gradient dtypes at its
-    first forward; in train_dpo.py that is the reference's, with the adapters off. peft's switch used to leave the
-    adapters without requires_grad there, FSDP2 then saw no trainable weight and handed bf16 gradients to the fp32
-    adapters: "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float" (the H200 run
-    of BENCHMARKS.md "Distributed"). utils.models.adapters_disabled now keeps requires_grad as it was."""
+    first forward; in train_dpo.py that is the reference's, with the adapters off. peft's switch leaves the adapters
+    without requires_grad there; FSDP2 would then see no trainable weight and hand bf16 gradients to the fp32
+    adapters ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+    utils.models.adapters_disabled keeps requires_grad as it was."""
     import socket
 
     with socket.socket() as s:

@@ -104,8 +104,8 @@ def test_fp8_sampler_shares_the_trained_weights_and_applies_the_adapters(tiny_sd
 
 def test_compiled_fp8_sampler_gives_the_same_eps(tiny_sd_path):
     """train_draftp.py's path on a GPU: `sampling_model` compiles the FP8 copy (--compile_sampler; dynamo's eager
-    backend here) into one graph, the quantize-and-multiply included, with the uncompiled copy's output. (Session 13's
-    first GPU run failed here: `compiled or fp8_unet` asked a compiled module for its truth value.)"""
+    backend here) into one graph, the quantize-and-multiply included, with the uncompiled copy's output. (Choosing between the
+    compiled and the plain copy with `compiled or fp8_unet` would ask a compiled module for its truth value.)"""
     parts, unet = tiny_lora_parts(tiny_sd_path)
     fp8_unet = float8_sampling_unet(unet)
     assert sampling_model(speed_args(compile_sampler="off"), fp8_unet, "cpu") is fp8_unet

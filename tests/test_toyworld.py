@@ -68,8 +68,8 @@ def test_parse_prompt_hand_written():
 
 
 def test_shapes_of_a_scene_never_touch():
-    """Crowded scenes (3 shapes in half the image) still show 3 separate shapes: squares' corners used to
-    overlap their neighbours, and some placements used to dead-end (seed 3049 on the left, 1587 at the top)."""
+    """Crowded scenes (3 shapes in half the image) still show 3 separate shapes: squares' corners must not overlap
+    their neighbours, and no placement may dead-end (seeds 3049 on the left and 1587 at the top are such cases)."""
     from scipy import ndimage
 
     for shape in tw.SHAPES:

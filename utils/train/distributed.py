@@ -83,8 +83,7 @@ def prepare_for_training(accelerator, args, unet, optimizer, lr_scheduler, froze
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         # Compute in the mixed-precision dtype, but reduce gradients in fp32 as DDP does (accelerate's default
-        # reduces them in bf16). This did not cure the LoRA failure under FSDP2 (LoRA is refused there instead);
-        # the full-UNet FSDP2 run of BENCHMARKS.md "Distributed" ran with it.
+        # reduces them in bf16).
         dtype = compute_dtype(accelerator)
         accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
