@@ -153,10 +153,17 @@ def test_ties_are_dropped_and_counted_and_a_zero_label_swaps_the_pair():
 
 
 def test_max_train_samples_is_a_seeded_subset():
+    """--max_train_samples keeps a random subset of the rows, in their stored order, that the seed fixes: the same seed
+    gives the same rows, other seeds other rows, and the subsets are not all the first N rows. Mutation this fails
+    under: in utils/data.py select_pairs, the subset taken as the first max_samples rows (`rows[:max_samples]`)."""
     ds = pairs_dataset([{"label_0": float(i % 2)} for i in range(20)])
-    a, _, _ = select_pairs(ds, "label_0", max_samples=5, seed=3)
-    b, _, _ = select_pairs(ds, "label_0", max_samples=5, seed=3)
-    assert len(a) == 5 and a.tolist() == b.tolist()
+    subsets = {seed: select_pairs(ds, "label_0", max_samples=5, seed=seed) for seed in range(4)}
+    again, winner_first, _ = select_pairs(ds, "label_0", max_samples=5, seed=3)
+    assert again.tolist() == subsets[3][0].tolist() and winner_first.tolist() == subsets[3][1].tolist()
+    for rows, first, _ in subsets.values():
+        assert len(rows) == 5 and rows.tolist() == sorted(set(rows.tolist())) and set(rows.tolist()) <= set(range(20))
+        assert first.tolist() == [row % 2 == 1 for row in rows.tolist()]  # each row keeps its own label
+    assert len({tuple(rows.tolist()) for rows, _, _ in subsets.values()}) == 4  # four seeds, four subsets
 
 
 def test_resize_crop_flip_matches_the_original_transform_and_reports_sdxl_sizes():
@@ -519,13 +526,25 @@ def test_sft_on_an_image_folder_from_an_initial_unet(tiny_sd_path, tmp_path):
 
 
 def test_tiny_sdxl_trains_with_cached_latents_and_reloads(pref_data, tiny_sdxl_path, tmp_path):
+    """SDXL with --cache_latents (every image through the VAE once, before training) gives the numbers of the run that
+    encodes each batch as it comes: without augmentation to draw (centre crop, --no_hflip) and without empty prompts
+    (the cached rows draw theirs from other numbers of the same seed) both train on the same posteriors, posterior
+    draws, noise and timesteps, so every metric agrees to float32 rounding (the VAE encodes the images in other
+    batches). The output reloads in stock diffusers' SDXL pipeline. Mutation this fails under: in
+    utils/pairs.py build_latent_cache, the cached std dropped (`stds.append(std.cpu() * 0)`: the posterior's mode
+    instead of a sample)."""
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "run"
-    main_in_process(dpo_flags(tiny_sdxl_path, pref_data["train"], out, "--sdxl", "--use_lora", "--learning_rate", "1e-3",
-                              "--train_batch_size", 2, "--max_train_steps", 2, "--cache_latents", "--random_crop"))
-    metrics = read_metrics(str(out))
-    assert metrics[0]["loss"] == pytest.approx(LOG2, abs=1e-4) and len(metrics) == 2
+    out, uncached = tmp_path / "run", tmp_path / "uncached"
+    flags = ["--sdxl", "--use_lora", "--learning_rate", "1e-3", "--train_batch_size", 2, "--max_train_steps", 2,
+             "--no_hflip", "--proportion_empty_prompts", 0]
+    main_in_process(dpo_flags(tiny_sdxl_path, pref_data["train"], out, *flags, "--cache_latents"))
+    main_in_process(dpo_flags(tiny_sdxl_path, pref_data["train"], uncached, *flags))
+    cached, plain = read_metrics(str(out)), read_metrics(str(uncached))
+    assert cached[0]["loss"] == pytest.approx(LOG2, abs=1e-4) and len(cached) == len(plain) == 2
+    for a, b in zip(cached, plain):
+        for key in ("loss", "model_mse", "ref_mse", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a["step"], a[key], b[key])
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_path)
     pipe.load_lora_weights(str(out))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"

@@ -150,9 +150,11 @@ def test_base_images_are_those_of_stock_diffusers_with_the_same_seed(evaluation,
 def test_same_seed_same_base_image_with_other_batch_size_and_two_processes(evaluation, work, run_script):
     """A second run, base only, batch size 1, prompts split over 2 processes: the same base images and scores.
     Its output streams: the results table, once, is all of stdout (`evaluate.py ... > results.md`); logs go to stderr."""
+    from conftest import free_port
+
     out = work[0] / "eval2"
     proc = run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", 29531,
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
                 *eval_flags(work, out, models=False, extra=["--reward_models", "color_match", "--diversity", "pixel",
                                                             "--batch_size", 1])],
                env={"ACCELERATE_USE_CPU": "true"})

@@ -1,5 +1,6 @@
 """utils/grids.py: labelled image grids (size, where the labels are drawn, the images back out exactly), and
 utils.train.validation.log_validation, which writes them for both training scripts."""
+import io
 import json
 
 import numpy as np
@@ -115,7 +116,18 @@ def test_log_validation_writes_a_labelled_grid_its_sidecar_and_the_tracker_image
     assert grid.size == (g["left"] + 3 * (128 + GAP), g["top"] + 2 * g["pitch_y"])
     assert inked(grid, (0, 0, g["width"], g["top"] - GAP)) and inked(grid, (0, g["top"], g["left"] - GAP, g["height"]))
     np.testing.assert_array_equal(read_cells(png, g)[1, 2], (images[5] * 255).round().to(torch.uint8).permute(1, 2, 0))
-    assert list((tmp_path / "logs" / "grids").glob("events.out.tfevents.*")), "tensorboard got nothing"
+    # tensorboard holds the same labelled grid as an image at the step (Mutation this fails under: in
+    # utils/train/validation.py log_validation, the tracker's add_image call removed)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "logs" / "grids").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert accumulator.Tags()["images"] == ["validation"]
+    (logged,) = accumulator.Images("validation")
+    assert logged.step == 7 and (logged.width, logged.height) == grid.size
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)).convert("RGB")),
+                                  np.asarray(grid.convert("RGB")))
 
 
 def test_a_prompt_drawn_with_two_seeds_has_each_seed_in_its_column_label(tmp_path):
