@@ -41,9 +41,8 @@ from utils.data import load_prompts, prompt_sets
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           named_pipelines, weights_subfolder)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec
+from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
-from utils.toy.world import parse_prompt, prompt_accuracy
 from utils.train import run_main
 from utils.train.cli import HelpFormatter, parse_name_paths
 from utils.train.distributed import check_mixed_precision, compute_dtype
@@ -51,7 +50,6 @@ from utils.train.outcome import save_args
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
-TOYWORLD_ACC = "toyworld_acc"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -86,9 +84,11 @@ def parse_args(argv=None):
     g.add_argument("--diversity", default="lpips", choices=["lpips", "pixel", "none"],
                    help="lpips: mean pairwise LPIPS (AlexNet) of a prompt's images (the DRaFT+ measure); pixel: mean "
                         "pairwise RMS pixel difference (no weights needed); none: skip")
-    g.add_argument("--toyworld_accuracy", action="store_true",
-                   help="also judge each image against its toy-world prompt from its pixels (utils/toy/world.py: count, "
-                        "colour, shape, region, background; 1 if all that the prompt names is right): column toyworld_acc")
+    g.add_argument("--judges", nargs="*", default=[], metavar="NAME",
+                   help=f"also judge each image against its prompt from its pixels, one column each; registered judges: "
+                        f"{', '.join(list_judges()) or 'none'} (toyworld_acc: count, colour, shape, region and background "
+                        f"of a toy-world prompt, 1 if all that it names is right)")
+    g.add_argument("--toyworld_accuracy", action="store_true", help="the same as --judges toyworld_acc")
     g.add_argument("--lpips_weights", default=None, metavar="PATH",
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")
     g = parser.add_argument_group("sampling")
@@ -136,12 +136,12 @@ def check_args(args):
         output_kind(path)  # a missing or unrecognised folder fails here
     if args.prompts.endswith((".txt", ".jsonl")):
         load_prompts(args.prompts, args.prompt_column)  # a missing or empty file fails here
-    if args.toyworld_accuracy:
-        not_toy = [p for p in load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
-                   if parse_prompt(p)["shape"] is None]
-        if not_toy:
-            raise UsageError(f"--toyworld_accuracy judges toy-world prompts (a count, colour and shape, e.g. 'two red "
-                             f"circles'); {len(not_toy)} of --prompts {args.prompts} name no shape, e.g. {not_toy[0]!r}")
+    if args.toyworld_accuracy and "toyworld_acc" not in args.judges:
+        args.judges = [*args.judges, "toyworld_acc"]
+    if args.judges:
+        prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
+        for name in args.judges:
+            load_judge(name).check_prompts(prompts)  # an unknown judge or prompts it cannot judge: one line
 
 
 def output_kind(path: str) -> str:
@@ -354,8 +354,8 @@ def main(args):
                 pils = [Image.fromarray(im) for im in images]
                 texts = [prompts[i] for i, _ in batch]
                 scores = {spec: scorer.score(pils, texts) for spec, scorer in scorers.items()}
-                if args.toyworld_accuracy:
-                    scores[TOYWORLD_ACC] = [prompt_accuracy(im, text)["all"] for im, text in zip(images, texts)]
+                for judge in args.judges:
+                    scores[judge] = [load_judge(judge).judge(im, text) for im, text in zip(images, texts)]
                 for k, ((i, seed), pil) in enumerate(zip(batch, pils)):
                     rel = os.path.join("images", name, f"p{i:04d}_s{seed}.png")
                     pil.save(os.path.join(args.output_dir, rel))
@@ -375,7 +375,7 @@ def main(args):
         records.sort(key=lambda r: (order[r["model"]], r["prompt_index"], r["seed"]))
         with open(os.path.join(args.output_dir, "scores.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        columns = args.reward_models + ([TOYWORLD_ACC] if args.toyworld_accuracy else [])
+        columns = args.reward_models + args.judges
         rows = summarize(records, diversities, list(models), columns, args)
         write_tables(rows, args)
         plot_reward_vs_diversity(rows, args)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ["train_draftp.py", "train_dpo.py"]
+SCRIPTS = ["train_draftp.py", "train_dpo.py", "evaluate.py"]
 
 
 def module_name(path: Path) -> str:

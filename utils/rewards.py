@@ -78,7 +78,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -673,6 +673,36 @@ def register_reward(name: str, build: Callable[[str, Optional[str]], Reward], le
     build(name, local path or None) returns the scorer on the CPU in float32; `learned`: it has weights that a local
     path (--reward_model_paths) may point at."""
     _REGISTRY[name] = _Entry(build, learned)
+
+
+@dataclass
+class Judge:
+    """A check of an image against its prompt read from the pixels (no model, no gradient), e.g. the toy world's
+    count / colour / shape judge: judge(uint8 (H, W, 3) image, prompt) -> score; check_prompts(prompts) raises a
+    UsageError for prompts it cannot judge (before any image is drawn)."""
+
+    judge: Callable[[Any, str], float]
+    check_prompts: Callable[[List[str]], None]
+
+
+_JUDGES: Dict[str, Judge] = {}
+
+
+def register_judge(name: str, judge: Callable[[Any, str], float], check_prompts: Callable[[List[str]], None]):
+    """Make `name` a judge of evaluate.py's --judges (plugins, utils/plugins.py)."""
+    _JUDGES[name] = Judge(judge, check_prompts)
+
+
+def load_judge(name: str) -> Judge:
+    load_plugins()
+    if name not in _JUDGES:
+        raise UsageError(f"unknown judge {name!r}; registered judges: {', '.join(_JUDGES) or 'none'}")
+    return _JUDGES[name]
+
+
+def list_judges() -> List[str]:
+    load_plugins()
+    return list(_JUDGES)
 
 
 def _registry() -> Dict[str, _Entry]:

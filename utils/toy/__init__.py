@@ -14,7 +14,8 @@ registries, as a user's own plugin would. The product code imports nothing from 
 """
 from ..data import register_prompt_set
 from ..models import register_pipeline
-from ..rewards import PickScore, load_clip, register_reward
+from .. import UsageError
+from ..rewards import PickScore, load_clip, register_judge, register_reward
 from .names import ASSETS, TINY_NAMES, TOY_NAMES, TOY_SD3_PATH, TOY_SD_PATH, TOYCLIP_PATH  # noqa: F401 (its names)
 
 
@@ -49,3 +50,21 @@ def _build_toyclip(name, path):
 
 
 register_reward("toyclip", _build_toyclip)
+
+
+def _judge_scene(image, prompt: str) -> float:
+    from .world import prompt_accuracy
+
+    return prompt_accuracy(image, prompt)["all"]
+
+
+def _check_toy_prompts(prompts):
+    from .world import parse_prompt
+
+    not_toy = [p for p in prompts if parse_prompt(p)["shape"] is None]
+    if not_toy:
+        raise UsageError(f"the toyworld_acc judge reads toy-world prompts (a count, colour and shape, e.g. 'two red "
+                         f"circles'); {len(not_toy)} of the prompts name no shape, e.g. {not_toy[0]!r}")
+
+
+register_judge("toyworld_acc", _judge_scene, _check_toy_prompts)
