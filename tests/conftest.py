@@ -107,7 +107,7 @@ def assert_resumed(output_dir, log: str, step: int) -> list:
     mark_rows_before_resume put there before the resume (a fresh start would have rewritten them all).
     Returns the rows of metrics.jsonl without the tag.
 
-    Mutation the callers fail under: in resume_from_checkpoint (the run protocol's checkpoint code),
+    Mutation the callers fail under: in utils/train/checkpoints.py resume_from_checkpoint,
     `if args.resume_from_checkpoint is None:` made `if True:` (every resume starts fresh)."""
     import json
     import re

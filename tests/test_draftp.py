@@ -94,12 +94,12 @@ def _directional_gradient(unet, frozen, scheduler, cond, x_T, probe, param, dire
 
 
 def test_gradient_through_the_last_k_steps_equals_a_finite_difference(tiny_sd_path):
-    """The value of the DRaFT-K gradient (K = 3 of 5 steps), on the tiny UNet in float64: the derivative of a fixed linear read-out of
-    the final latent w.r.t. a UNet weight, moved only in the K steps with grad (the steps before run a frozen copy,
-    sample_latents' nograd_unet), equals the central finite difference of that chain. This holds only if the latent
-    carries its gradient from each grad step into the next: detaching it between the K steps leaves the last step's
-    term alone, which is the K = 1 gradient, and that differs from the K > 1 one by far more than the tolerance
-    (asserted below). Mutation this fails under: in utils/sampling.py sample_latents, `latents = schedule.step(...)`
+    """The value of the DRaFT-K gradient (K = 3 of 5 steps), on the tiny UNet in float64: the derivative of a fixed
+    linear read-out of the final latent w.r.t. a UNet weight, moved only in the K steps with grad (the steps before
+    run a frozen copy, sample_latents' nograd_unet), equals the central finite difference of that chain. This holds
+    only if the latent carries its gradient from each grad step into the next: detaching it between the K steps
+    leaves the last step's term alone, which is the K = 1 gradient, and that differs from the K > 1 one by far more
+    than the tolerance (asserted below). Mutation this fails under: in utils/sampling.py sample_latents, `latents = schedule.step(...)`
     followed by `latents = latents.detach()` when `with_grad` and not the last step (or the UNet fed
     `latents.detach()`)."""
     import copy
@@ -567,19 +567,21 @@ def test_two_processes_give_the_losses_of_one_at_the_first_and_a_later_step(tmp_
     gradient norm is that of the all-reduced gradient, and step 2 runs on the weights of one update: both match only
     if the two processes' gradients were averaged into the one process's update (loss, reward, KL and gradient norm
     within float32 rounding of a different batch split). Mutation this fails under: no gradient all-reduce, e.g. in
-    train_draftp.py each micro-step's forward and backward inside `accelerator.no_sync(model)` (DDP's no_sync): each
-    process steps on its own half of the batch, and step 1's grad_norm becomes the mean of the two halves' norms."""
+    train_draftp.py `with run.accumulate():` made `with run.accumulate(), run.accelerator.no_sync(run.model):` (DDP's
+    no_sync around the micro-step's forward and backward): each process steps on its own half of the batch, and step
+    1's grad_norm becomes the mean of the two halves' norms."""
     from conftest import free_port
 
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--kl_coeff", 0.1]
-    run_draftp(draftp_flags(one, steps=2, extra=[*extra, "--train_batch_size", 2]))  # the reference: one process, batch 2
+    run_draftp(draftp_flags(one, steps=2, extra=[*extra, "--train_batch_size", 2]))  # the reference: 1 process x 2
     # 2 processes x batch 1 = the same global batch of 2. On a machine without GPUs, `--multi_gpu` with
     # ACCELERATE_USE_CPU starts torchrun-style processes that accelerate joins with gloo (plain `--cpu` with
     # several processes expects MPI).
     run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
-                *draftp_flags(two, steps=2, extra=[*extra, "--train_batch_size", 1])], env={"ACCELERATE_USE_CPU": "true"})
+                *draftp_flags(two, steps=2, extra=[*extra, "--train_batch_size", 1])],
+               env={"ACCELERATE_USE_CPU": "true"})
     metrics_one, metrics_two = read_metrics(one), read_metrics(two)
     assert [m["step"] for m in metrics_two] == [1, 2]  # only the main process writes metrics
     assert metrics_two[0]["kl"] == metrics_one[0]["kl"] == 0.0

@@ -375,9 +375,9 @@ def test_one_bad_row_over_two_processes_is_counted_once_and_trips_max_bad_rows(t
     """Two processes x batch 1 over 4 pairs, pair 1 unreadable, --max_bad_rows 0: the process that draws pair 1 counts
     1 and the other 0, and the step's bad_rows must be their sum, 1 (reduce_step_metrics all-reduces the mean and
     multiplies it by the number of processes), more than the limit: the run ends with the one-line error. 2 steps
-    are one epoch, so pair 1 is drawn exactly once. Mutation this fails under: in reduce_step_metrics,
-    `int(round(out[k] * accelerator.num_processes))` made `int(round(out[k]))`: the mean 0.5 rounds to 0, so
-    bad_rows reads 0 and --max_bad_rows never trips."""
+    are one epoch, so pair 1 is drawn exactly once. Mutation this fails under: in utils/train/metrics.py
+    reduce_step_metrics, `int(round(out[k] * accelerator.num_processes))` made `int(round(out[k]))`: the mean 0.5
+    rounds to 0, so bad_rows reads 0 and --max_bad_rows never trips."""
     rows = synthetic_preference_rows(4, seed=0)
     rows[1]["jpg_0"] = truncated_png(rows[1]["jpg_0"])
     out = tmp_path / "run"

@@ -108,7 +108,12 @@ def test_flow_pipeline_assembly_reuses_toy_sd_and_round_trips(tmp_path):
 
 # --------------------------------------------------------------------------- the committed models
 @pytest.mark.parametrize("name, guidance", [("toy-sd", 7.5), ("toy-sd3", 7.0)])
-def test_committed_toy_pipeline_loads_offline_and_draws_what_the_prompt_says(name, guidance):
+def test_committed_toy_pipeline_loads_offline_and_draws_the_prompts_colours(name, guidance):
+    """Six prompts with six different colours, each image in its prompt's colour (the toy-world judge): the
+    committed weights follow the text, where a model that ignores the prompt's colour would get at most 1 of 6. Only
+    colour: the committed toy models have not learned count or shape (measured on these seeds: count right in 0 of 6
+    for toy-sd and 3 of 6 for toy-sd3, shape in 3 of 6 for both, where a guess among 3 shapes gets 2 of 6 on
+    average), so the test does not claim them."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     from utils.models import resolve_model_path
@@ -125,8 +130,8 @@ def test_committed_toy_pipeline_loads_offline_and_draws_what_the_prompt_says(nam
                   generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
     assert images.shape == (len(prompts), 64, 64, 3)
     pixels = (images * 255).round().astype(np.uint8)
-    colour = np.mean([toyworld.prompt_accuracy(im, p)["color"] for im, p in zip(pixels, prompts)])
-    assert colour >= 0.5, f"{name}: colour right in only {colour:.0%} of {prompts}"
+    colours = [toyworld.prompt_accuracy(im, p)["color"] for im, p in zip(pixels, prompts)]
+    assert colours == [1.0] * len(prompts), f"{name}: colour right in only {sum(colours):.0f} of {prompts}"
 
 
 def test_committed_toyclip_prefers_the_right_caption():
