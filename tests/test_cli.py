@@ -191,17 +191,18 @@ def test_a_caption_that_is_not_text_is_one_line_before_the_models_load(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("script, flags", [("train_dpo.py", ["--lora_rank", "8"]),
-                                           ("train_dpo.py", ["--lora_alpha", "16"]),
-                                           ("train_draftp.py", ["--no-use_lora", "--lora_rank", "8"])])
-def test_lora_flags_without_lora_are_one_line(script, flags, tmp_path):
-    """train_dpo.py trains the full UNet by default: `--lora_rank 8` alone would silently train the full model."""
-    base = ["--pretrained_model_name_or_path", "tiny-sd", "--output_dir", str(tmp_path / "run")]
-    if script == "train_dpo.py":
-        base += ["--dataset_name", str(tmp_path)]
-    with pytest.raises(UsageError, match=rf"{flags[-2]} given, but LoRA is off .*add --use_lora"):
-        SCRIPTS[script].parse_args(base + flags)
-    SCRIPTS[script].parse_args(base + [f for f in flags if f != "--no-use_lora"] + ["--use_lora"])  # LoRA on: fine
+@pytest.mark.parametrize("flags", [["--lora_rank", "8"], ["--lora_alpha", "16"]])
+def test_lora_flags_without_use_lora_are_one_line_where_lora_is_off_by_default(flags, tmp_path):
+    """train_dpo.py trains the full UNet by default: `--lora_rank 8` alone would silently train the full model.
+    Mutation: dropping the check in check_common_args fails here."""
+    base = ["--pretrained_model_name_or_path", "tiny-sd", "--output_dir", str(tmp_path / "run"), "--dataset_name",
+            str(tmp_path)]
+    with pytest.raises(UsageError, match=rf"{flags[0]} given, but this script trains the full model unless told "
+                                         rf"--use_lora"):
+        train_dpo.parse_args(base + flags)
+    assert train_dpo.parse_args(base + flags + ["--use_lora"]).use_lora  # asked for: LoRA
+    assert not train_dpo.parse_args(base + flags + ["--no-use_lora"]).use_lora  # the full model, on purpose
+    assert train_draftp.parse_args(base[:4] + flags).use_lora  # LoRA is train_draftp.py's default
 
 
 @pytest.mark.parametrize("script", ["train_draftp.py", "train_dpo.py"])

@@ -259,7 +259,7 @@ def _setup_training(args, path, lora_seed):
         add_lora(unet, rank=4, seed=lora_seed)
     accelerator = make_accelerator(args, "test")
     optimizer = build_optimizer(args, unet.parameters(), args.learning_rate)
-    scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
+    scheduler = build_lr_scheduler(args, optimizer)
     unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
     register_checkpoint_hooks(accelerator, is_sdxl=False)
     return accelerator, unet, optimizer, scheduler

@@ -55,13 +55,25 @@ def set_help(parser: argparse.ArgumentParser, dest: str, text: str):
 GIVEN = "_given_flags"  # where RecordGiven notes the flags given on the command line (removed by check_common_args)
 
 
+def note_given(namespace, option_string):
+    setattr(namespace, GIVEN, getattr(namespace, GIVEN, []) + [option_string])
+
+
 class RecordGiven(argparse.Action):
     """Store the value, and note that the flag was given: a flag whose default is a value cannot tell otherwise
     (`--lora_rank 8` without `--use_lora` would silently train the full model)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        setattr(namespace, GIVEN, getattr(namespace, GIVEN, []) + [option_string])
+        note_given(namespace, option_string)
+
+
+class RecordGivenSwitch(argparse.BooleanOptionalAction):
+    """--flag / --no-flag, noting that one of them was given (RecordGiven)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        note_given(namespace, option_string)
 
 
 def add_common_args(parser: argparse.ArgumentParser):
@@ -101,7 +113,7 @@ def add_common_args(parser: argparse.ArgumentParser):
                    help="micro-steps per optimizer step (effective batch = GPUs x batch x this)")
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
-    g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--use_lora", action=RecordGivenSwitch, default=True,
                    help="train a LoRA adapter (--no-use_lora: the full UNet)")
     g.add_argument("--lora_rank", type=int, default=8, action=RecordGiven,
                    help="LoRA rank of the UNet's attention projections (with --use_lora)")
@@ -149,10 +161,10 @@ def check_common_args(args):
     given = vars(args).pop(GIVEN, [])
     check_finite(args)
     lora_flags = [f for f in ("--lora_rank", "--lora_alpha") if f in given]
-    if lora_flags and not args.use_lora:
-        raise UsageError(f"{' and '.join(lora_flags)} given, but LoRA is off (this script's default, or --no-use_lora): "
-                         f"add --use_lora to train a LoRA adapter, or drop {' and '.join(lora_flags)} to train the "
-                         f"full model")
+    if lora_flags and not args.use_lora and "--no-use_lora" not in given:  # an explicit --no-use_lora means full
+        raise UsageError(f"{' and '.join(lora_flags)} given, but this script trains the full model unless told "
+                         f"--use_lora: add --use_lora to train a LoRA adapter, or --no-use_lora to train the full "
+                         f"model (the LoRA flags are then unused)")
     positive = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank",
                 "checkpointing_steps", "validation_steps", "num_validation_images"]
     for name in positive:

@@ -47,8 +47,9 @@ class StopRequest:
 def injected(name: str, accelerator, step: int, micro) -> bool:
     """Test-only fault injection, read here only: DIFFUSION_ALIGN_INJECT_NAN (the loss becomes NaN) and
     DIFFUSION_ALIGN_INJECT_SIGNAL (the process sends itself SIGUSR1) hold comma-separated `STEP[.MICRO][@RANK]`:
-    STEP the metrics.jsonl step (from 1); MICRO the micro-step (from 0; default 0), or `end` for the step's end,
-    after its update (signals only); RANK one process (default: all)."""
+    STEP the metrics.jsonl step (from 1); MICRO the micro-step (from 0; default 0), or (signals only) `end` for the
+    step's end, after its update, or `validation` for the start of the step's validation grid; RANK one process
+    (default: all)."""
     for item in filter(None, os.environ.get(f"DIFFUSION_ALIGN_INJECT_{name}", "").split(",")):
         where, _, rank = item.partition("@")
         at_step, _, at_micro = where.partition(".")

@@ -35,12 +35,14 @@ def build_optimizer(args, params, learning_rate: float):
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def build_lr_scheduler(args, optimizer, num_processes: int):
+def build_lr_scheduler(args, optimizer):
+    """The schedule over optimizer steps. It is stepped once per optimizer step whatever the number of processes (the
+    Accelerator is made with step_scheduler_with_optimizer=False), so a checkpoint's schedule means the same when a
+    run resumes on another number of processes."""
     from diffusers.optimization import get_scheduler
 
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=args.max_train_steps * num_processes)
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                         num_training_steps=args.max_train_steps)
 
 
 def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped: bool, nonfinite_loss=None):
@@ -69,6 +71,7 @@ def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped:
             skipped = accelerator.reduce(bad, reduction="sum").item() > 0
         if not skipped:
             optimizer.step()
-            lr_scheduler.step()
+            if not optimizer.step_was_skipped:  # fp16's GradScaler skipped an overflowing step: so does the schedule
+                lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (SAFE_TO_CHANGE_ON_RESUME, register_checkpoint_hooks, resume_from_checkpoint,
+from .checkpoints import (SAFE_TO_CHANGE_ON_RESUME, check_same_flags, register_checkpoint_hooks, resume_from_checkpoint,
                           save_checkpoint, save_checkpoint_of, run_state, save_outputs)
 from .cli import clear_earlier_run
 from .distributed import (check_distributed_setup, check_mixed_precision, compute_dtype, prepare_for_training,
@@ -32,7 +32,8 @@ from .distributed import (check_distributed_setup, check_mixed_precision, comput
 from .guards import NonFiniteGuard, StopRequest, defers_loss_check, injected
 from .metrics import MetricsLog, StepClock, log_step, reduce_step_metrics
 from .optim import build_lr_scheduler, build_optimizer, optimizer_update, scaled_learning_rate
-from .outcome import Diverged, Stopped, output_error, save_args
+from .. import UsageError
+from .outcome import Diverged, Stopped, lock_output_dir, output_error, release_output_dir, save_args, write_status
 from .validation import validation_due, validation_wanted
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def make_accelerator(args, project_name: str):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        step_scheduler_with_optimizer=False,  # once per optimizer step, not once per process (build_lr_scheduler)
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
@@ -59,6 +61,8 @@ def make_accelerator(args, project_name: str):
     if accelerator.is_main_process:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
+            lock_output_dir(args.output_dir)  # before anything in it changes: one run per folder
+            write_status(args, "running", None, f"started by process {os.getpid()}")
             if args.overwrite_output_dir:
                 clear_earlier_run(args)
             # args.json stays the first run's; each resume adds args-resume-<step>.json (resume_from_checkpoint)
@@ -91,6 +95,7 @@ class Run:
                  safe_on_resume: Iterable[str] = ()):
         self.args, self.label, self.shown = args, label, tuple(shown)
         self.safe_on_resume = SAFE_TO_CHANGE_ON_RESUME | set(safe_on_resume)
+        self.project = project
         self.accelerator = make_accelerator(args, project_name=project)
         self.device, self.dtype = self.accelerator.device, compute_dtype(self.accelerator)
         self.stop = StopRequest()
@@ -147,6 +152,11 @@ class Run:
         """`check(logs)` runs after each step's metrics are written, and may end the run by raising (e.g. a limit)."""
         self.step_checks.append(check)
 
+    def stop_requested(self) -> bool:
+        """A stop was asked for (validation checks this between its batches, and returns early). Where every process
+        draws the grid (a sharded model) they agree through one all-reduce; elsewhere only the main process draws."""
+        return self.stop.any_process(self.accelerator) if self.shards_model else self.stop.requested
+
     @property
     def validation_wanted(self) -> bool:
         return validation_wanted(self.args)
@@ -160,15 +170,50 @@ class Run:
         args, accelerator = self.args, self.accelerator
         learning_rate = scaled_learning_rate(args, self.num_processes)
         optimizer = build_optimizer(args, model.parameters(), learning_rate)
-        lr_scheduler = build_lr_scheduler(args, optimizer, self.num_processes)
+        lr_scheduler = build_lr_scheduler(args, optimizer)
         register_checkpoint_hooks(accelerator, is_sdxl)
         self.model, self.optimizer, self.lr_scheduler = prepare_for_training(accelerator, args, model, optimizer,
                                                                              lr_scheduler, frozen)
         self.trained, self.is_sdxl = accelerator.unwrap_model(self.model), is_sdxl
-        self.start_step = resume_from_checkpoint(accelerator, args, self.safe_on_resume)
+        self.start_step = resume_from_checkpoint(accelerator, args, check=self._check_resumable)
+        # accelerate's micro-step count decides which micro-step syncs: counted in this run's accumulation (a resume
+        # on another number of processes may have adjusted it)
+        accelerator.step = self.start_step * args.gradient_accumulation_steps
         self.metrics_log = MetricsLog(args.output_dir, self.start_step, enabled=accelerator.is_main_process)
         self.guard = NonFiniteGuard(start_step=self.start_step, defer=defers_loss_check(defer_loss_check, accelerator))
         return self.model
+
+    @property
+    def checkpoint_info(self) -> dict:
+        """What a checkpoint records about the run that wrote it, besides its flags (checked on resume)."""
+        return {"method": self.project, "num_processes": self.num_processes}
+
+    def _check_resumable(self, state: dict, path: str):
+        """Refuse, in one line, a checkpoint this run must not continue: another method's (a train_dpo.py checkpoint
+        given to train_draftp.py), another global batch, or other flags. A different number of processes is fine when
+        the global batch (processes x --train_batch_size x --gradient_accumulation_steps) is the same: the schedule
+        counts optimizer steps and the batches are drawn per step, so the run continues as it would have."""
+        saved = state.get("args", {})
+        method = state.get("method")
+        if method is not None and method != self.project:
+            raise UsageError(f"--resume_from_checkpoint {path} was written by a {method} run; this is a "
+                             f"{self.project} run: resume it with the script and method that wrote it, or start a "
+                             f"new run in another --output_dir")
+        batch_flags = ("train_batch_size", "gradient_accumulation_steps")
+        safe = set(self.safe_on_resume)
+        if all(k in saved for k in batch_flags):
+            processes = state.get("num_processes", self.num_processes)
+            then = processes * saved["train_batch_size"] * saved["gradient_accumulation_steps"]
+            now = self.num_processes * self.args.train_batch_size * self.args.gradient_accumulation_steps
+            if then != now:
+                raise UsageError(
+                    f"--resume_from_checkpoint {path}: its run took {then} samples per optimizer step ({processes} "
+                    f"processes x {saved['train_batch_size']} x {saved['gradient_accumulation_steps']} accumulation), "
+                    f"this one would take {now} ({self.num_processes} x {self.args.train_batch_size} x "
+                    f"{self.args.gradient_accumulation_steps}); keep {then} with --train_batch_size and "
+                    f"--gradient_accumulation_steps, or start a new run")
+            safe |= set(batch_flags)  # the same global batch, split otherwise
+        check_same_flags(self.args, state, path, safe)
 
     # ---- the loop
     def steps(self):
@@ -232,28 +277,40 @@ class Run:
         log_step(accelerator, self.metrics_log, self.progress, out, self.shown)
         for key in counts or {}:
             self.totals[key] = self.totals.get(key, 0) + out[key]
-        for check in self.step_checks:
-            check(out)
+        try:
+            for check in self.step_checks:
+                check(out)
+        except UsageError as e:  # a limit reached: this step completed, so it is checkpointed before the run ends
+            path = save_checkpoint_of(accelerator, args, global_step, self.checkpoint_info)
+            self._close_logs()
+            raise UsageError(f"{e}; {path} holds step {global_step}: resume from it with "
+                             f"--resume_from_checkpoint latest once the cause is fixed") from None
         if self.guard.end_step(global_step, self.skipped):
-            path = save_checkpoint_of(accelerator, args, self.guard.last_good)
+            path = save_checkpoint_of(accelerator, args, self.guard.last_good, self.checkpoint_info)
             self._close_logs()
             raise Diverged(self.guard.diverged_message(global_step, path), self.guard.last_good)
         with self.clock.paused():  # checkpoints and grids are not steps
             self._checkpoint_or_stop(global_step)
             if validation_due(args, global_step) and self.validate is not None:
+                if injected("SIGNAL", accelerator, global_step, "validation"):  # a stop while the grid is drawn
+                    os.kill(os.getpid(), signal.SIGUSR1)
                 self.validate(global_step)
+                # a stop asked for during the grid (which stops between its batches) ends the run now
+                self._checkpoint_or_stop(global_step, only_if_stopping=True)
         return out
 
-    def _checkpoint_or_stop(self, global_step: int):
+    def _checkpoint_or_stop(self, global_step: int, only_if_stopping: bool = False):
         """Save a checkpoint when one is due or a stop was requested. A stop before the last step ends the run
         (Stopped, exit code 3); at the last step the run goes on to write its final weights (exit code 0), without
         the last validation grid."""
-        if injected("SIGNAL", self.accelerator, global_step, "end"):
+        if not only_if_stopping and injected("SIGNAL", self.accelerator, global_step, "end"):
             os.kill(os.getpid(), signal.SIGUSR1)
         self.stopping = self.stop.any_process(self.accelerator)
+        if only_if_stopping and not self.stopping:
+            return
         if global_step % self.args.checkpointing_steps == 0 or self.stopping:
             save_checkpoint(self.accelerator, self.args.output_dir, global_step, self.args.checkpoints_total_limit,
-                            run_state(self.args))
+                            run_state(self.args, self.checkpoint_info))
         if self.stopping and global_step < self.args.max_train_steps:
             self._stop(completed_step=global_step)
 
@@ -263,7 +320,7 @@ class Run:
         # accelerate counts micro-steps to know which one syncs, and saves the count: rewind the dropped ones, or the
         # resumed run would step its optimizer in the middle of an accumulation
         self.accelerator.step = completed_step * self.args.gradient_accumulation_steps
-        path = save_checkpoint_of(self.accelerator, self.args, completed_step)
+        path = save_checkpoint_of(self.accelerator, self.args, completed_step, self.checkpoint_info)
         self._close_logs()
         where = f"{path} holds it; continue with --resume_from_checkpoint latest" if path else \
             "no step was completed, nothing to save; rerun with --resume_from_checkpoint latest"
@@ -272,6 +329,8 @@ class Run:
     def _close_logs(self):
         self.metrics_log.close()
         self.accelerator.end_training()
+        if self.is_main_process:
+            release_output_dir(self.args.output_dir)
 
     # ---- the end
     def finish(self, summary: str = "") -> int:
