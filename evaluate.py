@@ -40,7 +40,7 @@ from utils.cli import ArgumentParser
 from utils.data import load_prompts, prompt_sets
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
-                          named_pipelines, weights_subfolder)
+                          named_pipelines, warn_long_prompts, weights_subfolder)
 from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
 from utils.sampling import cfg_conditioning, decode_latents, sample_latents
 from utils.train import run_main
@@ -335,6 +335,7 @@ def main(args):
     latent_shape = parts.latent_shape(resolution)
     uncond = encode_prompts(parts, [""], device, resolution)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
+    warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once
     seeds = [args.seed + j for j in range(args.num_seeds)]
     models = {"base": None, **args.model_paths}
     logger.info(f"{len(models)} models x {len(prompts)} prompts x {len(seeds)} seeds at {resolution}px on "

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import (CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows, collate_images,
-                        next_batch, open_image_dataset, require_columns, select_pairs)
+                        PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows, check_some_row_readable,
+                        collate_images, next_batch, open_image_dataset, require_columns, select_pairs)
 from utils.denoising import (FLOW_TIMESTEP_DEFAULTS, default_train_guidance, encode_batch, family_noising,
                              per_sample_error)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES
@@ -426,8 +426,10 @@ class TrainingData:
 
 def open_training_data(args) -> TrainingData:
     """Open --dataset_name / --train_data_dir, check the columns, drop ties, take --max_train_samples, and read the
-    first row once (images decoded, caption checked): a wrong path, column or image fails in seconds, in one line,
-    before the models load. SFT without a scorer never reads the loser."""
+    first rows until one is readable (images decoded, caption checked; at most utils.data.PROBE_ROWS): a wrong path,
+    column or image fails in seconds, in one line, before the models load, while an unreadable row among readable
+    ones is left to training (skipped and counted). With --scan_data the scan reads every row and decides. SFT
+    without a scorer never reads the loser."""
     ds, base_dir, where = open_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.cache_dir)
     pairs = not args.image_column  # plain image-caption data has one image per row (--sft only)
     image_columns = [args.image_0_column, args.image_1_column] if pairs else [args.image_column]
@@ -440,8 +442,10 @@ def open_training_data(args) -> TrainingData:
     # accelerate launch sets WORLD_SIZE for more than one process; a set of only ties fails here, not after loading
     check_enough_rows(len(rows), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), n_ties,
                       args.label_column)
-    ImagePairDataset(ds, image_columns, args.caption_column, rows[:1], winner_first[:1], resolution=8,
-                     decode=1 if args.sft and args.choice_model is None else 2, base_dir=base_dir)[(0, 0, 0)]
+    if not args.scan_data:
+        check_some_row_readable(ImagePairDataset(ds, image_columns, args.caption_column, rows, winner_first,
+                                                 resolution=8, base_dir=base_dir,
+                                                 decode=1 if args.sft and args.choice_model is None else 2), where)
     return TrainingData(ds, base_dir, where, image_columns, rows, winner_first, n_ties, pairs, use_labels)
 
 

@@ -41,7 +41,7 @@ from utils.cli import ArgumentParser
 from utils.data import load_prompts, prompt_sets
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
-                          reference_model)
+                          reference_model, warn_long_prompts)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.seeding import step_generator
@@ -214,6 +214,7 @@ def main(args):
         unet.enable_gradient_checkpointing()
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
+    warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once, not on every step
     resolution = args.resolution or parts.default_resolution
     latent_shape = parts.latent_shape(resolution)
     uncond = encode_prompts(parts, [""], device, resolution)

@@ -40,24 +40,30 @@ def prompt_sets() -> List[str]:
 
 
 def load_prompts(source: str, column: str = "prompt", split: str = "train", max_prompts: Optional[int] = None) -> List[str]:
-    """Prompts from a built-in set name, a .txt (one per line) or .jsonl file, or a datasets id / folder."""
+    """Prompts from a built-in set name, a .txt (one per line) or .jsonl file (UTF-8), or a datasets id / folder.
+
+    Blank lines of a .txt file are skipped. In a .jsonl file or a dataset, a prompt that is null or blank is dropped
+    with one warning naming its lines (as a .txt file's blank lines: a missing caption, not a prompt to train on);
+    a number, list or object where the prompt belongs is an error (the wrong column or format)."""
     if source in prompt_sets():
         prompts = list(BUILTIN_PROMPT_SETS[source])
     elif source.endswith(".txt"):
-        _must_exist(source)
-        with open(source) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in _read_utf8_lines(source) if line.strip()]
     elif source.endswith(".jsonl"):
-        _must_exist(source)
-        prompts = []
-        with open(source) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
+        values = []
+        for i, line in enumerate(_read_utf8_lines(source), 1):
+            if line.strip():
+                try:
                     row = json.loads(line)
-                    if column not in row:
-                        raise UsageError(f"--prompts {source} line {i} has no {column!r} field (found {sorted(row)}); "
-                                         f"set --prompt_column")
-                    prompts.append(str(row[column]))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"--prompts {source} line {i} is not JSON ({e.msg}); a .jsonl file holds one "
+                                     f"object per line, e.g. {{\"{column}\": \"a photo of a cat\"}}") from None
+                if not isinstance(row, dict) or column not in row:
+                    found = f"found {sorted(row)}" if isinstance(row, dict) else f"found a {type(row).__name__}"
+                    raise UsageError(f"--prompts {source} line {i} has no {column!r} field ({found}); "
+                                     f"set --prompt_column")
+                values.append((f"line {i}", row[column]))
+        prompts = _keep_prompts(values, f"--prompts {source}", column)
     else:
         prompts = _prompts_from_datasets(source, column, split)
     if max_prompts:
@@ -73,11 +79,53 @@ def _must_exist(path):
                          f"or a built-in set: {', '.join(prompt_sets())}")
 
 
+def _read_utf8_lines(path: str):
+    """The lines of a UTF-8 prompt file (a leading byte-order mark dropped; \\r\\n and \\r read as \\n). Another
+    encoding is refused, not guessed: a fallback such as Latin-1 decodes any bytes, so a Windows-1252 or UTF-16 file
+    would become other letters without a word, and only the user knows which encoding they wrote."""
+    _must_exist(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UsageError(f"--prompts {path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); prompt files must "
+                         f"be UTF-8 text: convert it, e.g. iconv -f latin1 -t utf-8 for a Latin-1 file") from None
+    return io.StringIO(text, newline=None)
+
+
+# the warnings load_prompts gave in this process: the scripts load the prompts more than once (flag checks, the run,
+# the validation prompts) and each warning is to be read once
+_PROMPT_WARNINGS = set()
+
+
+def _keep_prompts(values, where: str, column: str) -> List[str]:
+    """The string prompts of `values` [(where in the source, value)]: null and blank ones dropped with one warning,
+    anything else but a string refused."""
+    prompts, dropped = [], []
+    for place, value in values:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            dropped.append(place)
+        elif isinstance(value, str):
+            prompts.append(value)
+        else:
+            raise UsageError(f"{where} {place}: {column!r} holds {type(value).__name__} {str(value)[:60]!r}, "
+                             f"expected a prompt string")
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        message = f"{where}: dropped {len(dropped)} null or blank {column!r} prompts ({shown})"
+        if message not in _PROMPT_WARNINGS:
+            _PROMPT_WARNINGS.add(message)
+            logger.warning(message)
+    return prompts
+
+
 def _prompts_from_datasets(source, column, split):
     ds = open_dataset(source, f"--prompts {source}", split)
     if column not in ds.column_names:
         raise UsageError(f"--prompts {source}: no column {column!r}; found {ds.column_names}; set --prompt_column")
-    return [str(p) for p in ds[column]]
+    return _keep_prompts([(f"row {i}", p) for i, p in enumerate(ds[column])], f"--prompts {source}", column)
 
 
 # =========================================================================== preference and image-caption datasets
@@ -189,6 +237,32 @@ def check_enough_rows(num_rows: int, per_process: int, num_processes: int, n_tie
                          f"({num_processes} processes x --train_batch_size {per_process})")
 
 
+# Rows read before any model loads, in order, until one is readable: the first row alone would make one unreadable
+# row 0 stop a run that skips (and counts) unreadable rows everywhere else.
+PROBE_ROWS = 16
+
+
+def check_some_row_readable(dataset, where: str, limit: int = PROBE_ROWS):
+    """Read the first rows of `dataset` (an ImagePairDataset) in order until one is readable (images decoded, caption
+    checked), at most `limit`: a wrong column, image folder or caption type fails in seconds, in one line, before the
+    models load. The unreadable rows read on the way are named in a warning each (training skips them, replaced by
+    the next readable row, and counts them for --max_bad_rows); the error comes only when none of them is readable."""
+    problems = []
+    for position in range(min(limit, len(dataset))):
+        problem = dataset.row_problem(position)
+        if problem is None:
+            for problem in problems:
+                logger.warning(f"{problem}; training skips it (replaced by the next readable row)")
+            return
+        problems.append(problem)
+    if len(problems) == len(dataset):
+        raise UsageError(f"no row of the data set is readable; {problems[0]}; {where}: check the image and caption "
+                         f"columns and where image paths point")
+    raise UsageError(f"none of the first {len(problems)} of {len(dataset)} rows is readable; {problems[0]}; {where}: "
+                     f"check the image and caption columns and where image paths point, or list every unreadable row "
+                     f"with --scan_data exit")
+
+
 def decode_image(value, base_dir: Optional[str] = None):
     """An RGB PIL image from encoded bytes, a path (relative to `base_dir`), a datasets Image dict or a PIL image."""
     from PIL import Image
@@ -268,12 +342,17 @@ class ImagePairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         """The item of `key`. An unreadable row (image or caption) is replaced by the next readable row in `rows`,
         with the same random draws, so the batch keeps its size on every process (DDP) and stays a function of
-        the key; the replaced rows are listed in the item's `bad_rows` (counted by the training loop).
+        the key. The item's `bad_rows` (counted by the training loop) lists the drawn row when it was replaced:
+        only that row, not the other unreadable rows the search passed over on its way to a readable one. Each
+        position is drawn at most once per epoch (GlobalBatchSampler's permutation, on whichever process; the rows
+        of an incomplete last global batch are not drawn that epoch), so an unreadable row is counted once per pass
+        over the data, however many of its neighbours are unreadable too; listing the rows passed over would count
+        a row again each time a neighbour's search crosses it.
 
         A 4th element of the key (SkipCachedSampler) lists, per image, whether its VAE posterior is cached: those
         images are not decoded (zeros in `pixels`, `original_size`, `crop`; `skipped` marks them)."""
         position, micro_step, global_row, *cached = key
-        bad_rows, first = [], None
+        problem = None  # why the drawn row is unreadable
         for attempt in range(len(self.rows)):
             candidate = (position + attempt) % len(self.rows)
             # a replaced row is not the one whose images are cached: decode all of it
@@ -281,13 +360,13 @@ class ImagePairDataset(torch.utils.data.Dataset):
             try:
                 item = self._item(candidate, micro_step, global_row, skip)
             except BadRow as e:
-                logger.warning(f"{e}; skipped (replaced by the next readable row)")
-                bad_rows.append(int(self.rows[candidate]))
-                first = first or str(e)
+                problem = problem or str(e)
                 continue
-            item["bad_rows"] = bad_rows
+            if problem is not None:
+                logger.warning(f"{problem}; skipped (replaced by row {item['row']})")
+            item["bad_rows"] = [] if problem is None else [int(self.rows[position])]
             return item
-        raise UsageError(f"no row of the data set is readable; {first}")
+        raise UsageError(f"no row of the data set is readable; {problem}")
 
     def row_problem(self, position: int) -> Optional[str]:
         """Why the row at `position` cannot be trained on (one line), or None: `--scan_data`."""
@@ -472,10 +551,12 @@ def scan_rows(dataset, positions, num_workers: int = 0, show_progress: bool = Fa
 
 
 def check_bad_rows(total: int, limit: Optional[int]):
-    """`--max_bad_rows`: the run ends with one line once more rows than the limit were skipped."""
+    """`--max_bad_rows`: the run ends with one line once more rows than the limit were skipped (`total`: the drawn
+    rows that were replaced, ImagePairDataset's `bad_rows`: each unreadable row once per pass over the data)."""
     if limit is not None and total > limit:
         raise UsageError(f"{total} unreadable rows skipped, more than --max_bad_rows {limit} (each is named in a "
-                         f"warning above); fix or drop them (--scan_data continue lists and drops them up front)")
+                         f"warning above; a row counts once per pass over the data); fix or drop them (--scan_data "
+                         f"continue lists and drops them up front)")
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

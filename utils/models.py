@@ -7,6 +7,7 @@ lives in utils/flow.py.
 """
 import functools
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from . import UsageError
-from .flow import (FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, FlowConditioning, build_flow_pipeline, default_sample_size,
-                   encode_flow_prompts, flow_family, load_flow_parts, pipeline_class, transformer_family)
+from .flow import (ENCODER_NAMES, FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, MAX_SEQUENCE_LENGTH, FlowConditioning,
+                   build_flow_pipeline, default_sample_size, encode_flow_prompts, flow_family, load_flow_parts,
+                   pipeline_class, transformer_family)
 from .plugins import load_plugins
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -293,6 +297,34 @@ def sdxl_time_ids(original_sizes, crops, target_sizes) -> torch.Tensor:
 def tokenize(tokenizer, prompts: List[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def warn_long_prompts(parts: PipelineParts, prompts: List[str]) -> Dict[str, int]:
+    """Warn once (one line, on the main process) how many prompts are longer than a text encoder reads: `tokenize`
+    and the flow pipelines' `encode_prompt` cut every prompt to the encoder's limit (CLIP: 77 tokens, start and end
+    token included; SD3 / FLUX T5: MAX_SEQUENCE_LENGTH), so the words past it never reach the model. Call it once
+    after loading the prompts. Returns {encoder name: number of prompts longer than its limit}, the encoders that
+    cut any (empty on the other processes)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return {}
+    names = ENCODER_NAMES[parts.family] if parts.is_flow else ("text_encoder", "text_encoder_2")
+    cut = {}  # (number of prompts cut, limit, longest in tokens) -> the encoders that cut so many
+    for name, tokenizer in zip(names, parts.tokenizers):
+        # the flow pipelines read T5 (their last encoder) up to max_sequence_length, their CLIPs up to 77
+        t5 = parts.is_flow and name == ENCODER_NAMES[parts.family][-1]
+        limit = MAX_SEQUENCE_LENGTH[parts.family] if t5 else tokenizer.model_max_length
+        lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+        n = sum(length > limit for length in lengths)
+        if n:
+            cut.setdefault((n, limit, max(lengths)), []).append(name)
+    if cut:
+        each = "; ".join(f"{', '.join(encoders)}: {n} longer than {limit} tokens, the longest {longest}"
+                         for (n, limit, longest), encoders in cut.items())
+        logger.warning(f"{max(n for n, _, _ in cut)} of {len(prompts)} prompts are longer than the text encoder "
+                       f"reads and are cut to its limit ({each}): the words past the limit do not reach the model")
+    return {name: n for (n, _, _), encoders in cut.items() for name in encoders}
 
 
 @torch.no_grad()

@@ -84,6 +84,9 @@ def scan_dataset(dataset, then: str, num_workers: int, accelerator):
             raise UsageError(f"--scan_data: {len(found)} of {len(dataset)} rows are unreadable (listed above)")
         raise SystemExit(0)
     keep = sorted(set(range(len(dataset))) - {position for position, _ in found})
+    if not keep:
+        raise UsageError(f"--scan_data continue: all {len(dataset)} rows are unreadable (listed above); check the "
+                         f"image and caption columns and where image paths point")
     dataset.rows, dataset.winner_first = dataset.rows[keep], dataset.winner_first[keep]
     return dataset
 
