@@ -42,7 +42,7 @@ from utils.data import load_prompts, prompt_sets
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           reference_model, warn_long_prompts)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec
+from utils.rewards import list_rewards, load_reward, parse_reward_spec, require_differentiable
 from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
 from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
@@ -175,6 +175,7 @@ def check_args(args):
     if args.true_cfg_scale < 1:
         raise UsageError(f"--true_cfg_scale must be >= 1 (1 = off), got {args.true_cfg_scale}")
     parse_reward_spec(args.reward_model)  # unknown names fail here, listing the valid ones
+    require_differentiable(args.reward_model, "--reward_model")  # DRaFT back-propagates the reward through the images
     args.reward_paths = parse_name_paths(args.reward_model_paths)
     if args.prompts.endswith((".txt", ".jsonl")):
         load_prompts(args.prompts, args.prompt_column)  # a missing or empty file fails here

@@ -31,14 +31,19 @@ Names (``list_rewards()``):
   ``saturation`` (mean chroma max(R,G,B) - min(R,G,B), in [0,1]) and ``color_match`` (prompt-aware: 1 minus
   the mean distance of the pixels to the RGB prototype of the first colour word in the prompt, in [0,1];
   prompts without a colour word score 0 and give no gradient).
+- no gradient (``score`` only; see "Rewards without a gradient" below): ``jpeg_incompressibility`` /
+  ``jpeg_compressibility`` (DDPO's first tasks: plus / minus the size in kB, bytes / 1000, of the image saved by
+  PIL as JPEG at quality 95, as ddpo-pytorch's ``ddpo_pytorch/rewards.py`` computes it), ``http`` (a reward server,
+  protocol below), and ``toyworld_judge`` (registered by the toy world's plugin: 1.0 when the count, colour and
+  shape that the prompt names are all read back from the pixels, else 0.0).
 
 Left out: ``imagereward``. ImageReward is BLIP (a ViT-L plus a BERT text encoder with cross-attention) whose
 code lives only in the ``image-reward`` package, which pins timm 0.6.13 and fairscale; running its checkpoint
 without that package means copying BLIP in or mapping ImageReward.pt onto transformers' BLIP classes, a mapping
 that cannot be checked against the real checkpoint without downloading it.
 
-A scorer of your own: subclass ``Reward`` and register a builder with ``register_reward`` in a plugin module
-(``utils/plugins.py``); ``--reward_model`` then takes its name.
+A scorer of your own: subclass ``Reward`` (or ``ScoreOnlyReward`` for one without a gradient) and register a builder
+with ``register_reward`` in a plugin module (``utils/plugins.py``); ``--reward_model`` then takes its name.
 
 Where the weights come from. Each learned scorer takes a local path instead of its hub id
 (``model_name_or_path=`` for one name, ``paths={name: path}`` for a sum; the training scripts expose this as
@@ -72,11 +77,45 @@ torch exactly as the model's processor does on a PIL image (sizes, offsets, mean
 The processor works on uint8 and rounds after each of its two resize passes, so the two agree to a few uint8
 levels (max |difference| <= 0.05, mean <= 0.006 after normalisation, where one level is ~0.015; see
 tests/test_rewards.py), and exactly when no resize is needed.
+
+Rewards without a gradient. Online RL (Flow-GRPO, DiffusionNFT, DDPO: train_online.py) and evaluate.py need one
+number per image and nothing else, so a scorer may be a file size, a pixel judge or a remote service.
+``scorer.differentiable`` says which kind a scorer is (a ``WeightedSum`` is differentiable only if every part is);
+a scorer without a gradient subclasses ``ScoreOnlyReward`` and gives ``score`` only: its ``__call__`` and ``parts``
+raise a UsageError, because reward back-propagation (DRaFT, train_draftp.py) has nothing to back-propagate.
+``register_reward(..., differentiable=False)`` records the kind with the builder, so that
+``reward_is_differentiable(spec)`` / ``require_differentiable(spec, flag)`` decide it at argument-check time,
+before any weights load.
+
+The reward server protocol (``--reward_model http --reward_model_paths http=http://HOST:PORT/PATH``). The URL goes
+through the NAME=PATH mapping that every script already takes for scoring models (train_draftp.py, evaluate.py,
+train_dpo.py's --choice_model, train_online.py), so that no script needs a flag of its own and a weighted sum such as
+``http:1.0,aesthetic:0.05`` works unchanged:
+
+- request: ``POST URL`` with ``Content-Type: application/json`` and the body
+  ``{"prompts": [str, ...], "images": [base64 PNG, ...]}`` (one prompt per image, RGB, at most
+  ``HttpReward.batch_size`` images a request; a longer batch is sent as several requests in order);
+- answer: status 200 and ``{"scores": [float, ...]}``, one finite number per image, in the request's order. Any
+  other status counts as a failure; a JSON body ``{"error": "..."}`` is quoted in the client's error.
+- An empty request (no prompts, no images) must answer ``{"scores": []}``: the client sends one when it is built, so
+  a wrong URL or a server that is down fails before any image is drawn.
+- Each request waits ``DIFFUSION_ALIGN_REWARD_TIMEOUT`` seconds (default 120) for the connection and for each read
+  of the answer; a failed request (no connection, no answer in time, status 5xx / 408 / 429, a body that is not
+  the answer above, a score that is not a finite number) is sent again up to ``DIFFUSION_ALIGN_REWARD_RETRIES``
+  times (default 3) after 1, 2, 4, ... s (at most 30 s). Other 4xx answers are not retried (the request itself is
+  wrong). When no attempt succeeds the client raises ``RewardServerError`` (a UsageError), one line naming the URL
+  and the last failure: a reward is never replaced by a made-up value.
+- ``python -m utils.reward_server --port 8000 --reward pickscore`` serves any registered reward this way; a server
+  of your own (GenEval, OCR, a VLM judge) in its own environment needs only the JSON in and out.
 """
+import base64
 import functools
+import io
+import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -226,10 +265,12 @@ class Reward(torch.nn.Module):
     """Base of every scorer: frozen, (B,) float32 out, ``parts`` and ``names`` for logging.
 
     Subclasses give ``pixels_from_tensor`` (differentiable preprocessing), ``pixels_from_pil`` (the model's own
-    processor on PIL images) and ``_score_pixels`` (the model on preprocessed pixels).
+    processor on PIL images) and ``_score_pixels`` (the model on preprocessed pixels). Scorers without a gradient
+    subclass ``ScoreOnlyReward`` instead.
     """
 
     batch_size = 16
+    differentiable = True  # __call__ gives a reward that back-propagates to the images (DRaFT needs this)
 
     def __init__(self, name: str):
         super().__init__()
@@ -304,7 +345,10 @@ def _check_batch(n: int, prompts: Sequence[str]) -> None:
 
 
 class WeightedSum(Reward):
-    """sum_i w_i * reward_i; ``parts`` returns each reward unweighted so the training script can log it."""
+    """sum_i w_i * reward_i; ``parts`` returns each reward unweighted so the training script can log it.
+
+    Parts of both kinds mix: ``score`` sums every part's weighted score, while ``__call__`` / ``parts`` (the
+    differentiable path) need every part to be differentiable and otherwise raise, naming the parts without one."""
 
     def __init__(self, scorers: Sequence[Reward], weights: Sequence[float]):
         super().__init__("+".join(f"{w:g}*{s.name}" for s, w in zip(scorers, weights)))
@@ -316,10 +360,16 @@ class WeightedSum(Reward):
     def names(self) -> List[str]:
         return [s.name for s in self.scorers]
 
+    @property
+    def differentiable(self) -> bool:
+        return all(s.differentiable for s in self.scorers)
+
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.parts(images, prompts)[0]
 
     def parts(self, images, prompts):
+        if not self.differentiable:
+            raise no_gradient_error([s.name for s in self.scorers if not s.differentiable], self.name)
         parts = {s.name: s(images, prompts) for s in self.scorers}
         total = sum(self.weights[name] * r for name, r in parts.items())
         return total, parts
@@ -394,6 +444,254 @@ class ColorMatch(_PixelReward):
             dist = ((image - target) ** 2).sum(0).add(1e-12).sqrt() / math.sqrt(3)
             out.append(1 - dist.mean())
         return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- rewards without a gradient
+def tensor_to_pil(images: torch.Tensor) -> list:
+    """(B,3,H,W) in [0,1] -> RGB PIL images, rounded to uint8 as diffusers' pipelines and DDPO do ((x * 255).round()),
+    for scorers that read PIL images (``score``)."""
+    from PIL import Image
+
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]  # (H, W, 3) each
+
+
+def no_gradient_error(names: Sequence[str], spec: Optional[str] = None) -> UsageError:
+    """One line: the rewards `names` (parts of `spec`, where given) have no gradient, and what would be right."""
+    which = f"reward {names[0]!r} has" if len(names) == 1 else f"rewards {', '.join(map(repr, names))} have"
+    where = f" (in {spec!r})" if spec else ""
+    differentiable = [name for name, entry in _registry().items() if entry.differentiable]
+    return UsageError(
+        f"{which} no gradient{where}, only score(pil_images, prompts), one number per image without a graph; reward "
+        f"back-propagation (DRaFT, train_draftp.py) needs a differentiable reward ({', '.join(differentiable)}), "
+        f"online RL (train_online.py) takes any")
+
+
+class ScoreOnlyReward(Reward):
+    """A scorer without a gradient: one number per PIL image (a file size, a pixel judge, a reward server).
+
+    Subclasses give ``_score_pil(pil_images, prompts) -> list of float``. ``__call__`` and ``parts`` (the
+    differentiable path) raise a UsageError naming the reward: there is no graph to back-propagate through."""
+
+    differentiable = False
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise no_gradient_error([self.name])
+
+    @torch.no_grad()
+    def score(self, pil_images: Sequence, prompts: Sequence[str]) -> List[float]:
+        _check_batch(len(pil_images), prompts)
+        return [float(s) for s in self._score_pil(list(pil_images), list(prompts))]
+
+    def _score_pil(self, pil_images: list, prompts: List[str]) -> List[float]:
+        raise NotImplementedError
+
+
+# DDPO's setting (Black et al. 2023; ddpo-pytorch, ddpo_pytorch/rewards.py: image.save(buffer, format="JPEG",
+# quality=95), size = buffer.tell() / 1000).
+JPEG_QUALITY = 95
+
+
+def jpeg_size_kb(image) -> float:
+    """Size in kB (bytes / 1000) of the RGB PIL image saved as JPEG at quality 95, PIL's other settings at default."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.tell() / 1000
+
+
+class JpegSize(ScoreOnlyReward):
+    """``sign`` * JPEG size in kB: +1 is DDPO's jpeg_incompressibility, -1 its jpeg_compressibility."""
+
+    def __init__(self, name: str, sign: float):
+        super().__init__(name)
+        self.sign = sign
+
+    def _score_pil(self, pil_images, prompts):
+        return [self.sign * jpeg_size_kb(image) for image in pil_images]
+
+
+class JudgeReward(ScoreOnlyReward):
+    """A pixel judge (``Judge``: judge(uint8 (H, W, 3) array, prompt) -> float) as a reward, e.g. the toy world's.
+    Prompts the judge cannot read raise its check_prompts' UsageError instead of scoring 0."""
+
+    def __init__(self, name: str, judge: "Judge"):
+        super().__init__(name)
+        self.judge = judge
+
+    def _score_pil(self, pil_images, prompts):
+        import numpy as np
+
+        self.judge.check_prompts(prompts)
+        return [self.judge.judge(np.asarray(image.convert("RGB")), prompt) for image, prompt in zip(pil_images, prompts)]
+
+
+REWARD_TIMEOUT_ENV = "DIFFUSION_ALIGN_REWARD_TIMEOUT"
+REWARD_RETRIES_ENV = "DIFFUSION_ALIGN_REWARD_RETRIES"
+REWARD_TIMEOUT = 120.0  # seconds for the connection and for each read of the answer (DDPO's LLaVA client waits 120)
+REWARD_RETRIES = 3  # requests sent again after a failure, so 4 attempts in all
+REWARD_BACKOFF = 1.0  # seconds before the first retry, doubled before each next one
+REWARD_BACKOFF_MAX = 30.0
+PROTOCOL = ('POST JSON {"prompts": [...], "images": [base64 PNG, ...]} answered by {"scores": [one finite float per '
+            'image]} (utils/rewards.py)')
+
+
+class RewardServerError(UsageError):
+    """A reward server gave no usable answer after the retries: down, too slow, or an answer of the wrong shape."""
+
+
+class _Failed(Exception):
+    """One failed request: why (one line), and whether sending it again may help."""
+
+    def __init__(self, why: str, retry: bool = True):
+        super().__init__(why)
+        self.retry = retry
+
+
+def _one_line(text, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def encode_png(image) -> str:
+    """PIL image -> base64 of its RGB PNG: how images travel to a reward server."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", compress_level=1)  # lossless at any level; 1 is the fastest
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(text: str):
+    """base64 PNG (or any image format PIL reads) -> RGB PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+
+
+def _finite(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def parse_scores(body: bytes, n: int) -> List[float]:
+    """A server's answer to a request of `n` images -> its n scores; raises _Failed saying what is wrong with it."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        raise _Failed(f"the answer is not JSON: {_one_line(body[:200].decode('utf-8', 'replace'))!r}") from None
+    scores = answer.get("scores") if isinstance(answer, dict) else None
+    if not isinstance(scores, list):
+        raise _Failed(f"the answer has no list 'scores': {_one_line(json.dumps(answer))!r}")
+    if len(scores) != n:
+        raise _Failed(f"the answer holds {len(scores)} scores for {n} images")
+    bad = [s for s in scores if not _finite(s)]
+    if bad:
+        raise _Failed(f"{len(bad)} of the {n} scores are not finite numbers, e.g. {_one_line(json.dumps(bad[0]))}")
+    return [float(s) for s in scores]
+
+
+class HttpReward(ScoreOnlyReward):
+    """Scores from a reward server over HTTP (the protocol in this module's docstring); no gradient."""
+
+    batch_size = 16  # images a request
+
+    def __init__(self, name: str, url: str, timeout: float = REWARD_TIMEOUT, retries: int = REWARD_RETRIES,
+                 backoff: float = REWARD_BACKOFF):
+        super().__init__(name)
+        self.url, self.timeout, self.retries, self.backoff = url, float(timeout), int(retries), float(backoff)
+
+    def _score_pil(self, pil_images, prompts):
+        scores = []
+        for i in range(0, len(pil_images), self.batch_size):
+            images = [encode_png(image) for image in pil_images[i : i + self.batch_size]]
+            scores += self.request(images, prompts[i : i + self.batch_size])
+        return scores
+
+    def request(self, images: List[str], prompts: List[str]) -> List[float]:
+        """POST one batch (base64 PNGs and their prompts) and return its scores; RewardServerError after the retries."""
+        body = json.dumps({"prompts": list(prompts), "images": list(images)}).encode()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return parse_scores(self._post(body), len(images))
+            except _Failed as failure:
+                if not failure.retry or attempt > self.retries:
+                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}" + ("" if failure.retry else ", not retried")
+                    raise RewardServerError(
+                        f"reward server {self.url}: {failure} ({tries}, {self.timeout:g} s timeout each); expected "
+                        f"{PROTOCOL}; check that the server runs at that URL, or raise {REWARD_TIMEOUT_ENV} / "
+                        f"{REWARD_RETRIES_ENV}") from None
+            time.sleep(min(self.backoff * 2 ** (attempt - 1), REWARD_BACKOFF_MAX))
+
+    def _post(self, body: bytes) -> bytes:
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return answer.read()
+        except urllib.error.HTTPError as err:
+            # 5xx: the server failed (it may recover); 408 / 429: it asks to be asked again; other 4xx: the request
+            # itself is wrong, and sending it again would not help
+            raise _Failed(f"HTTP {err.code} {err.reason}{_error_detail(err)}",
+                          retry=err.code >= 500 or err.code in (408, 429)) from None
+        except urllib.error.URLError as err:  # the connection: refused, no such host, or a timeout while connecting
+            if isinstance(err.reason, TimeoutError):
+                raise _Failed(f"no answer within {self.timeout:g} s") from None
+            raise _Failed(f"no connection ({_one_line(err.reason)})") from None
+        except TimeoutError:  # connected, but the answer did not come in time
+            raise _Failed(f"no answer within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as err:  # the connection broke during the answer
+            raise _Failed(f"the connection broke ({_one_line(err) or type(err).__name__})") from None
+
+
+def _error_detail(err) -> str:
+    """': <message>' from an error answer's body ({"error": "..."} or plain text), or ''."""
+    try:
+        text = err.read(2000).decode("utf-8", "replace")
+    except Exception:  # the body could not be read: the status line says enough
+        return ""
+    try:
+        text = json.loads(text).get("error", text)
+    except (ValueError, AttributeError):
+        pass
+    return f": {_one_line(text)}" if text.strip() else ""
+
+
+def _env_number(name: str, default, kind, minimum, what: str):
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= minimum or (kind is float and not math.isfinite(value)):
+        raise UsageError(f"{name}={text!r}: expected {what}")
+    return value
+
+
+def build_http_reward(name: str, url: Optional[str]) -> HttpReward:
+    """The reward server at `url` (``--reward_model_paths NAME=URL``), asked once with an empty request so that a wrong
+    URL or a server that is down fails here, before any image is drawn. A plugin registers more servers under names of
+    their own: ``register_reward("geneval", build_http_reward, differentiable=False)``."""
+    from urllib.parse import urlsplit
+
+    hint = f"give the server's URL with --reward_model_paths {name}=http://HOST:PORT/"
+    if url is None:
+        raise UsageError(f"reward {name!r} is a reward server and needs its URL; {hint}")
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise UsageError(f"reward {name!r}: {url!r} is not an http:// or https:// URL; {hint}")
+    timeout = _env_number(REWARD_TIMEOUT_ENV, REWARD_TIMEOUT, float, 1e-3, "seconds a request may wait, > 0")
+    retries = _env_number(REWARD_RETRIES_ENV, REWARD_RETRIES, int, 0, "the number of retries, an integer >= 0")
+    scorer = HttpReward(name, url, timeout=timeout, retries=retries)
+    scorer.request([], [])
+    return scorer
 
 
 # --------------------------------------------------------------------------- CLIP-based scorers (transformers)
@@ -634,7 +932,8 @@ def load_hps(name: str, path: Optional[str] = None, arch: str = "ViT-H-14", arch
 @dataclass(frozen=True)
 class _Entry:
     build: Callable[[str, Optional[str]], Reward]  # (name, local path or None) -> scorer on CPU, float32
-    learned: bool
+    learned: bool  # takes a path (--reward_model_paths NAME=PATH): its weights, or a reward server's URL
+    differentiable: bool = True  # what the built scorer's .differentiable says, known before it is built
 
 
 def _build_pickscore(name, path):
@@ -665,14 +964,19 @@ _REGISTRY: Dict[str, _Entry] = {
     "brightness": _Entry(lambda name, path: Brightness(name), False),
     "saturation": _Entry(lambda name, path: Saturation(name), False),
     "color_match": _Entry(lambda name, path: ColorMatch(name), False),
+    "jpeg_incompressibility": _Entry(lambda name, path: JpegSize(name, +1.0), False, differentiable=False),
+    "jpeg_compressibility": _Entry(lambda name, path: JpegSize(name, -1.0), False, differentiable=False),
+    "http": _Entry(build_http_reward, True, differentiable=False),
 }
 
 
-def register_reward(name: str, build: Callable[[str, Optional[str]], Reward], learned: bool = True):
+def register_reward(name: str, build: Callable[[str, Optional[str]], Reward], learned: bool = True,
+                    differentiable: bool = True):
     """Make `name` a scoring model of --reward_model / --choice_model / evaluate.py (plugins, utils/plugins.py).
-    build(name, local path or None) returns the scorer on the CPU in float32; `learned`: it has weights that a local
-    path (--reward_model_paths) may point at."""
-    _REGISTRY[name] = _Entry(build, learned)
+    build(name, local path or None) returns the scorer on the CPU in float32; `learned`: it takes a path
+    (--reward_model_paths NAME=PATH), e.g. the local copy of its weights; `differentiable`: False for a scorer without
+    a gradient (a ``ScoreOnlyReward``), so that train_draftp.py refuses it before anything loads."""
+    _REGISTRY[name] = _Entry(build, learned, differentiable)
 
 
 @dataclass
@@ -713,6 +1017,18 @@ def _registry() -> Dict[str, _Entry]:
 def list_rewards() -> List[str]:
     """Every valid reward name (argparse ``choices`` and validation)."""
     return list(_registry())
+
+
+def reward_is_differentiable(spec: str) -> bool:
+    """Whether every reward of `spec` (a name or a weighted sum) has a gradient, from the registry: nothing loads."""
+    return all(_registry()[name].differentiable for name, _ in parse_reward_spec(spec))
+
+
+def require_differentiable(spec: str, flag: str) -> None:
+    """One-line UsageError naming `flag` where a reward of `spec` has no gradient (checked before anything loads)."""
+    missing = [name for name, _ in parse_reward_spec(spec) if not _registry()[name].differentiable]
+    if missing:
+        raise UsageError(f"{flag}: {no_gradient_error(missing, spec if ',' in spec or ':' in spec else None)}")
 
 
 def parse_reward_spec(spec: str) -> List[Tuple[str, float]]:
@@ -766,7 +1082,12 @@ def load_reward(
         if path is not None and not _REGISTRY[name].learned:
             raise UsageError(f"reward {name!r} has no weights, so it takes no path (got {path!r})")
         path = os.path.expanduser(path) if path is not None else None
-        scorers.append(_finish(_REGISTRY[name].build(name, path), device, dtype))
+        scorer = _REGISTRY[name].build(name, path)
+        if scorer.differentiable != _REGISTRY[name].differentiable:  # train_draftp.py's check trusts the registry
+            raise UsageError(f"reward {name!r} is registered with differentiable={_REGISTRY[name].differentiable} but "
+                             f"builds a scorer with differentiable={scorer.differentiable}; register it with "
+                             f"register_reward({name!r}, ..., differentiable={scorer.differentiable})")
+        scorers.append(_finish(scorer, device, dtype))
     if len(parsed) == 1 and parsed[0][1] == 1.0 and "," not in spec and ":" not in spec:
         return scorers[0]
     return WeightedSum(scorers, [w for _, w in parsed]).freeze()

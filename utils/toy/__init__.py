@@ -9,13 +9,14 @@
 - synthetic.py     synthetic preference sets
 
 The package is a plugin (utils/plugins.py), loaded by default: importing it registers its pipelines (`tiny-*`, built
-on first use; `toy-sd`, `toy-sd3`), its scorer (`toyclip`) and its prompt set (`toyworld`) with the product's
+on first use; `toy-sd`, `toy-sd3`), its scorers (`toyclip`; `toyworld_judge`, the pixel judge as a reward without a
+gradient), its judge for evaluate.py's --judges (`toyworld_acc`) and its prompt set (`toyworld`) with the product's
 registries, as a user's own plugin would. The product code imports nothing from here.
 """
 from ..data import register_prompt_set
 from ..models import register_pipeline
 from .. import UsageError
-from ..rewards import PickScore, load_clip, register_judge, register_reward
+from ..rewards import Judge, JudgeReward, PickScore, load_clip, register_judge, register_reward
 from .names import ASSETS, TINY_NAMES, TOY_NAMES, TOY_SD3_PATH, TOY_SD_PATH, TOYCLIP_PATH  # noqa: F401 (its names)
 
 
@@ -58,13 +59,23 @@ def _judge_scene(image, prompt: str) -> float:
     return prompt_accuracy(image, prompt)["all"]
 
 
-def _check_toy_prompts(prompts):
-    from .world import parse_prompt
+def _toy_prompt_check(what: str):
+    """check_prompts of the judge: every prompt names a shape (`what` names the judge or reward in the error)."""
 
-    not_toy = [p for p in prompts if parse_prompt(p)["shape"] is None]
-    if not_toy:
-        raise UsageError(f"the toyworld_acc judge reads toy-world prompts (a count, colour and shape, e.g. 'two red "
-                         f"circles'); {len(not_toy)} of the prompts name no shape, e.g. {not_toy[0]!r}")
+    def check(prompts):
+        from .world import parse_prompt
+
+        not_toy = [p for p in prompts if parse_prompt(p)["shape"] is None]
+        if not_toy:
+            raise UsageError(f"the {what} reads toy-world prompts (a count, colour and shape, e.g. 'two red circles'); "
+                             f"{len(not_toy)} of the prompts name no shape, e.g. {not_toy[0]!r}")
+
+    return check
 
 
-register_judge("toyworld_acc", _judge_scene, _check_toy_prompts)
+# One judge, two faces: a column of evaluate.py (--judges toyworld_acc) and a reward without a gradient for online RL
+# (--reward_model toyworld_judge): 1.0 when count, colour and shape are all right (an offline GenEval), else 0.0.
+register_judge("toyworld_acc", _judge_scene, _toy_prompt_check("toyworld_acc judge"))
+register_reward("toyworld_judge",
+                lambda name, path: JudgeReward(name, Judge(_judge_scene, _toy_prompt_check(f"{name} reward"))),
+                learned=False, differentiable=False)
