@@ -362,7 +362,7 @@ def main(args):
     # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
     run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, frozen_unet,
                                               args.use_lora or frozen_unet is not None, validation_prompts, scorer,
-                                              resolution, step))
+                                              resolution, step, run.stop_requested))
     run.add_step_check(lambda logs: check_bad_rows(run.totals["bad_rows"], args.max_bad_rows))
 
     for step in run.steps():
@@ -487,9 +487,11 @@ def make_loader(args, run, dataset, vae_dtype, latent_shape, n_images: int):
 
 # --------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompts, scorer, resolution, step):
+def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompts, scorer, resolution, step,
+               stop_requested=lambda: False):
     """Fixed prompts and seeds through a stock diffusers pipeline: the base model's images (first row) beside
-    the trained model's (second row), with the scoring model's scores when --choice_model is set."""
+    the trained model's (second row), with the scoring model's scores when --choice_model is set. A stop request
+    interrupts the pipeline at its next denoising step and skips the grid."""
     if accelerator.is_main_process or shards_parameters(accelerator):  # a sharded UNet needs every process
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -500,6 +502,11 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
             base = (frozen_unet, contextlib.nullcontext()) if frozen_unet is not None else (trained, adapters_disabled(trained))
             models = {"base": base, **models}
         rows, scores = [], {}
+
+        def interrupt_on_stop(pipe, i, t, callback_kwargs):  # after each denoising step
+            pipe._interrupt = pipe._interrupt or stop_requested()  # the stock pipelines' own way to end the loop
+            return callback_kwargs
+
         for name, (unet, context) in models.items():
             pipe = build_pipeline(parts, unet=unet)
             # a copy: the training scheduler stays untouched (flow models sample with their own Euler scheduler)
@@ -509,11 +516,15 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
             with context, accelerator.autocast():
                 images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                               height=resolution, width=resolution, output_type="pt",
-                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images.float()
+                              generator=[torch.Generator().manual_seed(s) for s in seeds],
+                              callback_on_step_end=interrupt_on_stop).images.float()
+            if pipe.interrupt:  # the run checkpoints and ends right after: no grid
+                rows = []
+                break
             if scorer is not None:
                 scores[name] = [round(s, 5) for s in scorer(images, prompts).tolist()]
             rows.append(images.cpu())
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and rows:
             log_validation(accelerator, args.output_dir, step, torch.cat(rows), list(models), prompts,
                            info={"seeds": seeds, "scores": scores}, scores=scores, score_name=args.choice_model)
     accelerator.wait_for_everyone()

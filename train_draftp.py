@@ -238,7 +238,7 @@ def main(args):
     training_reference = reference_unet if wants_kl(args) else None
     base_unet = reference_unet if args.use_lora or frozen_unet is not None else None  # the validation grid's base row
     run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, scorer, uncond, latent_shape,
-                                              resolution, step, base_model=base_unet))
+                                              resolution, step, base_unet, run.stop_requested))
     # a grid at step 0 only where later grids need it: without a base model in memory its images are the base row
     if run.start_step == 0 and base_unet is None and run.validation_wanted:
         run.validate(0)
@@ -292,10 +292,11 @@ def main(args):
 
 
 @torch.no_grad()
-def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step, base_model=None):
+def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step, base_model=None,
+               stop_requested=lambda: False):
     """Fixed prompts and seeds: the base model's images (first row) beside the trained model's (second row),
     each with its reward. Seeds are those a diffusers pipeline uses with generator=manual_seed(seed), so the
-    saved LoRA reproduces these images in stock diffusers.
+    saved LoRA reproduces these images in stock diffusers. A stop request between the two rows skips the grid.
 
     Without a base model in memory (full UNet, kl_coeff 0), the base row is the trained model's images of
     step 0, kept in samples/validation-base.pt for later steps and resumed runs."""
@@ -316,7 +317,9 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
 
         images = {"trained": generate(trained)}
         base_file = os.path.join(args.output_dir, "samples", "validation-base.pt")
-        if base_model is not None:
+        if stop_requested():  # the run checkpoints and ends right after: no grid
+            images = {}
+        elif base_model is not None:
             images["base"] = generate(base_model)
         elif step == 0:
             images["base"] = images["trained"]
@@ -325,7 +328,7 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
                 torch.save(images["base"].cpu(), base_file)
         elif os.path.exists(base_file):
             images["base"] = torch.load(base_file).to(accelerator.device)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and images:
             rows = [name for name in ("base", "trained") if name in images]
             rewards = {name: [round(r, 5) for r in scorer(images[name], prompts).float().tolist()] for name in rows}
             log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]), rows,

@@ -16,6 +16,7 @@ also has, so that the training scripts never branch on the family:
 Prompt encoding, packing, image ids and the shift are diffusers' own code (the pipelines' `encode_prompt`,
 `_pack_latents`, `_unpack_latents`, `_prepare_latent_image_ids`, `calculate_shift`), called, not copied.
 """
+import math
 from dataclasses import dataclass, replace
 from typing import List, Optional
 
@@ -143,11 +144,13 @@ class FlowConditioning:
             uncond = uncond.repeat(batch)
         return replace(FlowConditioning.cat([uncond, self]), cfg_scale=scale)
 
-    def velocity(self, model, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def velocity(self, model, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float,
+                 detach_uncond: bool = False) -> torch.Tensor:
         """The transformer's velocity for `latents` (B, C, h, w) at `timestep` (sigma * 1000: a 0-dim tensor, or (B,) one
         per row, e.g. for training on noised data with `flow_noise`; text rows only then), guided:
         CFG over [uncond; text] rows when `cfg_scale` is set (SD3: `guidance_scale` itself), and for FLUX.1-dev
-        the guidance embedding set to `guidance_scale`. Returns (B, C, h, w)."""
+        the guidance embedding set to `guidance_scale`. `detach_uncond`: no gradient through the unconditional
+        rows (online RL's policy, as Flow-GRPO trains it). Returns (B, C, h, w)."""
         rows = 2 if self.cfg_scale is not None else 1
         x = torch.cat([latents] * rows)
         if self.family == "sd3":
@@ -158,6 +161,8 @@ class FlowConditioning:
         if rows == 1:
             return v
         v_uncond, v_text = v.chunk(2)
+        if detach_uncond:
+            v_uncond = v_uncond.detach()
         return v_uncond + self.cfg_scale * (v_text - v_uncond)
 
     def _flux_velocity(self, model, x, timestep, guidance_scale):
@@ -227,8 +232,8 @@ class FlowSchedule:
     def init(self, latents):
         return latents  # x_T at sigma 1 is the noise itself
 
-    def predict(self, model, latents, i: int, cond: FlowConditioning, guidance_scale: float):
-        return cond.velocity(model, latents, self.timesteps[i], guidance_scale)
+    def predict(self, model, latents, i: int, cond: FlowConditioning, guidance_scale: float, detach_uncond=False):
+        return cond.velocity(model, latents, self.timesteps[i], guidance_scale, detach_uncond)
 
     def step(self, velocity, i: int, latents, eta: float = 0.0, generator=None, output: str = "x_prev"):
         """x_t -> x_{t_next} (Euler), or the predicted x_0 when `output` is "pred_x0". At the last step sigma_next is
@@ -241,6 +246,34 @@ class FlowSchedule:
     def renoise_last(self, x0, noise):
         """x_0 noised to the last step's sigma (DRaFT-LV)."""
         return flow_noise(x0, noise, self.sigmas[-2])
+
+    def stochastic_step(self, velocity, i: int, latents, noise_level: float, noise=None, prev_sample=None):
+        """Flow-GRPO's SDE step from sigma to sigma_next, whose marginals are the ODE's (Liu et al. 2025), in
+        float32: with dt = sigma_next - sigma < 0 and std_t = a * sqrt(sigma / (1 - sigma')) (a = `noise_level`;
+        sigma' = sigma, except the schedule's second sigma where sigma = 1),
+
+            mean = x * (1 + std_t^2 / (2 sigma) * dt) + v * (1 + std_t^2 (1 - sigma) / (2 sigma)) * dt
+            x_next = mean + std_t * sqrt(-dt) * noise
+
+        Returns (x_next, log_prob, mean, std_t): the log-density of x_next (`prev_sample` where given, e.g. a stored
+        trajectory's, else drawn with `noise`) under that Gaussian, averaged over all but the batch dimension, (B,)."""
+        sigma, sigma_next = self.sigma_values[i], self.sigma_values[i + 1]
+        dt = sigma_next - sigma
+        std = noise_level * math.sqrt(sigma / (1 - (self.sigma_values[1] if sigma == 1 else sigma)))
+        x, v = latents.float(), velocity.float()
+        mean = x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
+        step_std = std * math.sqrt(-dt)
+        if prev_sample is None:
+            prev_sample = mean + step_std * noise.float()
+        return prev_sample, gaussian_log_prob(prev_sample.detach().float(), mean, step_std), mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(x; mean, std^2) per element, averaged over all but the batch dimension: (B,). `std` a float or a
+    tensor that broadcasts."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    log_prob = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, log_prob.dim())))
 
 
 def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:

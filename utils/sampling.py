@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .flow import FlowConditioning, FlowSchedule
+from .flow import FlowConditioning, FlowSchedule, gaussian_log_prob
 from .models import TextConditioning
 
 
@@ -39,10 +39,13 @@ class SampleResult:
     grad_steps: int          # UNet calls with grad per sample
 
 
-def guided_eps(unet, latents, t, cond: TextConditioning, guidance_scale: float) -> torch.Tensor:
-    """eps_uncond + s * (eps_text - eps_uncond); `cond` holds the unconditional rows first, then the text rows."""
+def guided_eps(unet, latents, t, cond: TextConditioning, guidance_scale: float, detach_uncond: bool = False):
+    """eps_uncond + s * (eps_text - eps_uncond); `cond` holds the unconditional rows first, then the text rows.
+    `detach_uncond`: no gradient through the unconditional rows (online RL's policy)."""
     eps = unet(torch.cat([latents, latents]), t, **cond.unet_kwargs()).sample
     eps_uncond, eps_text = eps.chunk(2)
+    if detach_uncond:
+        eps_uncond = eps_uncond.detach()
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
 
 
@@ -85,14 +88,28 @@ class DDIMSchedule:
     def init(self, latents):
         return latents * self.scheduler.init_noise_sigma
 
-    def predict(self, model, latents, i: int, cond, guidance_scale: float):
-        return guided_eps(model, latents, self.model_timesteps[i], cond, guidance_scale)
+    def predict(self, model, latents, i: int, cond, guidance_scale: float, detach_uncond: bool = False):
+        return guided_eps(model, latents, self.model_timesteps[i], cond, guidance_scale, detach_uncond)
 
     def step(self, eps, i: int, latents, eta: float = 0.0, generator=None, output: str = "x_prev"):
         return ddim_step(self.scheduler, eps, self.timesteps[i], latents, eta, generator, output)
 
     def renoise_last(self, x0, noise):
         return self.scheduler.add_noise(x0, noise, torch.tensor([self.timesteps[-1]]))
+
+    def stochastic_step(self, eps, i: int, latents, eta: float, noise=None, prev_sample=None):
+        """A DDIM step with eta > 0 as a Gaussian policy step (DDPO, Black et al. 2023), in float32: the mean is
+        diffusers' DDIM update without its noise, the std eta * sqrt(DDIM's variance at t). Returns (x_prev,
+        log_prob (B,), mean, std), the log-density of x_prev (`prev_sample` where given, else drawn with `noise`)
+        averaged over all but the batch dimension."""
+        t = self.timesteps[i]
+        mean = self.scheduler.step(eps.float(), t, latents.float(), eta=eta,
+                                   variance_noise=torch.zeros_like(latents, dtype=torch.float32)).prev_sample
+        prev_t = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+        std = eta * float(self.scheduler._get_variance(t, prev_t)) ** 0.5
+        if prev_sample is None:
+            prev_sample = mean + std * noise.float()
+        return prev_sample, gaussian_log_prob(prev_sample.detach().float(), mean, std), mean, std
 
 
 def make_schedule(scheduler, cond, num_steps: int, latents):
@@ -172,6 +189,40 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
         outputs.append(schedule.step(pred, last, x_t, eta=0.0, generator=None, output=scored_latent))
     kl = torch.stack(kl_terms).mean(0) if kl_terms else torch.zeros(x0.shape[0], device=x0.device)
     return SampleResult(torch.cat(outputs), kl, grad_steps=num_samples)
+
+
+@dataclass
+class Trajectory:
+    """A sampled chain kept for online RL: the latent before and after each step, and each step's log-prob."""
+
+    latents: torch.Tensor    # (B, N + 1, C, h, w) float32: x_T, ..., x_0
+    log_probs: torch.Tensor  # (B, N) float32: log-prob of each step's output under the sampling policy (0: an ODE step)
+
+
+@torch.no_grad()
+def sample_trajectory(model, scheduler, cond, latents, num_inference_steps: int, guidance_scale: float,
+                      stochastic_steps, level: float, generator: torch.Generator, noise_batch: int = None,
+                      noise_rows: slice = slice(None)) -> Trajectory:
+    """The chain from x_T = `latents` without grad, the steps in `stochastic_steps` taken as Gaussian policy steps
+    (flow models: Flow-GRPO's SDE with noise level `level`; SD1.5 / SDXL: DDIM with eta `level`, DDPO) and the
+    others deterministically (ODE / DDIM eta 0). `generator` (CPU) draws each step's noise for `noise_batch` rows
+    (default: these) of which these are `noise_rows`, so a run's samples depend only on its seeds."""
+    noise_batch = noise_batch or latents.shape[0]
+    schedule = make_schedule(scheduler, cond, num_inference_steps, latents)
+    latents = schedule.init(latents).float()
+    chain, log_probs = [latents], []
+    for i in range(len(schedule)):
+        pred = schedule.predict(model, latents, i, cond, guidance_scale)
+        if i in stochastic_steps:
+            # the whole global batch's noise, this process's rows of it: samples independent of the process count
+            noise = torch.randn(noise_batch, *latents.shape[1:], generator=generator)[noise_rows].to(latents.device)
+            latents, log_prob, _, _ = schedule.stochastic_step(pred, i, latents, level, noise=noise)
+        else:
+            latents = schedule.step(pred.float(), i, latents).float()
+            log_prob = torch.zeros(latents.shape[0], device=latents.device)
+        chain.append(latents)
+        log_probs.append(log_prob)
+    return Trajectory(torch.stack(chain, dim=1), torch.stack(log_probs, dim=1))
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

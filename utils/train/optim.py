@@ -35,14 +35,15 @@ def build_optimizer(args, params, learning_rate: float):
                          weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
-def build_lr_scheduler(args, optimizer):
-    """The schedule over optimizer steps. It is stepped once per optimizer step whatever the number of processes (the
-    Accelerator is made with step_scheduler_with_optimizer=False), so a checkpoint's schedule means the same when a
-    run resumes on another number of processes."""
+def build_lr_scheduler(args, optimizer, updates_per_step: int = 1):
+    """The schedule over optimizer updates (--max_train_steps steps of `updates_per_step` updates each). It is
+    stepped once per update whatever the number of processes (the Accelerator is made with
+    step_scheduler_with_optimizer=False), so a checkpoint's schedule means the same when a run resumes on another
+    number of processes."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                         num_training_steps=args.max_train_steps)
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * updates_per_step,
+                         num_training_steps=args.max_train_steps * updates_per_step)
 
 
 def optimizer_update(accelerator, args, model, optimizer, lr_scheduler, skipped: bool, nonfinite_loss=None):

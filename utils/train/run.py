@@ -39,7 +39,7 @@ from .validation import validation_due, validation_wanted
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(args, project_name: str):
+def make_accelerator(args, project_name: str, passes_per_update: int = None):
     """The Accelerator of a run (what `accelerate config` and the common flags say), --output_dir made and args.json
     written by the main process, the trackers started, and the strategies that cannot train refused."""
     from accelerate import Accelerator
@@ -47,7 +47,7 @@ def make_accelerator(args, project_name: str):
 
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_steps=passes_per_update or args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         step_scheduler_with_optimizer=False,  # once per optimizer step, not once per process (build_lr_scheduler)
         log_with=report_to,
@@ -92,11 +92,16 @@ class Run:
     """
 
     def __init__(self, args, project: str, label: str, shown: Iterable[str] = ("loss",),
-                 safe_on_resume: Iterable[str] = ()):
+                 safe_on_resume: Iterable[str] = (), passes_per_batch: int = 1, updates_per_step: int = 1):
         self.args, self.label, self.shown = args, label, tuple(shown)
+        # backward passes per optimizer update (a batch may be backpropagated several times, e.g. once per trained
+        # timestep in online RL) and optimizer updates per step (one sampling epoch of online RL may feed several)
+        self.passes_per_update = args.gradient_accumulation_steps * passes_per_batch
+        self.updates_per_step = updates_per_step
+        self.update_hooks = []  # called after each optimizer update that was not skipped (`after_update`)
         self.safe_on_resume = SAFE_TO_CHANGE_ON_RESUME | set(safe_on_resume)
         self.project = project
-        self.accelerator = make_accelerator(args, project_name=project)
+        self.accelerator = make_accelerator(args, project_name=project, passes_per_update=self.passes_per_update)
         self.device, self.dtype = self.accelerator.device, compute_dtype(self.accelerator)
         self.stop = StopRequest()
         self.validate: Optional[Callable[[int], None]] = None  # draws a validation grid after a step (`on_validation`)
@@ -143,6 +148,14 @@ class Run:
         """The model's weights are split across processes: every process takes part in each of its forwards."""
         return shards_parameters(self.accelerator)
 
+    @property
+    def micro_steps_per_step(self) -> int:
+        return self.passes_per_update * self.updates_per_step
+
+    def after_update(self, hook: Callable[[], None]):
+        """`hook()` runs after each optimizer update that was applied (e.g. an EMA of the weights)."""
+        self.update_hooks.append(hook)
+
     def on_validation(self, validate: Callable[[int], None]):
         """`validate(step)` draws the validation grid after `step`; called at the multiples of --validation_steps and
         after the final save (when grids were asked for)."""
@@ -162,23 +175,26 @@ class Run:
         return validation_wanted(self.args)
 
     # ---- set-up
-    def prepare(self, model, frozen=None, *, is_sdxl: bool, defer_loss_check: bool = False):
+    def prepare(self, model, frozen=None, *, is_sdxl: bool, defer_loss_check: bool = False, checkpointed=()):
         """Optimizer and lr schedule over `model`'s trainable weights, checkpoint hooks writing the weights in the
         diffusers format, `accelerator.prepare` (`frozen`: a full fine-tune's reference copy, prepared beside it
-        where the strategy needs that), then resume and the metrics log. Returns the prepared model; `self.trained`
-        is the unwrapped one."""
+        where the strategy needs that), then resume and the metrics log. `checkpointed`: more objects with
+        state_dict / load_state_dict that every checkpoint holds and a resume restores (e.g. an average of the
+        weights). Returns the prepared model; `self.trained` is the unwrapped one."""
         args, accelerator = self.args, self.accelerator
         learning_rate = scaled_learning_rate(args, self.num_processes)
         optimizer = build_optimizer(args, model.parameters(), learning_rate)
-        lr_scheduler = build_lr_scheduler(args, optimizer)
+        lr_scheduler = build_lr_scheduler(args, optimizer, self.updates_per_step)
         register_checkpoint_hooks(accelerator, is_sdxl)
+        for obj in checkpointed:
+            accelerator.register_for_checkpointing(obj)
         self.model, self.optimizer, self.lr_scheduler = prepare_for_training(accelerator, args, model, optimizer,
                                                                              lr_scheduler, frozen)
         self.trained, self.is_sdxl = accelerator.unwrap_model(self.model), is_sdxl
         self.start_step = resume_from_checkpoint(accelerator, args, check=self._check_resumable)
         # accelerate's micro-step count decides which micro-step syncs: counted in this run's accumulation (a resume
         # on another number of processes may have adjusted it)
-        accelerator.step = self.start_step * args.gradient_accumulation_steps
+        accelerator.step = self.start_step * self.micro_steps_per_step
         self.metrics_log = MetricsLog(args.output_dir, self.start_step, enabled=accelerator.is_main_process)
         self.guard = NonFiniteGuard(start_step=self.start_step, defer=defers_loss_check(defer_loss_check, accelerator))
         return self.model
@@ -224,14 +240,15 @@ class Run:
         self.clock = StepClock()
         for step in self.progress:
             self.model.train()
-            self.step, self.micro_metrics, self.skipped, self.grad_norm = step, [], False, None
+            self.step, self.micro_metrics, self.grad_norm = step, [], None
+            self.skipped, self.skipped_update = False, False  # any update of the step skipped; the current one
             yield step
 
     def micro_steps(self):
         """The accumulation micro-steps of the current step. A stop request drops a partial accumulation at once (a
         long step need not finish before the launcher kills the run): the last completed step is checkpointed and
         Stopped raised (exit code 3)."""
-        for micro in range(self.args.gradient_accumulation_steps):
+        for micro in range(self.micro_steps_per_step):
             self.micro = micro
             yield micro
             if self.stopping:
@@ -259,10 +276,14 @@ class Run:
         if finite:
             accelerator.backward(loss)
         else:
-            self.skipped = True
+            self.skipped_update = True
         if accelerator.sync_gradients:
-            self.grad_norm, self.skipped = optimizer_update(accelerator, self.args, self.model, self.optimizer,
-                                                            self.lr_scheduler, self.skipped, self.guard.take_pending())
+            self.grad_norm, skipped = optimizer_update(accelerator, self.args, self.model, self.optimizer,
+                                                       self.lr_scheduler, self.skipped_update, self.guard.take_pending())
+            self.skipped, self.skipped_update = self.skipped or skipped, False  # the next update starts clean
+            if not skipped:
+                for hook in self.update_hooks:
+                    hook()
         self.micro_metrics.append(logs)
 
     def end_step(self, counts: Optional[dict] = None, **logs) -> dict:
@@ -319,7 +340,7 @@ class Run:
         the resume redraws a dropped partial accumulation), close the logs, raise Stopped."""
         # accelerate counts micro-steps to know which one syncs, and saves the count: rewind the dropped ones, or the
         # resumed run would step its optimizer in the middle of an accumulation
-        self.accelerator.step = completed_step * self.args.gradient_accumulation_steps
+        self.accelerator.step = completed_step * self.micro_steps_per_step
         path = save_checkpoint_of(self.accelerator, self.args, completed_step, self.checkpoint_info)
         self._close_logs()
         where = f"{path} holds it; continue with --resume_from_checkpoint latest" if path else \

@@ -1,0 +1,176 @@
+"""train_online.py: the policy steps' log-probs against hand computations, the clipped objective, the per-prompt
+advantages and DiffusionNFT's loss at hand-made points, the old policy's average, and tiny runs of the three methods
+(resume exactly, two processes equal to one)."""
+import math
+import shutil
+
+import pytest
+import torch
+
+import train_online as T
+from tests.conftest import assert_resumed, free_port, mark_rows_before_resume, run_main_in_process, run_script
+from utils.ema import WeightAverage, nft_decay
+from utils.flow import FlowSchedule
+from utils.sampling import DDIMSchedule
+from utils.train.metrics import read_metrics
+
+
+def normal_log_prob(x, mean, std):
+    return -((x - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+# --------------------------------------------------------------------------- the policy steps
+@pytest.mark.parametrize("i", [0, 1, 3])  # step 0 starts at sigma = 1, where the std's denominator takes sigma_1
+def test_flow_sde_step_and_its_log_prob_by_hand(i):
+    """Mutations: the std's sigma = 1 case not replaced by the second sigma (inf at step 0), a sign of dt flipped in
+    the mean, or the log-prob summed instead of averaged over C, H, W fail here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), "sd3", 4, (8, 8), "cpu")
+    g = torch.Generator().manual_seed(i)
+    x, v, noise = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    nxt, log_prob, mean, std = schedule.stochastic_step(v, i, x, 0.7, noise=noise)
+    s, s_next, s1 = (float(schedule.sigmas[k]) for k in (i, i + 1, 1))
+    dt = s_next - s
+    want_std = 0.7 * math.sqrt(s / (1 - (s1 if s == 1 else s)))
+    want_mean = x * (1 + want_std ** 2 / (2 * s) * dt) + v * (1 + want_std ** 2 * (1 - s) / (2 * s)) * dt
+    step_std = want_std * math.sqrt(-dt)
+    assert std == pytest.approx(want_std, rel=1e-12)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nxt.double(), want_mean + step_std * noise, rtol=1e-6, atol=1e-6)
+    want_log_prob = normal_log_prob(nxt.double(), want_mean, step_std).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob.double(), want_log_prob, rtol=1e-5, atol=1e-5)
+    # the same step given x_next (a stored trajectory's) gives the same log-prob
+    _, again, _, _ = schedule.stochastic_step(v, i, x, 0.7, prev_sample=nxt)
+    torch.testing.assert_close(again, log_prob)
+
+
+def test_ddim_eta_step_and_its_log_prob_by_hand():
+    """DDPO's policy step: x_{t-1} ~ N(sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps, s^2), s = eta sqrt(var).
+    Mutation: the std without eta, or the direction term without s^2, fails here."""
+    from diffusers import DDIMScheduler
+
+    schedule = DDIMSchedule(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          clip_sample=False, set_alpha_to_one=False), 10, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, eps, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    i, eta = 3, 1.0
+    nxt, log_prob, mean, std = schedule.stochastic_step(eps, i, x, eta, noise=noise)
+    ac = schedule.scheduler.alphas_cumprod.double()
+    t = schedule.timesteps[i]
+    a_t, a_prev = ac[t], ac[t - 100]
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    s = eta * var.sqrt()
+    x0_hat = (x.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+    want_mean = a_prev.sqrt() * x0_hat + (1 - a_prev - s ** 2).sqrt() * eps.double()
+    assert std == pytest.approx(float(s), rel=1e-6)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    want_log_prob = normal_log_prob(nxt.double(), want_mean, float(s)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob.double(), want_log_prob, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the objectives
+def test_clipped_loss_is_minus_the_mean_advantage_at_ratio_one_and_the_clip_stops_the_gradient():
+    advantages = torch.tensor([2.0, -1.0, 7.0])
+    log_prob = torch.zeros(3, requires_grad=True)
+    loss, logs = T.clipped_policy_loss(log_prob, torch.zeros(3), advantages, clip_range=0.1, adv_clip_max=5.0)
+    assert float(loss.detach()) == pytest.approx(-(2 - 1 + 5) / 3)  # the third advantage is clipped to 5
+    assert float(logs["clipfrac"]) == 0
+    # ratio e^0.5 > 1.1 for a positive advantage: the clipped term wins, no gradient; for the negative one the
+    # unclipped term wins (the objective stays pessimistic), so its gradient flows
+    log_prob = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+    loss, logs = T.clipped_policy_loss(log_prob, torch.zeros(3), advantages, clip_range=0.1, adv_clip_max=5.0)
+    loss.backward()
+    ratio = math.exp(0.5)
+    assert float(loss.detach()) == pytest.approx((-2 * 1.1 + 1 * ratio - 5 * 1.0) / 3)
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] == pytest.approx(ratio / 3)
+    assert float(logs["clipfrac"]) == pytest.approx(2 / 3)
+
+
+def test_group_advantages_use_each_prompts_statistics_or_the_global_std():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
+    prompts = torch.tensor([0, 0, 1, 1, 2, 2])
+    per_group = T.group_advantages(rewards, prompts, global_std=False)
+    # groups (1, 3): mean 2, std 1; (10, 10): std 0, advantages 0; (0, 4): mean 2, std 2 (population stds)
+    want = torch.tensor([-1 / (1 + 1e-4), 1 / (1 + 1e-4), 0, 0, -2 / (2 + 1e-4), 2 / (2 + 1e-4)], dtype=torch.float64)
+    torch.testing.assert_close(per_group, want)
+    std = float(rewards.double().std(unbiased=False))
+    global_ = T.group_advantages(rewards, prompts, global_std=True)
+    torch.testing.assert_close(global_, torch.tensor([-1, 1, 0, 0, -2, 2], dtype=torch.float64) / (std + 1e-4))
+
+
+def test_nft_loss_at_hand_made_points():
+    """x_0 = 0, x_t = 1, t = 0.5. v = v_old = 0: both x_0 predictions are 1, error 1, weight 1: loss c / beta. v = 2,
+    v_old = 0, beta 1: x0+ = 0 (error 0), x0- = 2 (error 4, weight 2): loss 0 for a positive advantage (r = 1), 2c
+    for a negative one (r = 0). Mutation: v- = (1 + beta) v - beta v_old (the roles swapped) fails here."""
+    x0, x_t, t = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), torch.full((2,), 0.5)
+    c = 5.0
+    zero = torch.zeros(2, 1, 2, 2)
+    loss, _ = T.nft_loss(zero, zero, x_t, x0, t, torch.tensor([3.0, -2.0]), beta=0.5, adv_clip_max=c)
+    assert float(loss) == pytest.approx(c / 0.5)
+    two = torch.full((2, 1, 2, 2), 2.0)
+    for advantage, want in ((c, 0.0), (-c, 2 * c), (0.0, c)):  # A = 0: r = 1/2, half of 2c
+        loss, _ = T.nft_loss(two, zero, x_t, x0, t, torch.full((2,), advantage), beta=1.0, adv_clip_max=c)
+        assert float(loss) == pytest.approx(want, abs=1e-6), advantage
+
+
+def test_the_old_policy_is_an_average_that_follows_the_decay_schedule():
+    w = torch.nn.Parameter(torch.tensor([0.0]))
+    average = WeightAverage([w], lambda update: nft_decay(update, 1))
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            w.fill_(value)
+        average.update()
+    # decays 0, 0.001, 0.002: 1 -> 0.001 * 1 + 0.999 * 2 -> 0.002 * that + 0.998 * 3
+    first = 1.0
+    second = 0.001 * first + 0.999 * 2
+    assert float(average.average[0]) == pytest.approx(0.002 * second + 0.998 * 3)
+    with torch.no_grad(), average.swapped_in():
+        assert float(w) == pytest.approx(float(average.average[0]))
+    assert float(w.detach()) == 3.0
+    assert [nft_decay(s, 2) for s in (0, 74, 75, 76, 1000)] == [0.0, 0.0, 0.0, 0.0075, 0.999]
+
+
+# --------------------------------------------------------------------------- tiny runs
+def online_flags(method, out, *extra):
+    model = "tiny-sd" if method == "ddpo" else "tiny-sd3"
+    return ["--method", method, "--pretrained_model_name_or_path", model, "--reward_model", "brightness",
+            "--prompts", "colored_animals", "--group_size", 2, "--train_batch_size", 2, "--num_inference_steps", 3,
+            "--learning_rate", 1e-3, "--lora_rank", 4, "--report_to", "none", "--validation_steps", 1000,
+            "--output_dir", out, *extra]
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "nft", "ddpo"])
+def test_a_run_resumes_exactly(method, tmp_path, tiny_sd_path):
+    """3 steps of 2 updates each, a checkpoint every step; the resume from step 2 writes the rows the straight run
+    wrote, equal on the CPU (NFT: its old policy is in the checkpoint)."""
+    out = tmp_path / "run"
+    flags = online_flags(method, out, "--max_train_steps", 3, "--checkpointing_steps", 1, "--updates_per_epoch", 2)
+    run_main_in_process(T, flags)
+    straight = read_metrics(str(out))
+    assert [r["step"] for r in straight] == [1, 2, 3] and all(r["skipped"] == 0 for r in straight)
+    if method == "flow_grpo":  # the first update samples and trains the same policy: ratio 1, loss = -mean(A) = 0
+        assert straight[0]["approx_kl"] < 1e-6
+    shutil.rmtree(out / "checkpoint-3")
+    mark_rows_before_resume(out)
+    log = run_main_in_process(T, [*flags, "--resume_from_checkpoint", "latest"])
+    resumed = assert_resumed(out, log, 2)
+    keys = [k for k in straight[0] if not k.endswith("_seconds")]
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in straight]
+
+
+def test_two_processes_gather_the_rewards_of_one(tmp_path):
+    """Flow-GRPO on 2 gloo processes x batch 1 against 1 process x batch 2: the same images (noise drawn for the
+    global batch), rewards gathered before the advantages, so reward, its std and the loss agree."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_main_in_process(T, online_flags("flow_grpo", one, "--max_train_steps", 2))
+    flags = online_flags("flow_grpo", two, "--max_train_steps", 2)
+    flags[flags.index("--train_batch_size") + 1] = 1
+    # several CPU processes need --multi_gpu (torchrun) with ACCELERATE_USE_CPU set
+    run_script(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+                "train_online.py", *flags], env={"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""})
+    for a, b in zip(read_metrics(str(one)), read_metrics(str(two))):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["reward_std"] == pytest.approx(b["reward_std"],
+                                                                                                         abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
