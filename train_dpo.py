@@ -57,7 +57,7 @@ from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline,
                           load_pipeline_parts, load_unet_init, model_prediction, read_family, reference_model)
 from utils.pairs import (LATENT_CACHE_AUTO_BYTES, build_latent_cache, choose_winners, dataset_prompt,
                          default_num_workers, latent_cache_applies, scan_dataset, swap_pairs)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec
+from utils.rewards import list_rewards, load_reward, parse_reward_spec, tensor_to_pil
 from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, check_speed_args, compile_training_unet
@@ -522,7 +522,7 @@ def validation(args, accelerator, parts, trained, frozen_unet, with_base, prompt
                 rows = []
                 break
             if scorer is not None:
-                scores[name] = [round(s, 5) for s in scorer(images, prompts).tolist()]
+                scores[name] = [round(s, 5) for s in scorer.score(tensor_to_pil(images), prompts)]  # any kind
             rows.append(images.cpu())
         if accelerator.is_main_process and rows:
             log_validation(accelerator, args.output_dir, step, torch.cat(rows), list(models), prompts,

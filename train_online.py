@@ -31,7 +31,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from utils import UsageError
@@ -40,7 +39,7 @@ from utils.data import load_prompts, prompt_sets
 from utils.ema import WeightAverage, nft_decay
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           read_family, reference_model)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec
+from utils.rewards import list_rewards, load_reward, parse_reward_spec, tensor_to_pil
 from utils.sampling import cfg_conditioning, decode_latents, make_schedule, sample_trajectory
 from utils.seeding import step_generator
 from utils.train import Run, run_main
@@ -296,9 +295,16 @@ def main(args):
                                               schedule_steps if args.method != "nft" else (), args.noise_level,
                                               step_generator(args.seed, step, m), run.global_batch, run.rows)
                 images = decode_latents(parts.vae, chain.latents[:, -1])
-            # ---- reward: one number per image, without a graph
-            pils = to_pil(images)
-            local_rewards.append(torch.tensor(scorer.score(pils, [prompts[i] for i in ids]), dtype=torch.float64))
+            # ---- reward: one number per image, without a graph; a reward that fails (a server that stays down
+            # after its retries) ends the run on every process with the last step checkpointed, never a zero reward
+            failure = None
+            try:
+                scores = scorer.score(tensor_to_pil(images), [prompts[i] for i in ids])
+            except UsageError as e:
+                failure, scores = e, [float("nan")] * len(ids)
+            if run.any_process(failure is not None):
+                run.abort(failure)
+            local_rewards.append(torch.tensor(scores, dtype=torch.float64))
             kept = chain.latents[:, -1:] if args.method == "nft" else chain.latents
             batches.append(Batch(ids, cond, kept, chain.log_probs))
         # ---- advantages: every process's rewards gathered in the global order, then each group's statistics
@@ -379,14 +385,6 @@ def gather_rewards(run, local: torch.Tensor) -> torch.Tensor:
     return gathered.view(run.num_processes, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1).cpu()
 
 
-def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounded to uint8 as a saved image is."""
-    from PIL import Image
-
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
-
-
 @torch.no_grad()
 def validation(args, run, parts, trained, scorer, uncond, latent_shape, resolution, step, prompts):
     """Fixed prompts and seeds, sampled deterministically: the base model's images (first row) beside the trained
@@ -412,7 +410,7 @@ def validation(args, run, parts, trained, scorer, uncond, latent_shape, resoluti
                 images[name] = decode_latents(parts.vae, chain.latents[:, -1])
         if len(images) == sum(m is not None for m in models.values()):
             rows = list(images)
-            scores = {name: [round(s, 5) for s in scorer.score(to_pil(images[name]), shown)] for name in rows}
+            scores = {name: [round(s, 5) for s in scorer.score(tensor_to_pil(images[name]), shown)] for name in rows}
             log_validation(accelerator, args.output_dir, step, torch.cat([images[n] for n in rows]), rows, shown,
                            info={"seeds": seeds, "rewards": scores}, scores=scores)
     accelerator.wait_for_everyone()

@@ -174,3 +174,34 @@ def test_two_processes_gather_the_rewards_of_one(tmp_path):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["reward_std"] == pytest.approx(b["reward_std"],
                                                                                                          abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_a_reward_that_fails_mid_run_ends_it_with_the_last_step_checkpointed(tmp_path, monkeypatch):
+    """A reward server that stays down after its retries raises a one-line UsageError from `score`; the run must
+    not train on a made-up reward: it checkpoints the last completed step and ends with that error. (Here the
+    scorer fails on its third call, step 2's first batch; utils/reward_server.py's own failures are tested in
+    tests/test_rewards_nograd.py.) Mutation: dropping run.abort from train_online.py's reward phase fails here."""
+    from utils import UsageError
+
+    load_reward = T.load_reward
+
+    def failing_on_the_third_call(*args, **kwargs):
+        scorer, calls = load_reward(*args, **kwargs), []
+        score = scorer.score
+
+        def score_or_fail(images, prompts):
+            calls.append(1)
+            if len(calls) == 3:
+                raise UsageError("reward server http://127.0.0.1:9: no answer within 1 s (3 attempts)")
+            return score(images, prompts)
+
+        scorer.score = score_or_fail
+        return scorer
+
+    monkeypatch.setattr(T, "load_reward", failing_on_the_third_call)
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"no answer within 1 s \(3 attempts\); \S+checkpoint-1 holds step 1"):
+        run_main_in_process(T, online_flags("flow_grpo", out, "--max_train_steps", 3, "--gradient_accumulation_steps",
+                                            2, "--checkpointing_steps", 100))
+    assert [r["step"] for r in read_metrics(str(out))] == [1]
+    assert (out / "checkpoint-1" / "training_state.json").exists()

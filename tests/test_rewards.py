@@ -62,8 +62,10 @@ PROMPTS = ["a red apple on a table", "a photo of a dog", "a blue sky", "an astro
 
 # --------------------------------------------------------------------------- registry and specs
 def test_list_rewards():
-    # toyclip: learned, but its weights are committed (tests/test_toyworld_models.py), so no tiny stand-in here
-    assert list_rewards() == LEARNED + ["toyclip"] + WEIGHT_FREE
+    # the built-in ones first; then the toy plugin's: toyclip (learned, its weights committed:
+    # tests/test_toyworld_models.py) and its pixel judge
+    no_gradient = ["jpeg_incompressibility", "jpeg_compressibility", "http"]
+    assert list_rewards() == LEARNED + WEIGHT_FREE + no_gradient + ["toyclip", "toyworld_judge"]
 
 
 def test_parse_reward_spec():

@@ -347,6 +347,22 @@ class Run:
             "no step was completed, nothing to save; rerun with --resume_from_checkpoint latest"
         raise Stopped(f"stop requested; stopped after step {completed_step}: {where}", completed_step)
 
+    def any_process(self, flag: bool) -> bool:
+        """True where `flag` is True on some process (one all-reduce with several processes)."""
+        if self.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum").item() > 0)
+
+    def abort(self, error: Exception = None):
+        """End the run on an error met inside a step (e.g. a reward server that stays down), on every process: the
+        last completed step is checkpointed first, and the error becomes one line that says where the state is.
+        Every process must call it (the checkpoint is collective): agree first with `any_process`."""
+        path = save_checkpoint_of(self.accelerator, self.args, self.step, self.checkpoint_info)
+        self._close_logs()
+        where = f"{path} holds step {self.step}: resume from it with --resume_from_checkpoint latest" if path else \
+            "no step was completed, nothing to save"
+        raise UsageError(f"{error or 'another process failed'}; {where}") from None
+
     def _close_logs(self):
         self.metrics_log.close()
         self.accelerator.end_training()
