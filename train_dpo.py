@@ -70,8 +70,10 @@ from utils.train.validation import log_validation
 
 logger = logging.getLogger("train_dpo")
 
-# The names the Diffusion-DPO train.py gave its --choice_model scorers, mapped to this project's registry.
-CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2"}
+# The names the Diffusion-DPO train.py gave its --choice_model scorers, mapped to this project's registry. Its "clip"
+# (utils/clip_utils.py) is the LAION ViT-H-14 cosine with HPSv2's preprocessing: clip_h14, not the OpenAI ViT-L/14
+# CLIP score that --reward_model clip names.
+CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2", "clip": "clip_h14"}
 # --learning_rate when not given. Full UNet: the Diffusion-DPO train.py's 1e-8, which its recipes multiply by the
 # effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
 # (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
@@ -176,7 +178,8 @@ def parse_args(argv=None):
                    help="sigmoid: Diffusion-DPO; hinge: SLiC, relu(1 - inside); ipo: IPO, (inside / beta - 1 / (2 beta))^2")
     g.add_argument("--choice_model", default=None,
                    help=f"AI feedback: this scoring model picks each pair's winner (labels ignored); one of "
-                        f"{', '.join(list_rewards())} (aliases: {', '.join(CHOICE_MODEL_ALIASES)})")
+                        f"{', '.join(n for n in list_rewards() if n not in CHOICE_MODEL_ALIASES)} (the Diffusion-DPO "
+                        f"train.py's names: {', '.join(f'{k}={v}' for k, v in CHOICE_MODEL_ALIASES.items())})")
     g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
                    help="local folder or file for a scoring model instead of its hub id, e.g. pickscore=/models/pickscore")
     g.add_argument("--unet_init", default=None,

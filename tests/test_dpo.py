@@ -286,8 +286,13 @@ def test_check_args_rejects_bad_values(flags, needle, tmp_path):
 
 
 def test_choice_model_takes_the_original_scripts_names(tmp_path):
+    """The Diffusion-DPO train.py's names mean its scorers: its 'clip' (utils/clip_utils.py, the LAION ViT-H-14 cosine)
+    is clip_h14, not the OpenAI ViT-L/14 CLIP score of --reward_model clip.
+    Mutation: CHOICE_MODEL_ALIASES without "clip" fails it."""
     base = ["--pretrained_model_name_or_path", "tiny-sd", "--dataset_name", "x", "--output_dir", str(tmp_path)]
     assert T.parse_args(base + ["--choice_model", "aes"]).choice_model == "aesthetic"
+    assert T.parse_args(base + ["--choice_model", "hps"]).choice_model == "hpsv2"
+    assert T.parse_args(base + ["--choice_model", "clip"]).choice_model == "clip_h14"
     assert T.parse_args(base + ["--choice_model", "brightness"]).choice_model == "brightness"
 
 

@@ -19,10 +19,11 @@ from PIL import Image
 
 from utils import UsageError
 from utils.rewards import AESTHETIC_FILE, HPS_FILES, list_rewards, load_reward, parse_reward_spec, pil_to_tensor
-from utils.toy.tiny_rewards import TINY_IMAGE_SIZE, save_tiny_aesthetic, save_tiny_clip, save_tiny_open_clip_checkpoint
+from utils.toy.tiny_rewards import (TINY_IMAGE_SIZE, save_tiny_aesthetic, save_tiny_clip, save_tiny_open_clip_checkpoint,
+                                    save_tiny_open_clip_hub)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEARNED = ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv2.1"]
+LEARNED = ["pickscore", "clip", "clip_h14", "aesthetic", "hpsv2", "hpsv2.1"]
 WEIGHT_FREE = ["brightness", "saturation", "color_match"]
 MAX_PIXEL_DIFF, MEAN_PIXEL_DIFF = 0.05, 0.006
 
@@ -39,6 +40,7 @@ def tiny_paths(tmp_path_factory):
     return {
         "pickscore": clip,
         "clip": clip,
+        "clip_h14": save_tiny_open_clip_hub(root / "clip_h14", seed=3),  # a folder laid out as the hub repo
         "aesthetic": save_tiny_aesthetic(root / "aesthetic"),
         "hpsv2": str(hps_dir),  # a folder holding the hub file name
         "hpsv2.1": v21_file,  # the checkpoint file itself
@@ -106,7 +108,7 @@ def test_missing_weights_name_what_was_looked_for(tmp_path, tiny_paths):
     aesthetic_pth = os.path.join(tiny_paths["aesthetic"], AESTHETIC_FILE)
     script = (
         "import json\nfrom utils.rewards import load_reward\nfrom utils import UsageError\nout = {}\n"
-        f"for name, path in [('pickscore', None), ('clip', None), ('aesthetic', None), ('hpsv2', None), "
+        f"for name, path in [('pickscore', None), ('clip', None), ('clip_h14', None), ('aesthetic', None), ('hpsv2', None), "
         f"('hpsv2.1', None), ('aesthetic-pth', {aesthetic_pth!r})]:\n"
         "    try:\n        load_reward(name.split('-')[0], model_name_or_path=path)\n        out[name] = 'loaded'\n"
         "    except UsageError as err:\n        out[name] = str(err)\n"
@@ -120,6 +122,7 @@ def test_missing_weights_name_what_was_looked_for(tmp_path, tiny_paths):
     expected = {
         "pickscore": "yuvalkirstain/PickScore_v1",
         "clip": "openai/clip-vit-large-patch14",
+        "clip_h14": "open_clip_pytorch_model.bin of hub repo 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'",
         "aesthetic": os.path.join(str(tmp_path / "torch"), "hub", "checkpoints", AESTHETIC_FILE),
         "hpsv2": "HPS_v2_compressed.pt",
         "hpsv2.1": "HPS_v2.1_compressed.pt",
@@ -178,6 +181,9 @@ def test_weights_come_from_the_files(scorers, tiny_paths):
         assert set(checkpoint) == {"state_dict"}
         model = scorers[name].model.state_dict()
         assert all(torch.equal(model[k], v) for k, v in checkpoint["state_dict"].items())
+    bare = torch.load(os.path.join(tiny_paths["clip_h14"], "open_clip_pytorch_model.bin"), weights_only=True)
+    model = scorers["clip_h14"].model.state_dict()
+    assert set(bare) == set(model) and all(torch.equal(model[k], v) for k, v in bare.items())
 
 
 @pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
@@ -236,6 +242,42 @@ def test_scores_follow_each_models_formula(scorers, tiny_paths):
             expected[name] = torch.diagonal(features["image_features"] @ features["text_features"].T)
     for name, value in expected.items():
         torch.testing.assert_close(torch.tensor(scorers[name].score(images, PROMPTS)), value.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_h14_is_diffusion_dpos_clip_judge(scorers):
+    """clip_h14 computes what Diffusion-DPO's --choice_model clip computes (its utils/clip_utils.py): HPSv2's
+    open_clip with light_augmentation=True, whose preprocess_val is ResizeMaxSize (the longest side to the model's
+    size, bicubic, then black padding split as pad // 2 before and the rest after), ToTensor, Normalize with OpenAI's
+    mean/std; score = diag(image_features @ text_features.T) of the model's dict output (normalised features), no
+    factor 100. Written out here with torchvision, not through open_clip's transform.
+
+    Mutations: ``100.0 *`` in OpenClipReward's score, or image_resize_mode="shortest" in load_open_clip (crops
+    instead of padding), or train_dpo.py's CHOICE_MODEL_ALIASES without "clip" (tests/test_dpo.py) fail it."""
+    import open_clip
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    openai_mean, openai_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def resize_max_size(image, max_size=TINY_IMAGE_SIZE):
+        width, height = image.size
+        scale = max_size / float(max(height, width))
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        image = TF.resize(image, new_size, InterpolationMode.BICUBIC)
+        pad_h, pad_w = max_size - new_size[0], max_size - new_size[1]
+        return TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+
+    scorer = scorers["clip_h14"]
+    images = [smooth_image(*hw, seed=k) for k, hw in enumerate([(20, 40), (50, 30), (64, 64), (33, 90)])]
+    pixels = torch.stack([TF.normalize(TF.to_tensor(resize_max_size(im.convert("RGB"))), openai_mean, openai_std)
+                          for im in images])
+    torch.testing.assert_close(scorer.pixels_from_pil(images), pixels, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        out = scorer.model(pixels, open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
+        features = out if isinstance(out, dict) else {"image_features": out[0], "text_features": out[1]}
+        expected = torch.diagonal(features["image_features"] @ features["text_features"].T)
+    assert expected.abs().max() <= 1
+    torch.testing.assert_close(torch.tensor(scorer.score(images, PROMPTS)), expected.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_scorers_are_frozen(scorers):

@@ -17,6 +17,11 @@ Names (``list_rewards()``):
 - ``clip``: CLIP score with openai/clip-vit-large-patch14: ``100 * cos(image_embeds, text_embeds)``. This is
   torchmetrics' CLIPScore without its clamp at 0 (the clamp would zero the gradient of poorly matching images);
   the fixed 100 (not the model's logit_scale) keeps the number comparable across CLIP checkpoints.
+- ``clip_h14``: Diffusion-DPO's CLIP judge (its ``utils/clip_utils.py``, train_dpo.py's ``--choice_model clip``):
+  open_clip ViT-H-14 with the laion2B-s32B-b79K weights (hub repo laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+  ``open_clip_pytorch_model.bin``), preprocessed as HPSv2 (resize the longest side to 224, pad with black, OpenAI
+  mean/std); score = ``cos(image_features, text_features)``, in [-1, 1] (no factor 100), as their
+  ``image_features @ text_features.T``.
 - ``aesthetic``: LAION aesthetic predictor v2 (``sac+logos+ava1-l14-linearMSE.pth``): an MLP 768-1024-128-64-16-1
   without activations (dropouts at indices 1, 3, 5, so the state dict holds ``layers.{0,2,4,6,7}``) on the
   L2-normalised CLIP ViT-L/14 image embedding (openai/clip-vit-large-patch14). The prompt is ignored.
@@ -56,7 +61,7 @@ Where the weights come from. Each learned scorer takes a local path instead of i
   ViT-L/14 as ``save_pretrained`` writes it (``config.json`` + weights + processor files; without them the CLIP
   part comes from openai/clip-vit-large-patch14), or the ``.pth`` file itself. By default the MLP is fetched
   once from the improved-aesthetic-predictor GitHub repository into torch hub's cache (``torch.hub.get_dir()``).
-- ``hpsv2`` / ``hpsv2.1``: the checkpoint file, or a folder holding it under its hub file name. An
+- ``hpsv2`` / ``hpsv2.1`` / ``clip_h14``: the checkpoint file, or a folder holding it under its hub file name. An
   ``open_clip_config.json`` next to the checkpoint (open_clip's format: ``{"model_cfg": {...}}``) replaces the
   ViT-H-14 architecture (the tests use this for tiny models); ``load_hps(name, path, arch=, arch_config=)``
   does the same in code.
@@ -882,13 +887,17 @@ def _aesthetic_mlp_file(name: str, path: Optional[str]) -> str:
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
+# Diffusion-DPO's CLIP judge (its utils/clip_utils.py: open_clip ViT-H-14, pretrained 'laion2B-s32B-b79K'): the weights
+# as open_clip's pretrained table fetches them, from this hub repo.
+LAION_H14_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+LAION_H14_FILE = "open_clip_pytorch_model.bin"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # The keys of an open_clip model config that may replace ViT-H-14's (see open_clip.create_model's model_kwargs).
 _ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias")
 
 
-def _hps_checkpoint(name: str, path: Optional[str]) -> str:
-    filename = HPS_FILES[name]
+def _checkpoint_file(name: str, path: Optional[str], repo: str, filename: str) -> str:
+    """The checkpoint `filename` of hub repo `repo`, or the local file `path` (or `path`/`filename` for a folder)."""
     if path is not None:
         candidate = os.path.join(path, filename) if os.path.isdir(path) else path
         if not os.path.isfile(candidate):
@@ -897,9 +906,9 @@ def _hps_checkpoint(name: str, path: Optional[str]) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(HPS_REPO, filename, local_files_only=_local_files_only())
+        return hf_hub_download(repo, filename, local_files_only=_local_files_only())
     except Exception as err:  # the hub raises several unrelated types (offline, HTTP, not found); all mean "missing"
-        raise _hub_error(name, f"{filename} of hub repo {HPS_REPO!r}", HPS_REPO, err) from err
+        raise _hub_error(name, f"{filename} of hub repo {repo!r}", repo, err) from err
 
 
 def _sidecar_arch(checkpoint: str) -> Optional[dict]:
@@ -916,9 +925,15 @@ def _sidecar_arch(checkpoint: str) -> Optional[dict]:
 def load_hps(name: str, path: Optional[str] = None, arch: str = "ViT-H-14", arch_config: Optional[dict] = None) -> OpenClipReward:
     """HPS v2 / v2.1 through open-clip-torch. ``arch_config`` (or an ``open_clip_config.json`` next to the
     checkpoint) replaces the architecture of ``arch``, e.g. a tiny model for tests."""
+    return load_open_clip(name, _checkpoint_file(name, path, HPS_REPO, HPS_FILES[name]), arch, arch_config)
+
+
+def load_open_clip(name: str, checkpoint: str, arch: str = "ViT-H-14", arch_config: Optional[dict] = None) -> OpenClipReward:
+    """An open_clip CLIP from a checkpoint file, preprocessed as HPSv2 and Diffusion-DPO's judges preprocess (resize
+    the longest side, pad with black) and scored as the cosine of the normalised features. ``arch_config`` (or an
+    ``open_clip_config.json`` next to the checkpoint) replaces the architecture of ``arch``."""
     import open_clip
 
-    checkpoint = _hps_checkpoint(name, path)
     arch_config = arch_config or _sidecar_arch(checkpoint) or {}
     overrides = {k: v for k, v in arch_config.items() if k in _ARCH_KEYS}
     # 'longest': HPSv2 scores with light_augmentation=True, i.e. resize the longest side and pad with black.
@@ -944,6 +959,10 @@ def _build_clip(name, path):
     return ClipScore(name, *load_clip(name, path or "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"))
 
 
+def _build_clip_h14(name, path):
+    return load_open_clip(name, _checkpoint_file(name, path, LAION_H14_REPO, LAION_H14_FILE))
+
+
 def _build_aesthetic(name, path):
     clip_id = "openai/clip-vit-large-patch14"
     if path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
@@ -958,6 +977,7 @@ def _build_aesthetic(name, path):
 _REGISTRY: Dict[str, _Entry] = {
     "pickscore": _Entry(_build_pickscore, True),
     "clip": _Entry(_build_clip, True),
+    "clip_h14": _Entry(_build_clip_h14, True),
     "aesthetic": _Entry(_build_aesthetic, True),
     "hpsv2": _Entry(lambda name, path: load_hps(name, path), True),
     "hpsv2.1": _Entry(lambda name, path: load_hps(name, path), True),

@@ -7,7 +7,10 @@ Each builder writes what the real model ships, so the registry loads it through 
 - ``save_tiny_aesthetic(folder)``: the same CLIP (projection 768, as ViT-L/14) plus
   ``sac+logos+ava1-l14-linearMSE.pth``, a plain state dict with keys ``layers.{0,2,4,6,7}.{weight,bias}``;
 - ``save_tiny_open_clip_checkpoint(path)``: an open_clip CLIP saved as the HPS checkpoints are, a dict
-  ``{"state_dict": model.state_dict()}``, plus ``open_clip_config.json`` next to it naming the tiny architecture.
+  ``{"state_dict": model.state_dict()}``, plus ``open_clip_config.json`` next to it naming the tiny architecture;
+- ``save_tiny_open_clip_hub(folder)``: the same tiny open_clip CLIP as the open_clip hub repos ship it (what
+  ``clip_h14`` takes as a local folder): the bare state dict as ``open_clip_pytorch_model.bin`` plus
+  ``open_clip_config.json``.
 
 Images are 32x32 for the vision towers (patch 8); the tokenizer is the real CLIP BPE (``utils.toy.tiny``).
 """
@@ -83,9 +86,10 @@ def save_tiny_aesthetic(folder, seed: int = 0) -> str:
     return str(folder)
 
 
-def save_tiny_open_clip_checkpoint(path, seed: int = 0) -> str:
+def save_tiny_open_clip_checkpoint(path, seed: int = 0, wrap: bool = True) -> str:
     """Write a tiny open_clip CLIP as ``{"state_dict": ...}`` at ``path`` (e.g. .../HPS_v2_compressed.pt) and
-    its architecture as ``open_clip_config.json`` in the same folder. Returns ``path``."""
+    its architecture as ``open_clip_config.json`` in the same folder. Returns ``path``. ``wrap=False`` saves the bare
+    state dict, as the open_clip hub repos do."""
     import open_clip
 
     from utils.rewards import OPEN_CLIP_CONFIG
@@ -98,6 +102,15 @@ def save_tiny_open_clip_checkpoint(path, seed: int = 0) -> str:
     # Random init leaves logit_scale at log(1/0.07); perturb every tensor a little so a load that silently
     # kept the init would be caught.
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, path)
+    torch.save({"state_dict": state} if wrap else state, path)
     (path.parent / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CONFIG}, indent=2))
     return str(path)
+
+
+def save_tiny_open_clip_hub(folder, seed: int = 0) -> str:
+    """A folder laid out as an open_clip hub repo (laion/CLIP-ViT-H-14-laion2B-s32B-b79K): the tiny open_clip CLIP's
+    bare state dict as ``open_clip_pytorch_model.bin`` and ``open_clip_config.json``. Returns the folder."""
+    from utils.rewards import LAION_H14_FILE
+
+    save_tiny_open_clip_checkpoint(Path(folder) / LAION_H14_FILE, seed=seed, wrap=False)
+    return str(folder)
