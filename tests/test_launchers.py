@@ -15,10 +15,11 @@ from utils.train.metrics import read_metrics
 
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
-RECIPES = ["alignprop_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh", "draft_lv_sd15.sh",
-           "draftp_sd15.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "sft_sd15.sh"]
-TINY = ["alignprop.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh", "draftp_sd3.sh",
-        "draftp_sdxl.sh", "sft.sh"]
+RECIPES = ["alignprop_sd15.sh", "ddpo_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh",
+           "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "flow_grpo_sd35.sh", "nft_sd35.sh",
+           "sft_sd15.sh"]
+TINY = ["alignprop.sh", "ddpo.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh",
+        "draftp_sd3.sh", "draftp_sdxl.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -37,7 +38,7 @@ def launch(launcher, tmp_path, env=None):
     proc = subprocess.run(["bash", str(REPO_ROOT / launcher)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     script, *flags = json.loads(out.read_text())
-    assert script in ("train_draftp.py", "train_dpo.py"), script
+    assert script in ("train_draftp.py", "train_dpo.py", "train_online.py"), script
     module = importlib.import_module(script[: -len(".py")])
     return module, module.parse_args(flags)
 
@@ -153,3 +154,25 @@ def test_tiny_draftp_launcher_runs_end_to_end(tmp_path, tiny_sd_path):
     for noise in ("pip install kernels", "should be kept in float32", "Loading weights"):
         assert noise not in proc.stderr, proc.stderr[-4000:]
     assert "samples per optimizer step" in proc.stderr
+
+
+def test_flow_grpo_sd35_passes_flow_grpos_pickscore_recipe(tmp_path):
+    """config/grpo.py pickscore_sd3: 48 prompts x 24 images per epoch in 2 updates, 10 steps, guidance 4.5, beta
+    0.01, clip 1e-4, timestep fraction 0.99, global std; LoRA r 32 alpha 64, lr 3e-4."""
+    _, a = launch("launchers/flow_grpo_sd35.sh", tmp_path)
+    images = 8 * a.train_batch_size * a.gradient_accumulation_steps * a.updates_per_epoch
+    assert (images, a.group_size, a.updates_per_epoch) == (48 * 24, 24, 2)
+    assert (a.num_inference_steps, a.guidance_scale, a.noise_level, a.kl_beta, a.clip_range) == (10, 4.5, 0.7, 0.01, 1e-4)
+    assert (a.timestep_fraction, a.global_std, a.lora_rank, a.lora_alpha, a.learning_rate) == (0.99, True, 32, 64, 3e-4)
+
+
+def test_the_tiny_online_launcher_trains(tmp_path):
+    """launchers/tiny/flow_grpo.sh end to end (one process, 2 steps): weights and metrics written."""
+    env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "MAX_STEPS": "2",
+           "LAUNCHER": f"{sys.executable}"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "launchers/tiny/flow_grpo.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "out"))] == [1, 2]
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+

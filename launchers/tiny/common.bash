@@ -47,3 +47,21 @@ tiny_dpo() {
   )
   $LAUNCHER train_dpo.py "${args[@]}" "$@"
 }
+
+# train_online.py on the tiny pipeline MODEL with the weight-free brightness reward, groups of 2 images, a few steps.
+tiny_online() {
+  local args=(
+    --pretrained_model_name_or_path "$MODEL"
+    --reward_model brightness
+    --prompts colored_animals
+    --output_dir "$OUTPUT_DIR"
+    "${SAMPLING[@]}"
+    "${METHOD[@]}"
+    --group_size 2
+    --learning_rate 1e-3 --lora_rank 8
+    "${BATCH[@]}"
+    --validation_prompts "a red cat" --num_validation_images 1 --validation_steps 10
+    --report_to none
+  )
+  $LAUNCHER train_online.py "${args[@]}" "$@"
+}
