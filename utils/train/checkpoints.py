@@ -441,7 +441,7 @@ def set_aside_newer(output_dir: str, step: int, failed: Optional[dict] = None):
     newer = [p for p in list_checkpoints(output_dir) if step_of(p) > step]
     if not newer:
         return
-    finals = [os.path.join(output_dir, name) for name in (LORA_WEIGHT_NAME, "unet", "transformer")]
+    finals = [os.path.join(output_dir, name) for name in (LORA_WEIGHT_NAME, "unet", "transformer", "ema")]
     finals = [p for p in finals if os.path.exists(p)]
     target = os.path.join(output_dir, time.strftime("abandoned-%Y%m%d-%H%M%S"))
     os.makedirs(target, exist_ok=True)

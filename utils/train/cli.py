@@ -19,7 +19,8 @@ DEFAULTS_NOTE = ("Defaults marked 'from ...' follow that source; the other defau
                  "(README.md, 'Where the defaults come from').")
 
 
-EARLIER_RUN_FILES = ("args.json", "metrics.jsonl", "samples", "pytorch_lora_weights.safetensors", "unet", "transformer")
+EARLIER_RUN_FILES = ("args.json", "metrics.jsonl", "samples", "pytorch_lora_weights.safetensors", "unet", "transformer",
+                     "ema")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -113,6 +114,10 @@ def add_common_args(parser: argparse.ArgumentParser):
                    help="micro-steps per optimizer step (effective batch = GPUs x batch x this)")
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help="keep an exponential moving average of the trained weights (LoRA: the adapters), updated "
+                        "after each optimizer step with this decay, e.g. 0.9999 (NeMo-Aligner's); the validation "
+                        "grids use it, it is saved in ema/ beside the final weights and resumed exactly (default: off)")
     g.add_argument("--use_lora", action=RecordGivenSwitch, default=True,
                    help="train a LoRA adapter (--no-use_lora: the full UNet)")
     g.add_argument("--lora_rank", type=int, default=8, action=RecordGiven,
@@ -174,6 +179,8 @@ def check_common_args(args):
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.lr_warmup_steps < 0 or args.max_grad_norm < 0:
         raise UsageError("--lr_warmup_steps and --max_grad_norm must be >= 0")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise UsageError(f"--ema_decay must be in (0, 1), e.g. 0.9999, got {args.ema_decay}")
     if args.use_8bit_adam and args.use_adafactor:
         raise UsageError("--use_8bit_adam and --use_adafactor are alternatives; pick one")
     packages = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"]}.get(args.report_to, [])

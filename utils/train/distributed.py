@@ -43,6 +43,9 @@ def check_distributed_setup(accelerator, args):
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and args.ema_decay is not None:
+        raise UsageError("--ema_decay under FSDP (launchers/accelerate/fsdp.yaml) is not supported: the average is kept "
+                         "of whole weights, which FSDP shards; use DDP or DeepSpeed ZeRO-2, or drop --ema_decay")
     if fsdp and args.use_adafactor:
         # Measured on an H200: transformers' Adafactor mixes its factored row/column statistics (plain tensors) with
         # FSDP2's sharded gradients (DTensors) and fails at the first step; a row mean over a shard is not Adafactor.

@@ -24,19 +24,22 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import UsageError
+from ..ema import WeightAverage
 from .checkpoints import (SAFE_TO_CHANGE_ON_RESUME, check_same_flags, register_checkpoint_hooks, resume_from_checkpoint,
-                          save_checkpoint, save_checkpoint_of, run_state, save_outputs)
+                          save_checkpoint, save_checkpoint_of, run_state, save_outputs, save_unet_weights)
 from .cli import clear_earlier_run
 from .distributed import (check_distributed_setup, check_mixed_precision, compute_dtype, prepare_for_training,
                           shards_parameters, strategy_name, unet_is_wrapped)
 from .guards import NonFiniteGuard, StopRequest, defers_loss_check, injected
 from .metrics import MetricsLog, StepClock, log_step, reduce_step_metrics
 from .optim import build_lr_scheduler, build_optimizer, optimizer_update, scaled_learning_rate
-from .. import UsageError
 from .outcome import Diverged, Stopped, lock_output_dir, output_error, release_output_dir, save_args, write_status
 from .validation import validation_due, validation_wanted
 
 logger = logging.getLogger(__name__)
+
+EMA_FOLDER = "ema"  # --ema_decay's average of the weights, in the same format as the final weights beside it
 
 
 def make_accelerator(args, project_name: str, passes_per_update: int = None):
@@ -186,6 +189,11 @@ class Run:
         optimizer = build_optimizer(args, model.parameters(), learning_rate)
         lr_scheduler = build_lr_scheduler(args, optimizer, self.updates_per_step)
         register_checkpoint_hooks(accelerator, is_sdxl)
+        self.ema = None
+        if args.ema_decay is not None:  # an average of the trained weights: validated with, saved, in checkpoints
+            self.ema = WeightAverage([p for p in model.parameters() if p.requires_grad], lambda _: args.ema_decay)
+            self.after_update(self.ema.update)
+            checkpointed = [self.ema, *checkpointed]
         for obj in checkpointed:
             accelerator.register_for_checkpointing(obj)
         self.model, self.optimizer, self.lr_scheduler = prepare_for_training(accelerator, args, model, optimizer,
@@ -315,10 +323,15 @@ class Run:
             if validation_due(args, global_step) and self.validate is not None:
                 if injected("SIGNAL", accelerator, global_step, "validation"):  # a stop while the grid is drawn
                     os.kill(os.getpid(), signal.SIGUSR1)
-                self.validate(global_step)
+                self._draw_validation(global_step)
                 # a stop asked for during the grid (which stops between its batches) ends the run now
                 self._checkpoint_or_stop(global_step, only_if_stopping=True)
         return out
+
+    def _draw_validation(self, step: int):
+        """The validation grid, drawn with the average of the weights where --ema_decay keeps one."""
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            self.validate(step)
 
     def _checkpoint_or_stop(self, global_step: int, only_if_stopping: bool = False):
         """Save a checkpoint when one is due or a stop was requested. A stop before the last step ends the run
@@ -375,8 +388,12 @@ class Run:
         validation grid (not when told to stop), and one line saying where the weights are. Returns the last step."""
         args = self.args
         save_outputs(self.accelerator, args, self.trained, self.is_sdxl)
+        if self.ema is not None and self.is_main_process:
+            os.makedirs(os.path.join(args.output_dir, EMA_FOLDER), exist_ok=True)
+            with self.ema.swapped_in():
+                save_unet_weights(self.trained, os.path.join(args.output_dir, EMA_FOLDER), self.is_sdxl)
         if not self.stopping and self.validation_wanted and self.validate is not None:
-            self.validate(args.max_train_steps)
+            self._draw_validation(args.max_train_steps)
         logger.info(f"finished {args.max_train_steps} steps; {self.guard.total} updates skipped (non-finite)"
                     f"{', ' + summary if summary else ''}; weights in {os.path.abspath(args.output_dir)}")
         self._close_logs()
