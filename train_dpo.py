@@ -328,7 +328,8 @@ def main(args):
     freeze_frozen_parts(parts, device, dtype)
     unet, frozen_unet = parts.unet, None
     if args.use_lora:
-        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
+        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype,  # adapters in fp32
+                           targets=args.lora_targets)
     else:
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype

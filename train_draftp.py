@@ -206,7 +206,8 @@ def main(args):
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`
     sampling_unet = apply_speed_options(args, unet, parts.vae, device, plain_unet=not run.wraps_model)
     if args.use_lora:
-        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype)  # adapters in fp32
+        add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.seed, device, dtype,  # adapters in fp32
+                           targets=args.lora_targets)
         frozen_unet = None  # the reference is the same UNet with its adapters switched off
     else:
         unet.to(device)

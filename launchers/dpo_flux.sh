@@ -13,7 +13,9 @@
 #   huggingface/diffusers, examples/dreambooth/train_dreambooth_lora_flux.py and README_flux.md: weighting_scheme
 #     none (t uniform, the script's default), the guidance embedding at 1 in training (the README's commands pass
 #     --guidance_scale=1; here --train_guidance_scale), bf16; FluxPipeline's defaults for the validation images:
-#     guidance 3.5, 28 steps.
+#     guidance 3.5, 28 steps; the LoRA targets with --lora_layers unset (--lora_targets diffusers): the double blocks'
+#     attention projections of both streams (attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out) and feed-forward
+#     layers (ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2), and the single blocks' proj_mlp.
 # Ours: beta_dpo 5000 carried over from eps to velocity errors unchanged (not yet validated on FLUX: the velocity's
 #   per-sample error is larger than eps's, so watch implicit_acc and lower beta if the loss collapses at once);
 #   1 GPU with 2 pairs x 8 accumulation (diffusers' 8 x 2 per GPU would hold 16 images of 4096 tokens of a 12B
@@ -40,7 +42,7 @@ ARGS=(
   ${CACHE_DIR:+--cache_dir "$CACHE_DIR"}
   --output_dir "$OUTPUT_DIR"
   --resolution 1024
-  --use_lora --lora_rank 8
+  --use_lora --lora_rank 8 --lora_targets diffusers
   --beta_dpo 5000
   --weighting_scheme none --train_guidance_scale 1.0
   --learning_rate 1e-5 --lr_scheduler constant --lr_warmup_steps 0

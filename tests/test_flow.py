@@ -163,25 +163,76 @@ def test_sampler_equals_the_stock_pipeline(parts):
 
 
 # --------------------------------------------------------------------------- LoRA
-def test_lora_targets_the_joint_attention_projections(parts, tmp_path):
+# What diffusers' DreamBooth LoRA scripts adapt with --lora_layers unset, written out here from the scripts
+# (examples/dreambooth/train_dreambooth_lora_sd3.py, train_dreambooth_lora_flux.py), not read from utils.flow.
+ATTENTION = {"attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+             "attn.add_v_proj", "attn.to_add_out"}
+DIFFUSERS_TARGETS = {"sd3": ATTENTION, "flux": ATTENTION | {"ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                                             "ff_context.net.2", "proj_mlp"}}
+
+
+def _adapted(model):
+    """The targets (an entry of ATTENTION / DIFFUSERS_TARGETS) of every layer that carries a LoRA."""
+    every = ATTENTION | DIFFUSERS_TARGETS["flux"]
+    layers = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    targets = {t for t in every for layer in layers if layer.endswith("." + t)}
+    assert all(any(layer.endswith("." + t) for t in every) for layer in layers), layers  # nothing else adapted
+    return targets
+
+
+def _transformer(parts):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if parts.family == "sd3" else FluxTransformer2DModel
-    model = cls.from_pretrained(parts.path, subfolder="transformer")
-    add_lora(model, rank=4, seed=0)
-    wrapped = {n.rsplit(".", 2)[0] for n, p in model.named_parameters() if "lora_A" in n}
-    names = {n.split(".attn.")[-1] for n in wrapped}
-    assert {"to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"} <= {
-        n.split(".")[0] for n in names}
+    return cls.from_pretrained(parts.path, subfolder="transformer")
+
+
+@pytest.mark.parametrize("targets", ["diffusers", "attention", "attn.to_q,ff.net.2"])
+def test_lora_targets_follow_diffusers_per_family(parts, targets):
+    """--lora_targets diffusers (the default) adapts what diffusers' DreamBooth LoRA script of the family adapts: SD3
+    the joint attention's projections of both streams; FLUX.1 also the double blocks' feed-forward layers of both
+    streams and the single blocks' proj_mlp. attention: the attention projections only; a list: those modules.
+    Mutation: DIFFUSERS_FLOW_LORA_TARGET_MODULES["flux"] = FLOW_LORA_TARGET_MODULES (attention only) fails it."""
+    model = add_lora(_transformer(parts), rank=4, seed=0, targets=targets)
+    expected = {"diffusers": DIFFUSERS_TARGETS[parts.family], "attention": ATTENTION,
+                "attn.to_q,ff.net.2": {"attn.to_q", "ff.net.2"}}[targets]
+    assert _adapted(model) == expected
     assert all(p.requires_grad == ("lora" in n) for n, p in model.named_parameters())
+    if parts.family == "flux" and targets == "diffusers":  # every single block's proj_mlp, every double block's ff
+        layers = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+        assert {f"single_transformer_blocks.{i}.proj_mlp" for i in range(len(model.single_transformer_blocks))} <= layers
+        assert {f"transformer_blocks.{i}.ff_context.net.2" for i in range(len(model.transformer_blocks))} <= layers
 
 
-def test_saved_lora_loads_in_the_stock_pipeline_with_the_same_images(parts, tmp_path):
-    from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+def test_unknown_lora_target_is_refused_naming_the_flag(parts):
+    from utils import UsageError
 
-    cls = SD3Transformer2DModel if parts.family == "sd3" else FluxTransformer2DModel
-    model = cls.from_pretrained(parts.path, subfolder="transformer")
-    add_lora(model, rank=4, alpha=8, seed=0)  # alpha != rank: the scale must travel in the file's metadata
+    with pytest.raises(UsageError, match=r"--lora_targets 'attn.to_q,ff.nope': 'ff.nope' matches no linear") as err:
+        add_lora(_transformer(parts), rank=4, seed=0, targets="attn.to_q,ff.nope")
+    assert "\n" not in str(err.value)
+
+
+def test_unet_lora_targets_are_diffusers_text_to_image_lora_scripts():
+    """SD1.5 / SDXL: diffusers' train_text_to_image_lora.py and train_text_to_image_lora_sdxl.py adapt the UNet's
+    attention projections to_k, to_q, to_v, to_out.0, which both named sets give."""
+    from diffusers import UNet2DConditionModel
+
+    from utils.models import lora_target_modules
+
+    for name in ("tiny-sd", "tiny-sdxl"):
+        unet = UNet2DConditionModel.from_pretrained(resolve_model_path(name), subfolder="unet")
+        for targets in ("diffusers", "attention"):
+            assert lora_target_modules(unet, targets) == ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize("targets", ["diffusers", "attention"])
+def test_saved_lora_loads_in_the_stock_pipeline_with_the_same_images(parts, tmp_path, targets):
+    """The saved file loads into StableDiffusion3Pipeline / FluxPipeline (load_lora_weights), with every adapted layer
+    (FLUX's feed-forward layers and proj_mlp under diffusers' targets) and its scale: the same images as ours."""
+    from diffusers import DiffusionPipeline
+
+    model = _transformer(parts)
+    add_lora(model, rank=4, alpha=8, seed=0, targets=targets)  # alpha != rank: the scale must travel in the metadata
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -195,6 +246,7 @@ def test_saved_lora_loads_in_the_stock_pipeline_with_the_same_images(parts, tmp_
     pipe = DiffusionPipeline.from_pretrained(parts.path)
     base = _stock_images(pipe, parts, "a red cat", x_T, guidance)
     pipe.load_lora_weights(str(tmp_path))
+    assert _adapted(pipe.transformer) == _adapted(model)  # every adapted layer came back
     stock = _stock_images(pipe, parts, "a red cat", x_T, guidance)
     torch.testing.assert_close(stock, ours, atol=1e-5, rtol=0)
     assert (stock - base).abs().max() > 1e-3  # and the LoRA changed the image

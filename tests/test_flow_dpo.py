@@ -198,6 +198,18 @@ def test_lora_output_reloads_in_the_stock_pipeline_with_the_same_images(lora_run
     base = image()
     pipe.load_lora_weights(str(out))
     tuned = image()
+    # what was trained and reloaded: --lora_targets diffusers (the default), diffusers' DreamBooth LoRA targets of the
+    # family (FLUX.1: the feed-forward layers and the single blocks' proj_mlp too). Mutation:
+    # DIFFUSERS_FLOW_LORA_TARGET_MODULES["flux"] = FLOW_LORA_TARGET_MODULES fails it.
+    from safetensors import safe_open
+
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        saved = {k.split(".lora_A")[0] for k in f.keys() if ".lora_A." in k}
+    loaded = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A." in n}
+    assert {"transformer." + n for n in loaded} == saved
+    ff = {n for n in saved if ".ff." in n or ".ff_context." in n or n.endswith(".proj_mlp")}
+    assert (len(ff) == 4 * len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+            if name == "tiny-flux" else not ff), ff
     assert np.abs(tuned - cells[1, 0].astype(np.float32) / 255).max() <= 2 / 255  # PNG rounding only
     assert np.abs(base - cells[0, 0].astype(np.float32) / 255).max() <= 2 / 255
     assert np.abs(tuned - base).max() > 1e-4  # and the LoRA changed the image (float32 rounding is ~1e-6)

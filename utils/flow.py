@@ -27,10 +27,18 @@ import torch
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1"}
 # The joint-attention projections of the image stream (to_*) and of the text stream (add_*, to_add_out), the
-# defaults of diffusers' DreamBooth LoRA scripts for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
+# defaults of diffusers' DreamBooth LoRA script for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
 # FLUX's single-stream blocks have to_q/k/v but no to_out (their output is proj_out, shared with the MLP).
 FLOW_LORA_TARGET_MODULES = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                             "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
+# What diffusers' DreamBooth LoRA scripts adapt per family with --lora_layers unset: SD3 (train_dreambooth_lora_sd3.py)
+# the attention projections above; FLUX (train_dreambooth_lora_flux.py) also the double blocks' feed-forward layers of
+# both streams (ff.net.0.proj, ff.net.2, ff_context.*) and the single blocks' MLP input projection (proj_mlp).
+DIFFUSERS_FLOW_LORA_TARGET_MODULES = {
+    "sd3": FLOW_LORA_TARGET_MODULES,
+    "flux": FLOW_LORA_TARGET_MODULES + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                        "proj_mlp"],
+}
 # The stock pipelines' defaults for the T5 prompt length (their `max_sequence_length`): following them keeps our
 # images the stock pipeline's.
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}

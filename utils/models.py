@@ -16,14 +16,18 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from . import UsageError
-from .flow import (ENCODER_NAMES, FAMILY_NAMES, FLOW_LORA_TARGET_MODULES, MAX_SEQUENCE_LENGTH, FlowConditioning,
-                   build_flow_pipeline, default_sample_size, encode_flow_prompts, flow_family, load_flow_parts,
-                   pipeline_class, transformer_family)
+from .flow import (DIFFUSERS_FLOW_LORA_TARGET_MODULES, ENCODER_NAMES, FAMILY_NAMES, FLOW_LORA_TARGET_MODULES,
+                   MAX_SEQUENCE_LENGTH, FlowConditioning, build_flow_pipeline, default_sample_size, encode_flow_prompts,
+                   flow_family, load_flow_parts, pipeline_class, transformer_family)
 from .plugins import load_plugins
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as the diffusers LoRA examples
+# The UNet's attention projections: what diffusers' text-to-image LoRA scripts adapt for SD1.5 and SDXL
+# (train_text_to_image_lora.py, train_text_to_image_lora_sdxl.py).
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# --lora_targets' named sets; anything else is a comma-separated list of module names.
+LORA_TARGET_SETS = ("diffusers", "attention")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -357,25 +361,50 @@ def encode_prompts(parts: PipelineParts, prompts: List[str], device, resolution:
 
 
 # --------------------------------------------------------------------------- LoRA
-def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int] = None):
-    """Add a LoRA adapter (peft) to the denoiser's attention projections (SD3 / FLUX: the joint attention's image
-    and text-stream projections, utils.flow.FLOW_LORA_TARGET_MODULES); only its weights stay trainable."""
+def lora_target_modules(unet, targets: str = "diffusers") -> List[str]:
+    """The module names (peft ``target_modules``: a name matches a module whose path ends with it) that LoRA adapts.
+
+    ``targets``: "diffusers", what diffusers' LoRA training scripts adapt for the denoiser's family (SD1.5 / SDXL / SD3:
+    the attention projections; FLUX.1: also the feed-forward layers and the single blocks' proj_mlp,
+    utils.flow.DIFFUSERS_FLOW_LORA_TARGET_MODULES); "attention", the attention projections only (SD3 / FLUX: the joint
+    attention's image- and text-stream projections, utils.flow.FLOW_LORA_TARGET_MODULES); or a comma-separated list of
+    module names, each of which must match a linear or convolution layer of the denoiser."""
+    family = transformer_family(unet)
+    if targets == "diffusers":
+        return list(DIFFUSERS_FLOW_LORA_TARGET_MODULES[family] if family else LORA_TARGET_MODULES)
+    if targets == "attention":
+        return list(FLOW_LORA_TARGET_MODULES if family else LORA_TARGET_MODULES)
+    names = [name.strip() for name in str(targets).split(",") if name.strip()]
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    unmatched = [t for t in names if not any(n == t or n.endswith("." + t) for n in layers)]
+    if not names or unmatched:
+        example = ", ".join(sorted({".".join(n.split(".")[-2:]) for n in layers})[:6])
+        raise UsageError(f"--lora_targets {targets!r}: {', '.join(map(repr, unmatched)) or 'no name'} matches no linear "
+                         f"or convolution layer of the {type(unet).__name__}; give {' or '.join(LORA_TARGET_SETS)}, or "
+                         f"module names separated by commas, each the end of a layer's path (e.g. {example})")
+    return names
+
+
+def add_lora(unet, rank: int, alpha: Optional[float] = None, seed: Optional[int] = None, targets: str = "diffusers"):
+    """Add a LoRA adapter (peft) to the denoiser's layers named by `targets` (``lora_target_modules``: by default
+    what diffusers' LoRA training scripts adapt for its family); only its weights stay trainable."""
     from peft import LoraConfig
 
+    target_modules = lora_target_modules(unet, targets)
     unet.requires_grad_(False)
     if seed is not None:
         torch.manual_seed(seed)  # LoRA A matrices are drawn at random: make the start reproducible
-    targets = FLOW_LORA_TARGET_MODULES if transformer_family(unet) else LORA_TARGET_MODULES
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules)
     unet.add_adapter(config)
     return unet
 
 
-def add_trainable_lora(unet, rank: int, alpha: Optional[float], seed: Optional[int], device, dtype):
+def add_trainable_lora(unet, rank: int, alpha: Optional[float], seed: Optional[int], device, dtype,
+                       targets: str = "diffusers"):
     """LoRA for training under mixed precision: the base in `dtype` on `device`, the adapter weights in float32
     (the optimizer's master weights; autocast runs their matmuls in `dtype`), peft's input casts off
-    (`skip_lora_input_casts`) where `dtype` is not float32."""
-    add_lora(unet, rank, alpha, seed=seed)
+    (`skip_lora_input_casts`) where `dtype` is not float32. `targets`: ``lora_target_modules``."""
+    add_lora(unet, rank, alpha, seed=seed, targets=targets)
     unet.to(device, dtype=dtype)
     for p in unet.parameters():
         if p.requires_grad:

@@ -121,9 +121,14 @@ def add_common_args(parser: argparse.ArgumentParser):
     g.add_argument("--use_lora", action=RecordGivenSwitch, default=True,
                    help="train a LoRA adapter (--no-use_lora: the full UNet)")
     g.add_argument("--lora_rank", type=int, default=8, action=RecordGiven,
-                   help="LoRA rank of the UNet's attention projections (with --use_lora)")
+                   help="LoRA rank of the adapted layers (with --use_lora)")
     g.add_argument("--lora_alpha", type=float, default=None, action=RecordGiven,
                    help="LoRA alpha (with --use_lora; default: equal to --lora_rank, scale 1)")
+    g.add_argument("--lora_targets", default="diffusers", action=RecordGiven, metavar="{diffusers,attention,NAMES}",
+                   help="the layers LoRA adapts (with --use_lora): diffusers = what diffusers' LoRA training scripts "
+                        "adapt for the family (SD1.5 / SDXL / SD3: the attention projections; FLUX.1: also the "
+                        "feed-forward layers and the single blocks' proj_mlp); attention = the attention projections "
+                        "only; or module names separated by commas, e.g. attn.to_q,attn.to_v,ff.net.2")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--learning_rate", type=float, default=1e-4,
@@ -165,7 +170,7 @@ def check_common_args(args):
     """Checks that need no model, run right after parsing."""
     given = vars(args).pop(GIVEN, [])
     check_finite(args)
-    lora_flags = [f for f in ("--lora_rank", "--lora_alpha") if f in given]
+    lora_flags = [f for f in ("--lora_rank", "--lora_alpha", "--lora_targets") if f in given]
     if lora_flags and not args.use_lora and "--no-use_lora" not in given:  # an explicit --no-use_lora means full
         raise UsageError(f"{' and '.join(lora_flags)} given, but this script trains the full model unless told "
                          f"--use_lora: add --use_lora to train a LoRA adapter, or --no-use_lora to train the full "
