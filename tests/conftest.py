@@ -80,8 +80,11 @@ def fresh_accelerate_state():
 
 
 def deterministic_metrics(metrics):
-    """The rows of metrics.jsonl without the wall-clock columns (step_seconds, data_seconds), which no two runs share."""
-    return [{k: v for k, v in m.items() if k not in ("step_seconds", "data_seconds")} for m in metrics]
+    """The rows of metrics.jsonl without the wall-clock columns (step_seconds, data_seconds, tflops, mfu), which no two
+    runs share."""
+    from utils.train.metrics import WALL_CLOCK_KEYS
+
+    return [{k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS} for m in metrics]
 
 
 # A key that no run writes into metrics.jsonl: the resume tests tag the interrupted run's rows with it.

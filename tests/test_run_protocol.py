@@ -193,3 +193,19 @@ def test_ema_of_the_weights_is_saved_validated_with_and_resumed_exactly(pairs, t
     assert_resumed(out, log, 2)
     resumed = lora_b(out / "ema")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_log_tflops_counts_the_first_step_once_and_divides_by_each_steps_time(pairs, tmp_path):
+    """Each row's tflops is the first step's FLOP count over that row's step_seconds: the count (tflops x seconds) is
+    the same in every row, and a DPO step of tiny-sd counts its three UNet passes (model and reference forward, the
+    model's backward) as more than zero. Without the flag no such column."""
+    out = tmp_path / "run"
+    run_main_in_process(train_dpo, dpo(pairs, out, "--max_train_steps", 3, "--log_tflops"))
+    rows = read_metrics(str(out))
+    counts = [r["tflops"] * r["step_seconds"] for r in rows]
+    assert all(c > 0 for c in counts)
+    assert max(counts) / min(counts) < 1.05  # one count; tflops has 4 significant digits, step_seconds 3 decimals
+    assert "mfu" not in rows[0]  # a CPU: no peak to compare with
+    plain = tmp_path / "plain"
+    run_main_in_process(train_dpo, dpo(pairs, plain, "--max_train_steps", 1))
+    assert "tflops" not in read_metrics(str(plain))[0]

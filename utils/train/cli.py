@@ -114,6 +114,11 @@ def add_common_args(parser: argparse.ArgumentParser):
                    help="micro-steps per optimizer step (effective batch = GPUs x batch x this)")
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
+    g.add_argument("--log_tflops", action="store_true",
+                   help="count the first step's floating-point operations (PyTorch's FlopCounterMode) and log each "
+                        "step's model TFLOP/s and, on a known GPU in bf16 / fp16, its share of the bf16 peak (tflops, "
+                        "mfu in metrics.jsonl). Counting may route that step's attention through another kernel: its "
+                        "numbers can then differ in the last bits from a run without the flag")
     g.add_argument("--ema_decay", type=float, default=None,
                    help="keep an exponential moving average of the trained weights (LoRA: the adapters), updated "
                         "after each optimizer step with this decay, e.g. 0.9999 (NeMo-Aligner's); the validation "

@@ -8,6 +8,11 @@ from typing import Optional
 import torch
 
 
+# The columns of metrics.jsonl that follow the wall clock (no two runs share them); every other column is a function
+# of the seed, the data and the flags.
+WALL_CLOCK_KEYS = ("step_seconds", "data_seconds", "tflops", "mfu")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per optimizer step, flushed at once.
 

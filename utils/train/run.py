@@ -22,6 +22,7 @@ import signal
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .. import UsageError
@@ -83,6 +84,27 @@ def make_accelerator(args, project_name: str, passes_per_update: int = None):
                 f"{args.max_train_steps} steps; mixed precision {accelerator.mixed_precision}; "
                 f"{strategy_name(accelerator)}")
     return accelerator
+
+
+# bf16 dense tensor-core peak per GPU, for the utilisation in metrics.jsonl (vendors' data sheets; SXM parts)
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def throughput_logs(step_flops, step_seconds: float, accelerator) -> dict:
+    """tflops: this process's model FLOPs of a step (counted in the run's first step: the forward and backward
+    passes of every model, recomputation included) over the step's wall-clock seconds, in TFLOP/s; mfu: that over
+    the GPU's bf16 peak (BF16_PEAK_TFLOPS), where the GPU is known and the run is in bf16 or fp16. Wall-clock
+    derived, as step_seconds. With a step that varies (AlignProp's K drawn per step), the first step's count."""
+    if not step_flops or step_seconds <= 0:
+        return {}
+    tflops = step_flops / step_seconds / 1e12
+    out = {"tflops": float(f"{tflops:.4g}")}
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(accelerator.device)
+        peak = next((value for key, value in BF16_PEAK_TFLOPS.items() if key in name), None)
+        if peak:
+            out["mfu"] = float(f"{tflops / peak:.4g}")
+    return out
 
 
 class Run:
@@ -245,12 +267,16 @@ class Run:
         self.progress = tqdm(range(self.start_step, self.args.max_train_steps), initial=self.start_step,
                              total=self.args.max_train_steps, disable=not self.accelerator.is_local_main_process,
                              desc=self.label)
-        self.clock = StepClock()
+        self.clock, self.step_flops = StepClock(), None
         for step in self.progress:
             self.model.train()
             self.step, self.micro_metrics, self.grad_norm = step, [], None
             self.skipped, self.skipped_update = False, False  # any update of the step skipped; the current one
-            yield step
+            # --log_tflops: the first step's floating-point operations, counted once (throughput_logs)
+            counting = self.args.log_tflops and self.step_flops is None
+            with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+                self.flop_counter = counter
+                yield step
 
     def micro_steps(self):
         """The accumulation micro-steps of the current step. A stop request drops a partial accumulation at once (a
@@ -303,7 +329,10 @@ class Run:
         out = reduce_step_metrics(accelerator, self.micro_metrics, self.grad_norm, counts)
         out.update(step=global_step, lr=self.lr_scheduler.get_last_lr()[0], **logs, skipped=int(self.skipped),
                    **self.clock.lap())
-        log_step(accelerator, self.metrics_log, self.progress, out, self.shown)
+        if self.flop_counter is not None:
+            self.step_flops, self.flop_counter = self.flop_counter.get_total_flops(), None
+        out.update(throughput_logs(self.step_flops, out["step_seconds"], accelerator))
+        log_step(accelerator, self.metrics_log, self.progress, out, (*self.shown, "tflops", "mfu"))
         for key in counts or {}:
             self.totals[key] = self.totals.get(key, 0) + out[key]
         try:
