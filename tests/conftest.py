@@ -67,6 +67,16 @@ def tiny_sdxl_path() -> str:
     return tiny_pipeline_path("tiny-sdxl")
 
 
+def frozen_tiny_parts(name: str):
+    """The tiny pipeline `name` loaded as the scripts load it, frozen on the CPU in float32 (its name kept on it)."""
+    from utils.models import freeze_frozen_parts, load_pipeline_parts
+
+    parts = load_pipeline_parts(name)
+    freeze_frozen_parts(parts, "cpu", torch.float32)
+    parts.tiny_name = name
+    return parts
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerator state is a process-wide singleton: give each test its own, as a new process would have."""

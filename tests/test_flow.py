@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process
+from conftest import (assert_resumed, deterministic_metrics, frozen_tiny_parts, mark_rows_before_resume,
+                      run_main_in_process)
 from utils.flow import FlowConditioning, FlowSchedule, flow_family
 from utils.models import (add_lora, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           resolve_model_path, save_lora)
@@ -19,10 +20,7 @@ GUIDANCE = {"tiny-sd3": 7.0, "tiny-flux": 3.5}  # SD3: CFG scale; FLUX.1-dev: th
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def parts(request):
-    parts = load_pipeline_parts(request.param)
-    freeze_frozen_parts(parts, "cpu", torch.float32)
-    parts.tiny_name = request.param
-    return parts
+    return frozen_tiny_parts(request.param)
 
 
 def _x_T(parts, batch=1, seed=0):

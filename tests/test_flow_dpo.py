@@ -1,7 +1,6 @@
 """Diffusion-DPO and SFT (train_dpo.py) on the flow-matching families, tiny-sd3 and tiny-flux: the velocity target, t
 drawn as the model was trained, winner and loser on one noise and one sigma, first loss log 2, LoRA reload in the stock
 pipelines, exact resume, and the family's flags checked before loading."""
-import argparse
 import json
 import math
 import shutil
@@ -13,10 +12,11 @@ import torch
 import train_dpo as T
 from utils.denoising import family_noising, per_sample_error
 from utils.models import model_prediction
-from conftest import assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process
+from conftest import (assert_resumed, deterministic_metrics, frozen_tiny_parts, mark_rows_before_resume,
+                      run_main_in_process)
 from utils import UsageError
 from utils.flow import FlowTrainingTimesteps
-from utils.models import adapters_disabled, add_lora, encode_prompts, freeze_frozen_parts, load_pipeline_parts
+from utils.models import adapters_disabled, add_lora, encode_prompts, load_pipeline_parts
 from utils.toy.synthetic import build_synthetic_preferences
 from utils.train.metrics import read_metrics
 
@@ -70,10 +70,7 @@ def test_the_table_is_the_schedulers_training_sigmas_even_after_a_pipeline_set_t
 # --------------------------------------------------------------------------- noising and the loss on the tiny models
 @pytest.fixture(scope="module", params=FAMILIES)
 def parts(request):
-    parts = load_pipeline_parts(request.param)
-    freeze_frozen_parts(parts, "cpu", torch.float32)
-    parts.tiny_name = request.param
-    return parts
+    return frozen_tiny_parts(request.param)
 
 
 def _latents(parts, batch, seed):

@@ -78,21 +78,22 @@ class StepClock:
     def __init__(self):
         self.last, self.data_total = time.perf_counter(), 0.0
 
-    @contextlib.contextmanager
     def data(self):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.data_total += time.perf_counter() - started
+        """Time spent waiting for a batch: counted as data_seconds."""
+        return self._timed("data_total")
+
+    def paused(self):
+        """Time that is not the step's (a checkpoint, a grid): left out of step_seconds."""
+        return self._timed("last")
 
     @contextlib.contextmanager
-    def paused(self):
+    def _timed(self, field: str):
+        """Add the block's duration to `field`."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.last += time.perf_counter() - started
+            setattr(self, field, getattr(self, field) + time.perf_counter() - started)
 
     def lap(self) -> dict:
         now = time.perf_counter()
