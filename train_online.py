@@ -261,9 +261,11 @@ def main(args):
     # ---- optimizer, accelerate, resume; NFT's old policy, an average of the trained weights, in every checkpoint
     old_policy = None
     if args.method == "nft":
+        # moved towards the trained weights once per step, after its updates, with the decay of the optimizer steps
+        # made so far (DiffusionNFT's reference code: once per epoch, return_decay(global_step))
         old_policy = WeightAverage([p for p in model.parameters() if p.requires_grad],
-                                   lambda update: nft_decay(update, args.nft_decay))
-        run.after_update(old_policy.update)
+                                   lambda steps_before: nft_decay((steps_before + 1) * args.updates_per_epoch,
+                                                                  args.nft_decay))
     model = run.prepare(model, frozen, is_sdxl=parts.is_sdxl, checkpointed=[old_policy] if old_policy else [])
     trained = run.trained
     reference = reference_model(trained, frozen) if args.kl_beta > 0 else None
@@ -316,7 +318,7 @@ def main(args):
         # ---- update: U optimizer updates, each over its batches x the trained steps
         model.train()
         schedule = make_schedule(parts.scheduler, batches[0].cond, args.num_inference_steps, batches[0].latents[:, 0])
-        plan = [(m, j) for m in range(len(batches)) for j in trained_steps]
+        plan = [(m, j) for m in range(len(batches)) for j in trained_steps_of(args, trained_steps, step, m)]
         for micro in run.micro_steps():
             m, j = plan[micro]
             batch = batches[m]
@@ -326,6 +328,8 @@ def main(args):
                 else:
                     loss, logs = policy_step(args, model, reference, schedule, batch, j)
                 run.backward(loss, logs)
+        if old_policy is not None:
+            old_policy.update()
         run.end_step(reward=float(rewards.mean()), reward_std=float(rewards.std()))
 
     # ---- save: LoRA in the diffusers format (or the full model), a last validation grid, upload
@@ -336,6 +340,16 @@ def stochastic_steps(args) -> list:
     """The sampling steps that are Gaussian policy steps (and may be trained): all, or Flow-GRPO-Fast's window."""
     start, end = args.sde_window or (0, args.num_inference_steps)
     return list(range(start, end))
+
+
+def trained_steps_of(args, trained_steps: list, step: int, m: int) -> list:
+    """The steps a batch is trained on. Flow-GRPO / DDPO: the first --timestep_fraction of the stochastic steps.
+    NFT: as many, drawn at random from all the sampling steps for each batch (its reference code draws them per
+    sample), seeded by (seed, step, batch)."""
+    if args.method != "nft":
+        return trained_steps
+    order = torch.randperm(args.num_inference_steps, generator=step_generator(args.seed, step, m, 1))
+    return order[: len(trained_steps)].tolist()
 
 
 def policy_step(args, model, reference, schedule, batch: Batch, j: int):

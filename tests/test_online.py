@@ -114,6 +114,16 @@ def test_nft_loss_at_hand_made_points():
         assert float(loss) == pytest.approx(want, abs=1e-6), advantage
 
 
+def test_nft_trains_each_batch_on_a_random_subset_of_the_steps():
+    """DiffusionNFT draws the trained timesteps at random (all steps over a run), not always the first ones."""
+    args = type("Args", (), {"method": "nft", "num_inference_steps": 10, "seed": 0})()
+    subsets = [T.trained_steps_of(args, list(range(9)), step, m) for step in range(4) for m in range(2)]
+    assert all(len(s) == 9 and len(set(s)) == 9 for s in subsets)
+    assert any(9 in s for s in subsets) and len({tuple(s) for s in subsets}) > 1
+    args.method = "flow_grpo"
+    assert T.trained_steps_of(args, list(range(9)), 3, 1) == list(range(9))
+
+
 def test_the_old_policy_is_an_average_that_follows_the_decay_schedule():
     w = torch.nn.Parameter(torch.tensor([0.0]))
     average = WeightAverage([w], lambda update: nft_decay(update, 1))
