@@ -50,8 +50,9 @@ from utils.cli import ArgumentParser
 from utils.data import (CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
                         PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows, check_some_row_readable,
                         collate_images, next_batch, open_image_dataset, require_columns, select_pairs)
-from utils.denoising import (FLOW_TIMESTEP_DEFAULTS, default_train_guidance, encode_batch, family_noising,
-                             per_sample_error)
+from utils.denoising import (FLOW_TIMESTEP_DEFAULTS, TIMESTEP_BIAS_STRATEGIES, ZERO_TERMINAL_SNR_HELP,
+                             default_train_guidance, encode_batch, family_noising, per_sample_error,
+                             rescale_zero_terminal_snr, timestep_bias_weights)
 from utils.flow import DEFAULT_WEIGHTING, WEIGHTING_SCHEMES
 from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline, freeze_frozen_parts, frozen_copy,
                           load_pipeline_parts, load_unet_init, model_prediction, read_family, reference_model)
@@ -187,6 +188,18 @@ def parse_args(argv=None):
     g.add_argument("--sdxl", action="store_true", help="assert the model is SDXL (it is read from model_index.json)")
     g.add_argument("--snr_gamma", type=float, default=None, help="--sft: min-SNR loss weighting (5.0 is usual)")
     g.add_argument("--noise_offset", type=float, default=0.0, help="offset noise scale (0 = off)")
+    g.add_argument("--rescale_zero_terminal_snr", action="store_true", help=ZERO_TERMINAL_SNR_HELP)
+    g.add_argument("--timestep_bias_strategy", default="none", choices=TIMESTEP_BIAS_STRATEGIES,
+                   help="SD1.5 / SD 2.x / SDXL: draw the training timestep with more weight on the earlier (less noisy) "
+                        "or later (noisier) --timestep_bias_portion of the timesteps, or on [--timestep_bias_begin, "
+                        "--timestep_bias_end), as diffusers' train_text_to_image_sdxl.py and MaxDiffusion (none = "
+                        "uniform)")
+    g.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                   help="weight of the biased timesteps against 1 for the others (> 1 favours them, < 1 avoids them)")
+    g.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                   help="earlier / later: the fraction of the timesteps biased, in (0, 1]")
+    g.add_argument("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep")
+    g.add_argument("--timestep_bias_end", type=int, default=1000, help="range: one past the last biased timestep")
     g = parser.add_argument_group("flow-matching models (SD3 / SD3.5, FLUX.1)")
     g.add_argument("--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
                    help="how t is drawn (logit_normal, mode) or, with t uniform, how the --sft loss is weighted (cosmap, "
@@ -236,6 +249,11 @@ def check_args(args):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.noise_offset < 0 or (args.dataloader_num_workers or 0) < 0:
         raise UsageError("--noise_offset and --dataloader_num_workers must be >= 0")
+    if args.timestep_bias_strategy != "none" and not args.timestep_bias_multiplier > 0:
+        raise UsageError(f"--timestep_bias_multiplier must be > 0, got {args.timestep_bias_multiplier}; "
+                         f"--timestep_bias_strategy none draws t uniformly")
+    if args.timestep_bias_strategy in ("earlier", "later") and not 0 < args.timestep_bias_portion <= 1:
+        raise UsageError(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
     if args.max_bad_rows is not None and args.max_bad_rows < 0:
         raise UsageError(f"--max_bad_rows must be >= 0, got {args.max_bad_rows}")
     if args.latent_cache == "on" and (args.random_crop or args.choice_model or args.cache_latents):
@@ -283,6 +301,8 @@ def check_family_args(args, family: str, is_sdxl: bool):
         return
     if args.snr_gamma is not None:
         raise UsageError(f"--snr_gamma (min-SNR) weights DDPM timesteps; for {name} use --weighting_scheme")
+    if args.timestep_bias_strategy != "none":
+        raise UsageError(f"--timestep_bias_strategy weights DDPM timesteps; {name} draws t by --weighting_scheme")
     if args.train_guidance_scale is not None and family != "flux":
         raise UsageError(f"--train_guidance_scale sets FLUX's guidance embedding; {name} has none")
     args.weighting_scheme = args.weighting_scheme or DEFAULT_WEIGHTING[family]
@@ -323,6 +343,8 @@ def main(args):
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full), reference
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
                                 args.pretrained_vae_model_name_or_path)
+    if args.rescale_zero_terminal_snr:
+        rescale_zero_terminal_snr(parts)  # the noising and the validation sampler both take the rescaled schedule
     if args.unet_init:
         parts.unet = load_unet_init(args.unet_init, type(parts.unet))
     freeze_frozen_parts(parts, device, dtype)
@@ -360,7 +382,11 @@ def main(args):
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
     noising = family_noising(parts, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-                             args.snr_gamma)  # the family's timesteps, noising and target
+                             args.snr_gamma,  # the family's timesteps, noising and target
+                             timestep_bias_weights(parts.scheduler.config.num_train_timesteps,
+                                                   args.timestep_bias_strategy, args.timestep_bias_multiplier,
+                                                   args.timestep_bias_portion, args.timestep_bias_begin,
+                                                   args.timestep_bias_end))
     guidance = args.train_guidance_scale  # FLUX.1-dev: its guidance embedding's value in the training passes
     validation_prompts = args.validation_prompts or [dataset_prompt(dataset, i) for i in range(min(2, len(dataset)))]
     # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one

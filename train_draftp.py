@@ -39,6 +39,7 @@ import torch
 from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts, prompt_sets
+from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           reference_model, warn_long_prompts)
@@ -120,6 +121,7 @@ def parse_args(argv=None):
                         "embedding (FluxPipeline's true_cfg_scale; 1 = off, two transformer passes per step when > 1)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; SD3 / FLUX sample "
                                                            "deterministically and take 0 only)")
+    g.add_argument("--rescale_zero_terminal_snr", action="store_true", help=ZERO_TERMINAL_SNR_HELP)
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: back-propagate through the last K steps (K = --num_inference_steps is full DRaFT)")
     g.add_argument("--truncation_steps_random", type=parse_truncation_range, default=None, metavar="MIN,MAX",
@@ -172,6 +174,9 @@ def check_args(args):
                          f"grad and back-propagates through one re-sample step only; drop {flag}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.rescale_zero_terminal_snr and getattr(args, "timestep_spacing", None) not in (None, "trailing"):
+        raise UsageError(f"--rescale_zero_terminal_snr samples from the last timestep (pure noise) with DDIM's trailing "
+                         f"timesteps; --timestep_spacing {args.timestep_spacing} would skip it: drop --timestep_spacing")
     if args.true_cfg_scale < 1:
         raise UsageError(f"--true_cfg_scale must be >= 1 (1 = off), got {args.true_cfg_scale}")
     parse_reward_spec(args.reward_model)  # unknown names fail here, listing the valid ones
@@ -201,6 +206,8 @@ def main(args):
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
                                 args.pretrained_vae_model_name_or_path)
     check_family_args(args, parts)
+    if args.rescale_zero_terminal_snr:
+        rescale_zero_terminal_snr(parts)  # the sampler (training and validation) takes the rescaled schedule
     freeze_frozen_parts(parts, device, dtype)
     unet, scheduler = parts.unet, parts.scheduler
     # before the frozen copy is made, so that it shares the memory format; None: no-grad steps use `unet`

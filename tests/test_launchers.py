@@ -16,10 +16,10 @@ from utils.train.metrics import read_metrics
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
 RECIPES = ["alignprop_sd15.sh", "ddpo_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh",
-           "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "flow_grpo_sd35.sh", "nft_sd35.sh",
-           "sft_sd15.sh"]
+           "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd21.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "flow_grpo_sd35.sh",
+           "nft_sd35.sh", "sft_sd15.sh"]
 TINY = ["alignprop.sh", "ddpo.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh",
-        "draftp_sd3.sh", "draftp_sdxl.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
+        "draftp_sd2.sh", "draftp_sd3.sh", "draftp_sdxl.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -48,7 +48,7 @@ def test_launcher_flags_are_accepted_by_the_script(launcher, tmp_path):
     module, args = launch(launcher, tmp_path)  # parse_args raises (or exits 2) on any unknown or invalid flag
     assert args.output_dir == str(tmp_path / "out")  # the variables at the top reach the flags
     if launcher.startswith("launchers/tiny/"):
-        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-sd2")
         assert args.mixed_precision == "no"
 
 
@@ -58,6 +58,16 @@ def test_draftp_sd15_passes_nemo_aligner_defaults(tmp_path):
     assert (a.kl_coeff, a.use_lora, a.lora_rank, a.learning_rate, a.reward_model) == (1.0, True, 32, 1e-4, "pickscore")
     assert a.train_batch_size * a.gradient_accumulation_steps == 4  # NeMo's global_batch_size on 1 GPU
     assert a.scored_latent == "pred_x0"  # NeMo scores the last DDIM step's predicted x_0
+
+
+def test_draftp_sd21_passes_its_sources_values(tmp_path):
+    """SD 2.1 at its own 768 px (v prediction) with NeMo-Aligner's DRaFT+ values, on the stock schedule."""
+    _, a = launch("launchers/draftp_sd21.sh", tmp_path)
+    assert a.pretrained_model_name_or_path == "stabilityai/stable-diffusion-2-1" and a.resolution == 768
+    assert (a.num_inference_steps, a.eta, a.guidance_scale, a.truncation_steps) == (50, 0.0, 7.5, 1)
+    assert (a.kl_coeff, a.use_lora, a.lora_rank, a.learning_rate, a.reward_model) == (1.0, True, 32, 1e-4, "pickscore")
+    assert a.train_batch_size * a.gradient_accumulation_steps == 4 and a.scored_latent == "pred_x0"
+    assert not a.rescale_zero_terminal_snr  # SD 2.1 was trained on the stock schedule (MaxDiffusion's base21.yml)
 
 
 def test_draftp_sd35_passes_its_sources_values(tmp_path):

@@ -1,11 +1,12 @@
-"""Training on noised data (Diffusion-DPO, SFT): timesteps, noising and targets per model family, per-sample errors,
-and a batch's latents and text conditioning."""
+"""Training on noised data (Diffusion-DPO, SFT): timesteps (with a timestep bias), noising and targets per model
+family, the zero-terminal-SNR schedule, per-sample errors, and a batch's latents and text conditioning."""
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from . import UsageError
 from .flow import DEFAULT_WEIGHTING, FlowTrainingTimesteps, flow_noise
 from .models import encode_prompts, sdxl_time_ids
 
@@ -57,6 +58,63 @@ def flow_noise_pairs(latents, noise, timesteps, num_train_timesteps: int = 1000)
     return flow_noise(latents, noise, timesteps / num_train_timesteps), noise - latents, timesteps
 
 
+ZERO_TERMINAL_SNR_HELP = (
+    "SD 1.x / 2.x / SDXL v-prediction models: rescale the noise schedule's betas to zero terminal SNR (the last "
+    "timestep is pure noise, as sampling starts from) and sample with DDIM's 'trailing' timesteps, which start at that "
+    "last timestep (Lin et al. 2024, https://arxiv.org/abs/2305.08891, sections 3.1 and 3.3; diffusers' "
+    "rescale_zero_terminal_snr). Training and validation both use the rescaled schedule")
+
+
+def rescale_zero_terminal_snr(parts):
+    """Give `parts` the DDPM schedule rescaled to zero terminal SNR with DDIM's trailing timesteps (--rescale_zero_
+    terminal_snr): alphas_cumprod[-1] = 0, so training noises the last timestep to pure noise and sampling starts there
+    (Lin et al. 2024: the stock schedules leave a_T = 0.0047 of signal, which the model learns to expect and sampling
+    never provides). diffusers' DDIMScheduler does both (rescale_betas_zero_snr, timestep_spacing); the stock pipeline
+    reproduces the validation images with the same two settings.
+
+    The paper's models predict v: with eps prediction the predicted x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) at a = 0
+    is undefined, so eps models and flow-matching models (whose last sigma is 1 already) are refused."""
+    flag = "--rescale_zero_terminal_snr"
+    if parts.is_flow:
+        raise UsageError(f"{flag} rescales a DDPM noise schedule; {parts.name} is a flow-matching model, whose schedule "
+                         f"ends at pure noise (sigma 1) already: drop {flag}")
+    prediction = parts.scheduler.config.prediction_type
+    if prediction != "v_prediction":
+        raise UsageError(f"{flag} needs a v-prediction model (e.g. stabilityai/stable-diffusion-2-1); this one predicts "
+                         f"{prediction}, whose x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) is undefined at the rescaled "
+                         f"last timestep (a = 0): drop {flag}")
+    parts.scheduler = type(parts.scheduler).from_config(parts.scheduler.config, rescale_betas_zero_snr=True,
+                                                        timestep_spacing="trailing")
+    return parts
+
+
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,
+                          begin: int = 0, end: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The probability (float64, (num_timesteps,)) of each DDPM timestep under a timestep bias, as diffusers'
+    train_text_to_image_sdxl.py (generate_timestep_weights) and MaxDiffusion (its timestep_bias config) draw them:
+    `multiplier` on the biased timesteps, 1 on the others, normalised. "earlier": the first `portion` of the timesteps
+    (t < portion * T, the least noisy), "later": the last `portion` (the noisiest), "range": t in [begin, end). None
+    for "none" (t uniform)."""
+    if strategy == "none":
+        return None
+    end = num_timesteps if end is None else end
+    count = int(portion * num_timesteps)
+    if strategy in ("earlier", "later") and count < 1:
+        raise UsageError(f"--timestep_bias_portion {portion:g} biases int({portion:g} x {num_timesteps}) = 0 timesteps; "
+                         f"give a portion in [{1 / num_timesteps:g}, 1]")
+    if strategy == "range" and not 0 <= begin < end <= num_timesteps:
+        raise UsageError(f"--timestep_bias_begin {begin} / --timestep_bias_end {end}: need 0 <= begin < end <= "
+                         f"{num_timesteps} (the model's training timesteps)")
+    biased = {"earlier": slice(0, count), "later": slice(num_timesteps - count, num_timesteps),
+              "range": slice(begin, end)}[strategy]
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    weights[biased] *= multiplier
+    return weights / weights.sum()
+
+
 @dataclass
 class Noising:
     """What the model's family fixes about training on noised data, chosen once at start (`family_noising`)."""
@@ -67,19 +125,28 @@ class Noising:
 
 
 def family_noising(parts, weighting_scheme: Optional[str] = None, logit_mean: float = 0.0, logit_std: float = 1.0,
-                   mode_scale: float = 1.29, snr_gamma: Optional[float] = None) -> Noising:
-    """SD1.5 / SDXL: t uniform over the DDPM steps, eps (or v) target, min-SNR-`snr_gamma` weights for SFT. SD3 /
-    FLUX: t drawn as the model was trained (`weighting_scheme`, default the family's: DEFAULT_WEIGHTING), the
-    velocity target, SD3's loss weights for SFT (DPO's errors stay plain per-sample MSE: a weight w(t) would only
-    rescale beta at each t)."""
+                   mode_scale: float = 1.29, snr_gamma: Optional[float] = None,
+                   timestep_weights: Optional[torch.Tensor] = None) -> Noising:
+    """SD1.5 / SD 2.x / SDXL: t uniform over the DDPM steps (or drawn with the probabilities `timestep_weights`,
+    `timestep_bias_weights`), eps (or v) target, min-SNR-`snr_gamma` weights for SFT. SD3 / FLUX: t drawn as the model
+    was trained (`weighting_scheme`, default the family's: DEFAULT_WEIGHTING), the velocity target, SD3's loss weights
+    for SFT (DPO's errors stay plain per-sample MSE: a weight w(t) would only rescale beta at each t)."""
     scheduler = parts.scheduler
     if parts.is_flow:
+        if timestep_weights is not None:
+            raise UsageError(f"--timestep_bias_strategy weights DDPM timesteps; {parts.name} draws t by "
+                             f"--weighting_scheme: use that")
         scheme = weighting_scheme or DEFAULT_WEIGHTING[parts.family]
         t = FlowTrainingTimesteps(scheduler, scheme, logit_mean, logit_std, mode_scale)
         return Noising(t.draw, functools.partial(flow_noise_pairs, num_train_timesteps=t.num_train_timesteps),
                        t.loss_weights)
-    return Noising(lambda n, g: torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g),
-                   functools.partial(noise_pairs, scheduler),
+    if timestep_weights is None:
+        def draw(n, g):
+            return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
+    else:
+        def draw(n, g):
+            return torch.multinomial(timestep_weights, n, replacement=True, generator=g)
+    return Noising(draw, functools.partial(noise_pairs, scheduler),
                    lambda t: min_snr_weights(scheduler, t, snr_gamma) if snr_gamma else None)
 
 

@@ -1,4 +1,5 @@
-"""Tiny SD1.5-, SDXL-, SD3- and FLUX-style pipelines built in code, for tests and the offline quickstart.
+"""Tiny SD1.5-, SD 2.x- (v-prediction), SDXL-, SD3- and FLUX-style pipelines built in code, for tests and the offline
+quickstart.
 
 No model hub is reachable offline, so these pipelines are built from a fixed seed, written with
 `save_pretrained`, and then loaded back through the same `from_pretrained` path that hub ids take.
@@ -191,17 +192,18 @@ if __name__ == "__main__":
     _main()
 
 
-def _scheduler():
+def _scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    # The SD1.5 / SDXL noise schedule, so the tiny models exercise the real timestep handling.
+    # The SD1.5 / SD 2.x / SDXL noise schedule, so the tiny models exercise the real timestep handling; SD 2.x's 768 px
+    # models (stabilityai/stable-diffusion-2-1) predict v on it.
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, timestep_spacing="leading",
     )
 
 
-def _unet(sdxl: bool):
+def _unet(sdxl: bool, sd2: bool = False):
     from diffusers import UNet2DConditionModel
 
     common = dict(
@@ -209,6 +211,9 @@ def _unet(sdxl: bool):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=32,
     )
+    if sd2:  # SD 2.x's layout: heads per block (its (5, 10, 20, 20)) and linear projections in the transformers
+        return UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+                                    **common)
     if not sdxl:
         return UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=8, **common)
     # SDXL: text_time conditioning = pooled text embeds (32) + 6 time ids x 8 = 80 inputs.
@@ -228,6 +233,8 @@ def build_tiny_pipeline(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name in ("tiny-sd3", "tiny-flux"):
         return _flow_pipeline(name)
+    if name == "tiny-sd2":
+        return _sd2_pipeline()
     sdxl = name == "tiny-sdxl"
     unet, vae = _unet(sdxl), _vae()
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,6 +247,22 @@ def build_tiny_pipeline(name: str, seed: int = 0):
         )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=_text_encoder(), tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _sd2_pipeline():
+    """SD 2.x's 768-v layout (stabilityai/stable-diffusion-2-1): a StableDiffusionPipeline whose UNet has heads per
+    block and linear projections, whose text encoder is OpenCLIP-H as diffusers ships it (a CLIPTextModel with gelu
+    activations, cut at the penultimate layer: its last hidden state is that layer's, after the final layer norm) with
+    the OpenCLIP tokenizer's '!' padding, and whose scheduler predicts v."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae = _unet(sdxl=False, sd2=True), _vae()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = save_clip_tokenizer_files(Path(tmp) / "tok", pad_token="!")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=_text_encoder(), tokenizer=tokenizer, unet=unet, scheduler=_scheduler("v_prediction"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
