@@ -243,7 +243,7 @@ def main(args):
     model = parts.unet
     frozen = None
     if args.use_lora:
-        add_trainable_lora(model, args.lora_rank, args.lora_alpha, args.seed, device, dtype)
+        add_trainable_lora(model, args.lora_rank, args.lora_alpha, args.seed, device, dtype, args.lora_targets)
     else:
         model.to(device).requires_grad_(True)
         frozen = frozen_copy(model, dtype) if args.kl_beta > 0 else None
