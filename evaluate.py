@@ -40,9 +40,10 @@ from utils.cli import ArgumentParser
 from utils.data import load_prompts, prompt_sets
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
-                          named_pipelines, warn_long_prompts, weights_subfolder)
+                          named_pipelines, read_family, warn_long_prompts, weights_subfolder)
 from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
-from utils.sampling import cfg_conditioning, decode_latents, sample_latents
+from utils.sampling import (SAMPLING_DEFAULTS_HELP, cfg_conditioning, decode_latents, resolve_sampling_defaults,
+                            sample_latents)
 from utils.train import run_main
 from utils.train.cli import HelpFormatter, parse_name_paths
 from utils.train.distributed import check_mixed_precision, compute_dtype
@@ -92,9 +93,11 @@ def parse_args(argv=None):
     g.add_argument("--lpips_weights", default=None, metavar="PATH",
                    help="torchvision AlexNet state dict for LPIPS's trunk (default: torch hub's cache, downloaded once)")
     g = parser.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (SD3 / FLUX: Euler steps)")
-    g.add_argument("--guidance_scale", type=float, default=7.5,
-                   help="classifier-free guidance scale (1 = no guidance); FLUX.1-dev: its guidance embedding's value")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help=f"DDIM steps (SD3 / FLUX: Euler steps; {SAMPLING_DEFAULTS_HELP['num_inference_steps']})")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"classifier-free guidance scale (1 = no guidance); FLUX.1-dev: its guidance embedding's value "
+                        f"({SAMPLING_DEFAULTS_HELP['guidance_scale']})")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--batch_size", type=int, default=8, help="images per UNet call, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -113,7 +116,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be checked before a model is loaded."""
     for name in ("num_inference_steps", "batch_size", "num_seeds", "grid_prompts"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the family's default
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file; pass a folder (it is made if missing)")
@@ -313,6 +316,8 @@ def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_mixed_precision(accelerator)
     device, dtype = accelerator.device, compute_dtype(accelerator)
+    # the family's steps and guidance where not given (model_index.json only), before args.json is written
+    resolve_sampling_defaults(args, *read_family(args.pretrained_model_name_or_path, args.revision))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, args.output_dir)

@@ -59,6 +59,7 @@ from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline,
 from utils.pairs import (LATENT_CACHE_AUTO_BYTES, build_latent_cache, choose_winners, dataset_prompt,
                          default_num_workers, latent_cache_applies, scan_dataset, swap_pairs)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec, tensor_to_pil
+from utils.sampling import SAMPLING_DEFAULTS_HELP, resolve_sampling_defaults
 from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, check_speed_args, compile_training_unet
@@ -79,6 +80,12 @@ CHOICE_MODEL_ALIASES = {"aes": "aesthetic", "hps": "hpsv2", "clip": "clip_h14"}
 # effective batch (--scale_lr: 2048 pairs -> 2.048e-5). LoRA trains at 1e-8 not at all: diffusers' DPO LoRA example
 # (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py) defaults to 5e-4.
 FULL_UNET_LEARNING_RATE, LORA_LEARNING_RATE = 1e-8, 5e-4
+# --beta_dpo when not given, per family. SD1.5 / SDXL: the Diffusion-DPO train.py's 5000. Flow models (SD3, FLUX):
+# Flow-GRPO's Diffusion-DPO on SD3.5-M (scripts/train_sd3_dpo.py with config/dpo.py: train.beta = 100, the same
+# -0.5 * beta * ((err_w - err_l) - (ref_w - ref_l)) form), the only published DPO code for a flow model. A velocity
+# error (target noise - x_0) moves 1 / (1 - sigma)^2 as much as the eps error for the same change of weights (16x at
+# sigma 0.75), so 5000 there saturates the sigmoid within the first steps (bench/results/cpu-2026-12-07-flow-dpo-beta.md).
+BETA_DPO = {"sd": 5000.0, "flow": 100.0}
 # Flags a resume may change: how the data is read, not what it holds.
 SAFE_TO_CHANGE_ON_RESUME = {*SPEED_FLAGS_SAFE_ON_RESUME, "dataloader_num_workers", "cache_dir", "reward_model_paths",
                             "reward_paths", "max_bad_rows", "scan_data", "latent_cache"}
@@ -172,9 +179,11 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("method")
     g.add_argument("--sft", action="store_true", help="supervised fine-tuning on the preferred images instead of DPO")
-    g.add_argument("--beta_dpo", type=float, default=5000.0,
-                   help="DPO temperature: the strength of the KL penalty (diffusers' DPO example has no 0.5 factor: "
-                        "its beta 2500 is 5000 here)")
+    g.add_argument("--beta_dpo", type=float, default=None,
+                   help=f"DPO temperature: the strength of the KL penalty (default per family: SD1.5 / SDXL "
+                        f"{BETA_DPO['sd']:g}, from the Diffusion-DPO train.py; SD3 / FLUX {BETA_DPO['flow']:g}, from "
+                        f"Flow-GRPO's SD3 DPO config, config/dpo.py; diffusers' DPO example has no 0.5 factor: its beta "
+                        f"2500 is 5000 here)")
     g.add_argument("--loss_type", default="sigmoid", choices=list(DPO_LOSSES),
                    help="sigmoid: Diffusion-DPO; hinge: SLiC, relu(1 - inside); ipo: IPO, (inside / beta - 1 / (2 beta))^2")
     g.add_argument("--choice_model", default=None,
@@ -215,13 +224,14 @@ def parse_args(argv=None):
                         "--guidance_scale stays the validation images'")
 
     g = parser.add_argument_group("validation images")
-    g.add_argument("--num_inference_steps", type=int, default=50,
-                   help="sampling steps of the validation images (DDIM; SD3 / FLUX: their Euler scheduler)")
-    g.add_argument("--guidance_scale", type=float, default=7.5,
-                   help="classifier-free guidance scale of the validation images (1 = no guidance); FLUX.1-dev: its "
-                        "guidance embedding's value (3.5 is FluxPipeline's default)")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help=f"sampling steps of the validation images (DDIM; SD3 / FLUX: their Euler scheduler; "
+                        f"{SAMPLING_DEFAULTS_HELP['num_inference_steps']})")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"classifier-free guidance scale of the validation images (1 = no guidance); FLUX.1-dev: its "
+                        f"guidance embedding's value ({SAMPLING_DEFAULTS_HELP['guidance_scale']})")
     add_speed_args(parser, sampling=False)
-    describe_defaults(parser, "the Diffusion-DPO train.py", beta_dpo=5000.0, proportion_empty_prompts=0.2,
+    describe_defaults(parser, "the Diffusion-DPO train.py", proportion_empty_prompts=0.2,
                       adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
                       checkpointing_steps=500, report_to="tensorboard")
     args = parser.parse_args(argv)
@@ -231,7 +241,15 @@ def parse_args(argv=None):
 
 
 def resolve_learning_rate(args):
-    """--learning_rate not given: the full-UNet or the LoRA default (written to args.json as resolved)."""
+    """--learning_rate not given: the full-UNet or the LoRA default (written to args.json as resolved).
+
+    --use_lora --scale_lr without --learning_rate is refused: the full-UNet default 1e-8 is a per-pair base that the
+    paper's recipes scale, but the LoRA default 5e-4 is diffusers' per-step rate, which no source scales (5e-4 x 2048
+    pairs would be 1.0), and no published LoRA DPO recipe gives a per-pair base to scale instead."""
+    if args.learning_rate is None and args.use_lora and args.scale_lr:
+        raise UsageError(f"--scale_lr with --use_lora needs --learning_rate (a per-pair base): the LoRA default "
+                         f"{LORA_LEARNING_RATE:g} is a per-step rate, not scaled by the batch; pass --learning_rate, or "
+                         f"drop --scale_lr to train at {LORA_LEARNING_RATE:g}")
     if args.learning_rate is None:
         args.learning_rate = LORA_LEARNING_RATE if args.use_lora else FULL_UNET_LEARNING_RATE
 
@@ -241,7 +259,7 @@ def check_args(args):
     check_common_args(args)
     if not args.dataset_name and not args.train_data_dir:
         raise UsageError("pass --dataset_name (hub id, datasets folder, parquet or jsonl file) or --train_data_dir")
-    if not args.beta_dpo > 0:
+    if args.beta_dpo is not None and not args.beta_dpo > 0:
         raise UsageError(f"--beta_dpo must be > 0, got {args.beta_dpo}")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
@@ -266,7 +284,7 @@ def check_args(args):
         raise UsageError(f"--logit_std must be > 0, got {args.logit_std}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UsageError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
-    if args.num_inference_steps < 1:
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
         raise UsageError(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     if args.image_column and not args.sft:
         raise UsageError("--image_column (plain image-caption data) needs --sft: DPO trains on pairs")
@@ -288,12 +306,15 @@ FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 
 
 def check_family_args(args, family: str, is_sdxl: bool):
-    """What the model's family (read from model_index.json before any weight loads) rules out; fills the flow flags'
-    per-family defaults, so args.json holds the values the run used."""
+    """What the model's family (read from model_index.json before any weight loads) rules out; fills the per-family
+    defaults (validation sampling, --beta_dpo, the flow flags), so args.json holds the values the run used."""
     name = {"sd": "SDXL" if is_sdxl else "SD1.5", "sd3": "SD3", "flux": "FLUX.1"}[family]
     if args.sdxl and not is_sdxl:
         raise UsageError(f"--sdxl given, but {args.pretrained_model_name_or_path} is a {name} pipeline (its "
                          f"model_index.json says so); drop --sdxl")
+    resolve_sampling_defaults(args, family, is_sdxl)
+    if args.beta_dpo is None:
+        args.beta_dpo = BETA_DPO["sd" if family == "sd" else "flow"]
     if family == "sd":
         given = [f"--{f}" for f in (*FLOW_FLAGS, "train_guidance_scale") if getattr(args, f) is not None]
         if given:

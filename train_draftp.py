@@ -41,10 +41,11 @@ from utils.cli import ArgumentParser
 from utils.data import load_prompts, prompt_sets
 from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
-from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
-                          reference_model, warn_long_prompts)
+from utils.models import (TIMESTEP_SPACINGS, add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
+                          load_pipeline_parts, read_family, reference_model, warn_long_prompts)
 from utils.rewards import list_rewards, load_reward, parse_reward_spec, require_differentiable
-from utils.sampling import SCORED_LATENTS, cfg_conditioning, decode_latents, low_variance_samples, sample_latents
+from utils.sampling import (SAMPLING_DEFAULTS_HELP, SCORED_LATENTS, cfg_conditioning, decode_latents,
+                            low_variance_samples, resolve_sampling_defaults, sample_latents)
 from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, apply_speed_options, check_speed_args, compile_training_unet, sampling_model
@@ -112,10 +113,17 @@ def parse_args(argv=None):
     g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
     g = parser.add_argument_group("sampling and DRaFT")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (SD3 / FLUX: Euler steps)")
-    g.add_argument("--guidance_scale", type=float, default=7.5,
-                   help="classifier-free guidance scale (1 = no guidance); FLUX.1-dev: the value of its guidance "
-                        "embedding, one pass, no CFG (FluxPipeline's default is 3.5)")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help=f"DDIM steps (SD3 / FLUX: Euler steps; {SAMPLING_DEFAULTS_HELP['num_inference_steps']})")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"classifier-free guidance scale (1 = no guidance); FLUX.1-dev: the value of its guidance "
+                        f"embedding, one pass, no CFG ({SAMPLING_DEFAULTS_HELP['guidance_scale']})")
+    g.add_argument("--timestep_spacing", default=None, choices=TIMESTEP_SPACINGS,
+                   help="SD1.5 / SDXL: how DDIM spaces its timesteps (diffusers' DDIMScheduler timestep_spacing; "
+                        "default: the scheduler config's own, 'leading' for SD1.5 and SDXL, whose last step is at t = 1). "
+                        "'trailing' ends at t = 1000 / steps - 1 (40 steps: 999 ... 24, the timesteps of NeMo-Aligner's "
+                        "SDXL DRaFT+ sampler, launchers/draftp_sdxl.sh); a stock pipeline reproduces the validation "
+                        "images with DDIMScheduler.from_config(config, timestep_spacing=...)")
     g.add_argument("--true_cfg_scale", type=float, default=1.0,
                    help="FLUX only: classifier-free guidance against the empty prompt on top of the guidance "
                         "embedding (FluxPipeline's true_cfg_scale; 1 = off, two transformer passes per step when > 1)")
@@ -143,9 +151,10 @@ def parse_args(argv=None):
     add_speed_args(parser)
     # NeMo-Aligner's DRaFT+ config (examples/mm/stable_diffusion/conf/draftp_sd.yaml; launchers/draftp_sd15.sh
     # passes the same values and cites each), in place of add_common_args' general-purpose defaults.
+    # Steps and guidance: per family, resolved once the family is read (resolve_family_defaults).
     describe_defaults(parser, "NeMo-Aligner's DRaFT+ config", use_lora=True, lora_rank=32, learning_rate=1e-4,
                       adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, max_grad_norm=10.0, reward_model="pickscore",
-                      num_inference_steps=50, eta=0.0, guidance_scale=7.5, truncation_steps=1)
+                      eta=0.0, truncation_steps=1)
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -154,16 +163,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be checked before a model is loaded."""
     check_common_args(args)
-    if args.num_inference_steps < 1:
-        raise UsageError(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
-    if not 1 <= args.truncation_steps <= args.num_inference_steps:
-        raise UsageError(f"--truncation_steps must be in [1, --num_inference_steps={args.num_inference_steps}], "
-                         f"got {args.truncation_steps}")
-    if args.truncation_steps_random is not None:
-        low, high = args.truncation_steps_random
-        if not 1 <= low <= high <= args.num_inference_steps:
-            raise UsageError(f"--truncation_steps_random MIN,MAX needs 1 <= MIN <= MAX <= --num_inference_steps="
-                             f"{args.num_inference_steps}, got {low},{high}")
+    check_steps(args)  # against --num_inference_steps once known (resolve_family_defaults)
     if args.kl_coeff < 0:
         raise UsageError(f"--kl_coeff must be >= 0 (0 = DRaFT, > 0 = DRaFT+), got {args.kl_coeff}")
     if args.draft_lv_samples < 0:
@@ -186,6 +186,35 @@ def check_args(args):
         load_prompts(args.prompts, args.prompt_column)  # a missing or empty file fails here
 
 
+def check_steps(args):
+    """--num_inference_steps, and the truncation flags that must fit in it (while it is None, the family's default
+    not yet read: all but the upper bound)."""
+    steps = args.num_inference_steps
+    shown = "its family's default" if steps is None else steps
+    if steps is not None and steps < 1:
+        raise UsageError(f"--num_inference_steps must be >= 1, got {steps}")
+    if not 1 <= args.truncation_steps <= (steps or args.truncation_steps):
+        raise UsageError(f"--truncation_steps must be in [1, --num_inference_steps={shown}], "
+                         f"got {args.truncation_steps}")
+    if args.truncation_steps_random is not None:
+        low, high = args.truncation_steps_random
+        if not 1 <= low <= high <= (steps or high):
+            raise UsageError(f"--truncation_steps_random MIN,MAX needs 1 <= MIN <= MAX <= --num_inference_steps="
+                             f"{shown}, got {low},{high}")
+
+
+def resolve_family_defaults(args):
+    """From the model's model_index.json (no weights yet): the family's sampling steps and guidance where not given
+    (utils.sampling.SAMPLING_DEFAULTS), then checked as given ones are. main runs it before args.json is written, so
+    that args.json holds the values the run uses."""
+    family, is_sdxl = read_family(args.pretrained_model_name_or_path, args.revision)
+    if args.timestep_spacing is not None and family != "sd":
+        raise UsageError("--timestep_spacing sets DDIM's timesteps (SD1.5 / SDXL); this model samples with its "
+                         "flow-matching Euler scheduler's sigmas: drop --timestep_spacing")
+    resolve_sampling_defaults(args, family, is_sdxl)
+    check_steps(args)
+
+
 def check_family_args(args, parts):
     """What only the loaded model's family can tell: flow models sample deterministically, true CFG is FLUX's."""
     if parts.is_flow and args.eta > 0:
@@ -197,6 +226,7 @@ def check_family_args(args, parts):
 
 # --------------------------------------------------------------------------- main
 def main(args):
+    resolve_family_defaults(args)  # the family's steps and guidance, before args.json is written
     run = Run(args, "draftp", "DRaFT+" if args.kl_coeff > 0 else "DRaFT", shown=("loss", "reward", "kl"),
               safe_on_resume={*SPEED_FLAGS_SAFE_ON_RESUME, "reward_model_paths", "reward_paths"})
     check_speed_args(args, run.strategy, run.wraps_model, run.shards_model, run.device)
@@ -204,7 +234,7 @@ def main(args):
 
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full)
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                args.pretrained_vae_model_name_or_path)
+                                args.pretrained_vae_model_name_or_path, timestep_spacing=args.timestep_spacing)
     check_family_args(args, parts)
     if args.rescale_zero_terminal_snr:
         rescale_zero_terminal_snr(parts)  # the sampler (training and validation) takes the rescaled schedule

@@ -7,19 +7,23 @@
 #     Diffusion-DPO run): rank 8, learning_rate 1e-5, lr_scheduler constant, lr_warmup_steps 0, train_batch_size 8 x
 #     gradient_accumulation_steps 2 = 16 pairs per step, max_train_steps 2000, checkpointing_steps 500,
 #     validation_steps 50, gradient checkpointing, seed 0.
-#   SalesforceAIResearch/DiffusionDPO (the paper's code): dataset yuvalkirstain/pickapic_v2, beta_dpo 5000 (our
-#     default; diffusers' beta 2500 without the 0.5 is the same), max_grad_norm 1.0, proportion_empty_prompts 0.2
-#     (both defaults of train_dpo.py), resolution 1024 for the 1024-px model (launchers/sdxl.sh).
+#   SalesforceAIResearch/DiffusionDPO (the paper's code): dataset yuvalkirstain/pickapic_v2, max_grad_norm 1.0,
+#     proportion_empty_prompts 0.2 (both defaults of train_dpo.py), resolution 1024 for the 1024-px model
+#     (launchers/sdxl.sh).
+#   Flow-GRPO (scripts/train_sd3_dpo.py, config/dpo.py: train.beta = 100 with the same -0.5 * beta form; SD3.5-M),
+#     the only published Diffusion-DPO on a flow model: beta_dpo 100, train_dpo.py's default for SD3 / FLUX. The
+#     paper's 5000 is for eps errors; velocity errors move about 1 / (1 - sigma)^2 as much, and at 5000 the loss
+#     saturates within the first steps (bench/results/cpu-2026-12-07-flow-dpo-beta.md, toy-sd3).
 #   huggingface/diffusers, examples/dreambooth/train_dreambooth_lora_flux.py and README_flux.md: weighting_scheme
 #     none (t uniform, the script's default), the guidance embedding at 1 in training (the README's commands pass
 #     --guidance_scale=1; here --train_guidance_scale), bf16; FluxPipeline's defaults for the validation images:
 #     guidance 3.5, 28 steps; the LoRA targets with --lora_layers unset (--lora_targets diffusers): the double blocks'
 #     attention projections of both streams (attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out) and feed-forward
 #     layers (ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2), and the single blocks' proj_mlp.
-# Ours: beta_dpo 5000 carried over from eps to velocity errors unchanged (not yet validated on FLUX: the velocity's
-#   per-sample error is larger than eps's, so watch implicit_acc and lower beta if the loss collapses at once);
-#   1 GPU with 2 pairs x 8 accumulation (diffusers' 8 x 2 per GPU would hold 16 images of 4096 tokens of a 12B
-#   transformer in one pass); LoRA alpha = rank (diffusers' DPO scripts).
+# Ours: beta 100 taken from SD3 to FLUX unchanged (not yet validated on FLUX: keep the loss near log 2 = 0.69 in
+#   the first steps; lower beta if it jumps to several units, raise it if it never leaves log 2); 1 GPU with 2 pairs
+#   x 8 accumulation (diffusers' 8 x 2 per GPU would hold 16 images of 4096 tokens of a 12B transformer in one
+#   pass); LoRA alpha = rank (diffusers' DPO scripts).
 #
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 1 x 2 x 8 = 16 pairs per optimizer step (diffusers' 8 x 2).
 # With more GPUs keep the product at 16 (GRAD_ACCUM follows GPUS and TRAIN_BATCH_SIZE).
@@ -43,7 +47,7 @@ ARGS=(
   --output_dir "$OUTPUT_DIR"
   --resolution 1024
   --use_lora --lora_rank 8 --lora_targets diffusers
-  --beta_dpo 5000
+  --beta_dpo 100
   --weighting_scheme none --train_guidance_scale 1.0
   --learning_rate 1e-5 --lr_scheduler constant --lr_warmup_steps 0
   --train_batch_size "$TRAIN_BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"

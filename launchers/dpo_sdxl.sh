@@ -7,7 +7,13 @@
 #   lr_warmup_steps 200, learning_rate 1e-8 with --scale_lr, checkpointing_steps 200, beta_dpo 5000, --sdxl;
 #   README: Adafactor is "default for SDXL" and gradient checkpointing is "turned on automatically for SDXL" in
 #   its train.py, so both are passed explicitly here; resolution 1024 for SDXL; 16 GPUs (16 x 1 x 128 = 2048).
-# Our choices: bf16; GPUS=8 by default with the accumulation doubled to keep 2048.
+# Our choices: bf16; GPUS=8 by default with the accumulation doubled to keep 2048. SDXL conditioning, kept on purpose
+# where it differs from the Diffusion-DPO train.py: the time ids hold each image's real original size and crop offset,
+# as diffusers' SDXL DPO script (examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py) builds them
+# (train.py hard-codes [res, res, 0, 0, res, res] for every image, telling the UNet that an upscaled small image was a
+# 1024-px original); the empty prompts of --proportion_empty_prompts get zero embeddings, which is what SDXL's
+# force_zeros_for_empty_prompt (model_index.json) gives the unconditional branch at sampling (train.py encodes "").
+# So this runs the paper's recipe, not a bit-exact reproduction of its run.
 #
 # Effective batch: GPUS x TRAIN_BATCH_SIZE x GRAD_ACCUM = 8 x 1 x 256 = 2048 pairs per optimizer step
 # (the published run: 16 x 1 x 128). --scale_lr: 1e-8 x 2048 = 2.048e-5.

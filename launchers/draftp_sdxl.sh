@@ -5,10 +5,17 @@
 #   kl_coeff 1.0, truncation_steps 1, 1024 x 1024, 40 sampling steps, CFG scale 5.0, reward_model pickscore,
 #   LoRA ("sdlora", adapter_dim 32), fused_adam lr 1e-4, weight_decay 0, gradient_clip_val 10, precision bf16,
 #   micro_batch_size 1, global_batch_size 1.
-#   NeMo's DRaFT+ scores the last step's predicted x_0: --scored_latent pred_x0 (with x_{t-1} the reward gradient
-#   is about 3.4x weaker at 40 steps of SDXL's schedule, and kl_coeff 1.0 would mean about 3.4x more KL).
-# Differences, our choices: NeMo samples SDXL with EulerEDMSampler; this toolkit's differentiable sampler is DDIM
-# (same 40 steps, same guidance). NeMo's SDXL file warms the lr up over 10000 steps (WarmupHoldPolicy); we use
+#   Its sampler (sampling.base): EulerEDMSampler, LegacyDDPMDiscretization, 40 steps, s_churn 0. NeMo's
+#   discretizer.py (NVIDIA/NeMo, nemo/collections/multimodal/modules/stable_diffusion/diffusionmodules/) takes the
+#   timesteps np.linspace(999, 0, 40, endpoint=False).astype(int) = 999, 974, ..., 24 and appends sigma 0, so its last
+#   model call is at t = 24 (sigma 0.15) and the last Euler step lands on that call's predicted x_0, which is what
+#   NeMo's megatron_sdxl_draftp_model.py decodes and scores. DDIM with --timestep_spacing trailing takes the same 40
+#   timesteps (diffusers' DDIMScheduler: 999 ... 24), and a DDIM step at eta 0 is that Euler step in x / sqrt(alpha_bar);
+#   with --scored_latent pred_x0 the scored latent is NeMo's. d(latent)/d(eps) at t = 24 is -0.152, 3.7x the -0.041
+#   of t = 1 that SD's own 'leading' spacing ends at: with 'leading', kl_coeff 1.0 would regularise like about 3.7
+#   here. (x_{t-1} instead of pred_x0 would be 1.24x weaker at t = 24.)
+# Differences, our choices: NeMo's sampler is EulerEDMSampler; this toolkit's differentiable sampler is DDIM with the
+# same timesteps and guidance (above). NeMo's SDXL file warms the lr up over 10000 steps (WarmupHoldPolicy); we use
 # 10 as in its SD1.5 file, since 10000 exceeds the run. max_train_steps 2000, prompts 'animals', the fp16-fix
 # VAE (decoding in bf16 is fine with either VAE; it matters for fp16), gradient checkpointing (memory at 1024 px).
 #
@@ -35,7 +42,7 @@ ARGS=(
   --prompts "$PROMPTS"
   --output_dir "$OUTPUT_DIR"
   --resolution 1024
-  --num_inference_steps 40 --eta 0.0 --guidance_scale 5.0
+  --num_inference_steps 40 --timestep_spacing trailing --eta 0.0 --guidance_scale 5.0
   --truncation_steps 1 --scored_latent pred_x0
   --kl_coeff 1.0
   --use_lora --lora_rank 32

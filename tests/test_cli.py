@@ -68,8 +68,10 @@ def test_draftp_help_shows_the_defaults_and_where_they_come_from(built_parser, m
     expected = {  # NeMo-Aligner's draftp_sd.yaml, as shared/DESIGN.md lists it
         "--learning_rate": f"(default: 0.0001, {NEMO})", "--lora_rank": f"(default: 32, {NEMO})",
         "--adam_weight_decay": f"(default: 0.0, {NEMO})", "--max_grad_norm": f"(default: 10.0, {NEMO})",
-        "--num_inference_steps": f"(default: 50, {NEMO})", "--eta": f"(default: 0.0, {NEMO})",
-        "--guidance_scale": f"(default: 7.5, {NEMO})", "--truncation_steps": f"(default: 1, {NEMO})",
+        "--eta": f"(default: 0.0, {NEMO})", "--truncation_steps": f"(default: 1, {NEMO})",
+        # per family, from the stock diffusers pipelines (SD1.5 50 / 7.5 as NeMo-Aligner's config)
+        "--num_inference_steps": "SD1.5 50, SDXL 50, SD3 / SD3.5 28, FLUX.1 28",
+        "--guidance_scale": "SD1.5 7.5, SDXL 5.0, SD3 / SD3.5 7.0, FLUX.1 3.5",
         "--reward_model": f"(default: pickscore, {NEMO})",
         # this project's own
         "--seed": "(default: 0)", "--max_train_steps": "(default: 1000)", "--output_dir": "(default: outputs/run)",
@@ -85,7 +87,8 @@ def test_draftp_help_shows_the_defaults_and_where_they_come_from(built_parser, m
 def test_dpo_help_shows_the_defaults_and_where_they_come_from(built_parser, monkeypatch):
     lines = help_lines(built_parser(train_dpo), monkeypatch)
     source = "from the Diffusion-DPO train.py"
-    for flag, text in {"--beta_dpo": f"(default: 5000.0, {source})", "--max_train_steps": f"(default: 2000, {source})",
+    for flag, text in {"--beta_dpo": f"SD1.5 / SDXL 5000, {source}; SD3 / FLUX 100, from Flow-GRPO",
+                       "--max_train_steps": f"(default: 2000, {source})",
                        "--lr_warmup_steps": f"(default: 500, {source})", "--seed": "(default: 0)",
                        "--adam_weight_decay": f"(default: 0.01, {source})", "--max_grad_norm": f"(default: 1.0, {source})",
                        "--output_dir": "(default: outputs/run)", "--report_to": f"(default: tensorboard, {source})"}.items():

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -212,6 +213,70 @@ def test_pred_x0_gradient_is_stronger_by_the_schedules_ratio(lora_parts):
     # the SD1.5 schedule (the tiny pipelines share it) at 50 steps: -0.0413 / -0.0121
     assert _expected_gain(parts.scheduler, 50, "pred_x0") == pytest.approx(-0.04131, abs=1e-5)
     assert _expected_gain(parts.scheduler, 50, "x_prev") == pytest.approx(-0.01214, abs=1e-5)
+
+
+class _NudgeLastEps(torch.nn.Module):
+    """Wraps a UNet: in the calls with grad (K = 1: the last step) adds `delta` to the eps of both CFG halves, which
+    moves the guided eps, eps_u + s (eps_t - eps_u), by exactly `delta`: d(final latent)/d(delta) is the last step's
+    d(latent)/d(eps)."""
+
+    def __init__(self, unet, delta):
+        super().__init__()
+        self.unet, self.delta = unet, delta
+
+    def forward(self, latents, *args, **kwargs):
+        out = self.unet(latents, *args, **kwargs).sample
+        if torch.is_grad_enabled():
+            out = out + torch.cat([self.delta] * (out.shape[0] // self.delta.shape[0]))
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("spacing, last_t, gain", [(None, 1, -0.04131), ("trailing", 24, -0.15152)])
+def test_sdxl_trailing_spacing_ends_at_nemos_last_timestep_with_its_gradient(tiny_sdxl_path, spacing, last_t, gain):
+    """launchers/draftp_sdxl.sh (--num_inference_steps 40 --timestep_spacing trailing): DDIM takes NeMo-Aligner's SDXL
+    timesteps 999 ... 24 (its LegacyDDPMDiscretization: np.linspace(999, 0, 40, endpoint=False).astype(int)), and the
+    scored pred_x0 of the last step has d(latent)/d(eps) = -sqrt((1 - a_24) / a_24) = -0.1515 (NeMo's EDM sigma at
+    t = 24), 3.67x the -0.0413 of t = 1 that SDXL's own 'leading' spacing ends at. Measured through the sampler on the
+    tiny SDXL pipeline (SDXL's schedule). Mutation: in utils/models.py load_pipeline_parts, the
+    `DDIMScheduler.from_config(..., timestep_spacing=timestep_spacing)` line removed (trailing then ends at t = 1)."""
+    parts = load_pipeline_parts(tiny_sdxl_path, timestep_spacing=spacing)
+    freeze_frozen_parts(parts, "cpu", torch.float32)
+    assert parts.scheduler.config.timestep_spacing == (spacing or "leading")  # SDXL's own config: leading
+    parts.scheduler.set_timesteps(40)
+    timesteps = parts.scheduler.timesteps.tolist()
+    assert timesteps[-1] == last_t
+    if spacing == "trailing":
+        assert timesteps == np.linspace(999, 0, 40, endpoint=False).astype(int).tolist()  # NeMo's, step for step
+    shape = parts.latent_shape(parts.default_resolution)
+    x_T = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
+    delta = torch.zeros(1, *shape, requires_grad=True)
+    out = sample_latents(_NudgeLastEps(parts.unet, delta), parts.scheduler, _cond(parts, ["a red cat"]), x_T, 40, 5.0,
+                         truncation_steps=1, scored_latent="pred_x0")
+    (out.latents * probe).sum().backward()
+    torch.testing.assert_close(delta.grad, gain * probe, rtol=1e-3, atol=1e-6)
+    assert _expected_gain(parts.scheduler, 40, "pred_x0") == pytest.approx(gain, abs=1e-5)
+    if spacing == "trailing":  # the issue's "about 3.7x": NeMo's kl_coeff against this toolkit's t = 1
+        assert gain / -0.04131 == pytest.approx(3.668, abs=1e-3)
+
+
+def test_the_script_samples_with_the_given_timestep_spacing(tmp_path, monkeypatch, tiny_sd_path):
+    """train_draftp.py --timestep_spacing trailing: every chain of the run (training) takes DDIM's trailing timesteps
+    (5 steps: 999 ... 199), not the scheduler config's leading ones (751 ... 1). Mutation: train_draftp.main's
+    load_pipeline_parts call without `timestep_spacing=args.timestep_spacing`."""
+    seen = []
+    real = train_draftp.sample_latents
+
+    def recording(unet, scheduler, *args, **kwargs):
+        out = real(unet, scheduler, *args, **kwargs)
+        seen.append(scheduler.timesteps.tolist())
+        return out
+
+    monkeypatch.setattr(train_draftp, "sample_latents", recording)
+    monkeypatch.setattr(train_draftp, "validation", lambda *args, **kwargs: None)
+    run_draftp(draftp_flags(tmp_path / "out", steps=1, extra=["--timestep_spacing", "trailing"]))
+    assert seen == [[999, 799, 599, 399, 199]]
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["timestep_spacing"] == "trailing"
 
 
 def test_truncation_random_draws_once_per_batch_inside_the_range():

@@ -85,8 +85,9 @@ def test_dpo_flux_passes_its_sources_values(tmp_path):
     # diffusers' Diffusion-DPO LoRA command (SDXL): rank 8, lr 1e-5 constant, 16 pairs per step, 2000 steps
     assert (a.use_lora, a.lora_rank, a.learning_rate, a.lr_scheduler, a.lr_warmup_steps) == (True, 8, 1e-5, "constant", 0)
     assert a.train_batch_size * a.gradient_accumulation_steps == 16 and a.max_train_steps == 2000
-    # the paper's beta and data; diffusers' FLUX training: uniform t, guidance embedding 1 in training, 3.5 to sample
-    assert (a.beta_dpo, a.dataset_name, a.resolution) == (5000, "yuvalkirstain/pickapic_v2", 1024)
+    # Flow-GRPO's SD3 DPO beta, the paper's data; diffusers' FLUX training: uniform t, guidance embedding 1 in
+    # training, 3.5 to sample
+    assert (a.beta_dpo, a.dataset_name, a.resolution) == (100, "yuvalkirstain/pickapic_v2", 1024)
     assert (a.weighting_scheme, a.train_guidance_scale, a.guidance_scale, a.num_inference_steps) == ("none", 1.0, 3.5, 28)
     assert a.gradient_checkpointing and a.mixed_precision == "bf16"
 

@@ -144,9 +144,17 @@ def is_sdxl_index(model_index: dict) -> bool:
     return "text_encoder_2" in model_index and model_index["text_encoder_2"][0] is not None
 
 
-def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name_or_path=None) -> PipelineParts:
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's timestep_spacing values
+
+
+def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name_or_path=None,
+                        timestep_spacing: Optional[str] = None) -> PipelineParts:
     """Load UNet (or transformer), VAE, scheduler, text encoder(s) and tokenizer(s) in fp32 (training casts the frozen
-    parts). The family comes from model_index.json: SD3 / FLUX pipelines load through utils.flow."""
+    parts). The family comes from model_index.json: SD3 / FLUX pipelines load through utils.flow.
+
+    `timestep_spacing` (SD1.5 / SDXL): how DDIM spaces its sampling timesteps, in place of the scheduler config's own
+    (SD's "leading" ends 50 steps at t = 1; "trailing" ends 40 steps at t = 24, where NeMo-Aligner's SDXL sampler makes
+    its last model call). Flow models' Euler schedulers take none."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -155,11 +163,16 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
     kw = dict(revision=revision)
     family = flow_family(index)
     if family:
+        if timestep_spacing is not None:
+            raise UsageError(f"--timestep_spacing sets DDIM's timesteps; {FAMILY_NAMES[family]} samples with its Euler "
+                             f"scheduler's sigmas: drop --timestep_spacing")
         vae = AutoencoderKL.from_pretrained(resolve_model_path(vae_name_or_path), **kw) if vae_name_or_path else None
         return PipelineParts(**load_flow_parts(path, family, revision, variant, vae))
     sdxl = is_sdxl_index(index)
     # DDIM is the sampler of DRaFT and the scheduler whose noise schedule DPO trains against.
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    if timestep_spacing is not None:
+        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=timestep_spacing)
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", use_fast=False, **kw)]
     text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
     if sdxl:

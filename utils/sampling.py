@@ -31,6 +31,32 @@ from .models import TextConditioning
 
 SCORED_LATENTS = ("pred_x0", "x_prev")
 
+# Sampling steps and guidance when --num_inference_steps / --guidance_scale are not given: the defaults of each family's
+# stock diffusers pipeline (__call__ of StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
+# FluxPipeline in diffusers 0.42), so that a flow model is not sampled with SD1.5's 50 steps and CFG 7.5 (FLUX.1-dev
+# would take 7.5 as its guidance embedding). SD1.5's are also NeMo-Aligner's DRaFT+ config's (draftp_sd.yaml); SDXL's
+# guidance 5.0 also its SDXL config's (draftp_sdxl.yaml: scale 5.0).
+SAMPLING_DEFAULTS = {
+    "sd": {"num_inference_steps": 50, "guidance_scale": 7.5},
+    "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
+    "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0},
+    "flux": {"num_inference_steps": 28, "guidance_scale": 3.5},
+}
+SAMPLING_DEFAULTS_HELP = {
+    flag: "default per family, from its stock diffusers pipeline: " + ", ".join(
+        f"{name} {SAMPLING_DEFAULTS[key][flag]}" for key, name in
+        (("sd", "SD1.5"), ("sdxl", "SDXL"), ("sd3", "SD3 / SD3.5"), ("flux", "FLUX.1")))
+    for flag in ("num_inference_steps", "guidance_scale")}
+
+
+def resolve_sampling_defaults(args, family: str, is_sdxl: bool = False):
+    """Fill --num_inference_steps / --guidance_scale left unset (None) with the family's SAMPLING_DEFAULTS, once the
+    family is read from model_index.json (utils.models.read_family) and before args.json is written; a value given on
+    the command line stays."""
+    for flag, value in SAMPLING_DEFAULTS["sdxl" if is_sdxl else family].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+
 
 @dataclass
 class SampleResult:

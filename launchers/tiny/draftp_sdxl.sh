@@ -18,6 +18,6 @@ GRAD_ACCUM=${GRAD_ACCUM:-1}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/single_gpu.yaml}
 
 source launchers/tiny/common.bash  # the flags the tiny DRaFT launchers share, and the launch line
-SAMPLING=(--num_inference_steps 5 --guidance_scale 7.5)
+SAMPLING=(--num_inference_steps 5 --timestep_spacing trailing --guidance_scale 7.5)  # the recipe's DDIM spacing
 METHOD=(--truncation_steps 1 --kl_coeff 0.1)
 tiny_draftp "$@"
