@@ -1,6 +1,7 @@
-"""Flow-matching models on one GPU (issue 18, item 5): DRaFT+ K = 1 LoRA steps and Diffusion-DPO LoRA pairs per second
-and peak memory on SD3.5-Medium-size and FLUX.1-dev-size random-weight pipelines, run end to end through the real
-scripts (`accelerate launch train_draftp.py / train_dpo.py`), as bench/distributed.py runs SD1.5.
+"""Flow-matching models on one GPU (issue 18, item 5): DRaFT+ K = 1 LoRA steps, Diffusion-DPO LoRA pairs and online
+RL (Flow-GRPO, DiffusionNFT) images per second and peak memory on SD3.5-Medium-size and FLUX.1-dev-size random-weight
+pipelines, run end to end through the real scripts (`accelerate launch train_draftp.py / train_dpo.py /
+train_online.py`), as bench/distributed.py runs SD1.5.
 
 The architectures are the hub configs' (transformer, CLIP-L, CLIP-G, T5-XXL encoder, the 16-channel VAE), built with
 random weights on the GPU and saved as the hub holds them, so that loading, memory and compute are those of the real
@@ -9,16 +10,27 @@ one H200.
 
     python3 bench/flow.py --out $OUT --assets .bench_assets --family sd35     # SD3.5 Medium: build + 2 runs
     python3 bench/flow.py --out $OUT --assets .bench_assets --family flux     # FLUX.1-dev: build + 2 runs
+    python3 bench/flow.py --out $OUT --assets .bench_assets --family sd35 --scripts flow_grpo nft   # online RL only
     python3 bench/flow.py --out /tmp/flow-smoke --smoke --family sd35         # here: tiny sizes on the CPU, 2 steps
 
-Writes OUT/flow.md and OUT/flow.json after every run (a call cut short keeps what it measured): s/step (median of
-the steps after the first), images or pairs per second, peak GiB (torch.cuda.max_memory_allocated), first loss.
+--scripts picks the runs (default: draftp dpo); flow_grpo and nft run train_online.py with a weight-free reward
+(brightness), one prompt's group of 8 images per step (group_size = train_batch_size = 8, no accumulation), so their
+numbers are the model's sampling and training cost without a scorer's. The PickScore-size scorer (and the SD1.5
+pipeline bench/distributed.py builds beside it) is built only when a draftp run is asked for.
+
+Writes OUT/flow.md and OUT/flow.json after every run (a call cut short keeps what it measured): exit status, wall
+seconds, seconds from the launch to the first step's metrics row (start-up plus the first step), s/step (median of
+the steps after the first), images or pairs per second, peak GiB (torch.cuda.max_memory_allocated), first loss, the
+first metrics row, and on a failure the log's last lines. OUT/logs/ holds each run's log and metrics.jsonl.
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,11 +55,16 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
                 axes_dims_rope=(16, 56, 56))
 SCALING = {"sd35": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}  # the VAEs' scaling_factor, shift_factor
 # each run's flags beyond the shared ones: the SD3.5 launcher's sampling (launchers/draftp_sd35.sh), FluxPipeline's
-# defaults (28 steps, guidance 3.5); DPO at 1024 px (the size both families were trained at), one pair per step
+# defaults (28 steps, guidance 3.5); DPO at 1024 px (the size both families were trained at), one pair per step.
+# Online RL samples as Flow-GRPO's SD3.5-M recipe (10 steps, guidance 4.5; launchers/flow_grpo_sd35.sh) and NFT's
+# (10 steps, guidance 1: no CFG; launchers/nft_sd35.sh), both at the family's resolution.
 RUNS = {
-    "sd35": dict(resolution=512, steps=10, guidance=4.5, dpo_resolution=1024),
-    "flux": dict(resolution=512, steps=28, guidance=3.5, dpo_resolution=1024),
+    "sd35": dict(resolution=512, steps=10, guidance=4.5, dpo_resolution=1024, online_steps=10),
+    "flux": dict(resolution=512, steps=28, guidance=3.5, dpo_resolution=1024, online_steps=10),
 }
+SCRIPTS = ["draftp", "dpo", "flow_grpo", "nft"]
+ONLINE = {"flow_grpo": dict(guidance=None), "nft": dict(guidance=1.0)}  # None: the family's RUNS guidance
+GROUP_SIZE = 8  # images per prompt; train_batch_size is the same, so one prompt's group per step
 
 
 def smoke_sizes():
@@ -125,6 +142,14 @@ def run_flags(family, script, model, scorer, data, smoke):
     common = ["--pretrained_model_name_or_path", model, "--report_to", "none", "--seed", "0", "--use_lora",
               "--lora_rank", "32" if not smoke else "4", "--gradient_checkpointing", "--validation_steps", "1000",
               "--mixed_precision", "no" if smoke else "bf16", "--overwrite_output_dir"]
+    if script in ONLINE:
+        guidance = ONLINE[script]["guidance"] or run["guidance"]
+        group = "2" if smoke else str(GROUP_SIZE)
+        return ["train_online.py", *common, "--method", script, "--reward_model", "brightness", "--prompts", "animals",
+                "--resolution", str(64 if smoke else run["resolution"]), "--num_inference_steps",
+                str(2 if smoke else run["online_steps"]), "--guidance_scale", str(guidance), "--group_size", group,
+                "--train_batch_size", group, "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4",
+                "--num_validation_images", "1"]
     if script == "draftp":
         reward = (["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"] if scorer
                   else ["--reward_model", "saturation"])
@@ -137,28 +162,57 @@ def run_flags(family, script, model, scorer, data, smoke):
             "--num_inference_steps", "2" if smoke else "10"]
 
 
-def measure(family, script, flags, work, logs, steps):
+def first_row_watcher(metrics_path, started):
+    """A thread that notes the seconds from `started` until metrics.jsonl holds its first row (polled every 0.2 s);
+    returns (stop event, result dict with "first_step_s" once seen)."""
+    stop, result = threading.Event(), {}
+
+    def watch():
+        while not stop.is_set():
+            if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
+                result["first_step_s"] = round(time.time() - started, 1)
+                return
+            stop.wait(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return stop, result
+
+
+def log_tail(log_path, lines=40):
+    with open(log_path) as f:
+        return f.read().splitlines()[-lines:]
+
+
+def measure(family, script, flags, work, logs, steps, timeout=540):
     name = f"{family}-{script}"
     out = os.path.join(work, name)
     log = os.path.join(logs, name + ".log")
-    code, wall = launch("single_gpu", flags, out, steps, False, log, timeout=540, checkpointing_steps=1000)
+    shutil.rmtree(out, ignore_errors=True)  # a first row left by an earlier call would end the watcher at once
+    stop, seen = first_row_watcher(os.path.join(out, "metrics.jsonl"), time.time())
+    code, wall = launch("single_gpu", flags, out, steps, False, log, timeout=timeout, checkpointing_steps=1000)
+    stop.set()
     metrics = read_metrics(out)
-    row = dict(family=family, script=script, wall_s=round(wall, 1))
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(logs, name + ".metrics.jsonl"))
+    row = dict(family=family, script=script, exit_code=code, wall_s=round(wall, 1), steps_logged=len(metrics),
+               first_step_s=seen.get("first_step_s"))
     if code != 0 or not metrics:
-        return {**row, "status": last_error_line(log)}
+        return {**row, "status": last_error_line(log), "log_tail": log_tail(log)}
     seconds = statistics.median(m["step_seconds"] for m in metrics[1:] or metrics)
     per_step = 1 if script == "dpo" else int(flags[flags.index("--train_batch_size") + 1])
     return {**row, "status": "ok", "s_per_step": round(seconds, 3), "per_s": round(per_step / seconds, 3),
             "unit": "pairs/s" if script == "dpo" else "images/s", "first_loss": metrics[0]["loss"],
-            "peak_gib": max(m.get("peak_mem_gib", 0) for m in metrics)}
+            "peak_gib": max(m.get("peak_mem_gib", 0) for m in metrics), "first_metrics": metrics[0]}
 
 
 def write_table(rows, out):
     with open(os.path.join(out, "flow.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| model | script | result | s/step | throughput | peak GiB | first loss |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['script']} | {r['status']} | {r.get('s_per_step', '-')} | "
-              f"{r.get('per_s', '-')} {r.get('unit', '')} | {r.get('peak_gib', '-')} | {r.get('first_loss', '-')} |"
+    lines = ["| model | script | result | exit | s/step | throughput | peak GiB | first step s | wall s | first loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['script']} | {r['status']} | {r.get('exit_code', '-')} | {r.get('s_per_step', '-')} | "
+              f"{r.get('per_s', '-')} {r.get('unit', '')} | {r.get('peak_gib', '-')} | {r.get('first_step_s', '-')} | "
+              f"{r.get('wall_s', '-')} | {r.get('first_loss', '-')} |"
               for r in rows]
     with open(os.path.join(out, "flow.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -171,8 +225,11 @@ def main():
     parser.add_argument("--assets", default=None, help="folder of `bench/distributed.py --write_assets` (GPU runs)")
     parser.add_argument("--models", default="/tmp/bench-models")
     parser.add_argument("--family", nargs="*", default=["sd35", "flux"], choices=list(RUNS))
-    parser.add_argument("--scripts", nargs="*", default=["draftp", "dpo"], choices=["draftp", "dpo"])
+    parser.add_argument("--scripts", nargs="*", default=["draftp", "dpo"], choices=SCRIPTS,
+                        help="the runs, in this order: draftp (train_draftp.py), dpo (train_dpo.py), flow_grpo and "
+                             "nft (train_online.py --method flow_grpo / nft)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--timeout", type=int, default=540, help="seconds each run may take before it is stopped")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, 2 steps: the code path runs")
     args = parser.parse_args()
     if not args.smoke and not args.assets:
@@ -180,16 +237,22 @@ def main():
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
     work = os.path.join(args.out, "runs") if args.smoke else "/tmp/bench-runs"
-    scorer = None if args.smoke else build_scorer(args.models, args.assets, args.smoke)
+    scorer = None
     rows = []
     for family in args.family:
+        started = time.time()
         model = build_pipeline(family, os.path.join(args.models, family + ("-smoke" if args.smoke else "")),
                                args.assets, args.smoke)
+        print(f"{family} pipeline ready in {time.time() - started:.1f} s", flush=True)
         for script in args.scripts:
+            if script == "draftp" and scorer is None and not args.smoke:  # only DRaFT+ scores with a model
+                started = time.time()
+                scorer = build_scorer(args.models, args.assets, args.smoke)
+                print(f"scorer ready in {time.time() - started:.1f} s", flush=True)
             size = 64 if args.smoke else RUNS[family]["dpo_resolution"]
             data = build_pairs(f"/tmp/bench-data/pairs{size}", size) if script == "dpo" else None
             flags = run_flags(family, script, model, scorer, data, args.smoke)
-            rows.append(measure(family, script, flags, work, logs, 2 if args.smoke else args.steps))
+            rows.append(measure(family, script, flags, work, logs, 2 if args.smoke else args.steps, args.timeout))
             write_table(rows, args.out)
 
 
