@@ -37,15 +37,15 @@ from tqdm.auto import tqdm
 
 from utils import UsageError
 from utils.cli import ArgumentParser
-from utils.data import load_prompts, prompt_sets
+from utils.data import load_prompts
 from utils.grids import format_score, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
-                          named_pipelines, read_family, warn_long_prompts, weights_subfolder)
+                          read_family, warn_long_prompts, weights_subfolder)
 from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
 from utils.sampling import (SAMPLING_DEFAULTS_HELP, cfg_conditioning, decode_latents, resolve_sampling_defaults,
                             sample_latents)
 from utils.train import run_main
-from utils.train.cli import HelpFormatter, parse_name_paths
+from utils.train.cli import HelpFormatter, add_model_args, add_prompt_args, add_reward_model_paths, parse_name_paths
 from utils.train.distributed import check_mixed_precision, compute_dtype
 from utils.train.outcome import save_args
 
@@ -56,23 +56,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    g = parser.add_argument_group("models")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="the base pipeline, always evaluated, as 'base': a hub id or local folder of any diffusers "
-                        "pipeline of SD1.5, SDXL, SD3 / SD3.5 or FLUX.1 (the family is read from its model_index.json); "
-                        f"or a registered offline name: {', '.join(named_pipelines())}")
-    g.add_argument("--revision", default=None, help="hub revision of the base pipeline (default: the main branch)")
-    g.add_argument("--variant", default=None, help="weight variant of the base, e.g. fp16")
-    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
+    g = add_model_args(parser, "models", "the base pipeline, always evaluated, as 'base': ")
     g.add_argument("--models", nargs="*", default=[], metavar="NAME=PATH",
                    help="trained outputs of train_draftp.py / train_dpo.py (or a checkpoint-N folder): a LoRA folder "
                         f"holding {LORA_WEIGHT_NAME}, or a full-UNet output holding unet/ (SD3 / FLUX: transformer/)")
-    g = parser.add_argument_group("prompts and seeds")
-    g.add_argument("--prompts", default="animals",
-                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
-    g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
-    g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
+    g = add_prompt_args(parser, "prompts and seeds")
     g.add_argument("--max_prompts", type=int, default=None, help="use the first N prompts only")
     g.add_argument("--num_seeds", type=int, default=4, help="images per prompt (seeds --seed ... --seed + N - 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image")
@@ -80,8 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--reward_models", nargs="+", default=["pickscore"], metavar="NAME",
                    help=f"one or more scoring models, each its own column: {', '.join(list_rewards())} "
                         "(or a weighted sum such as 'pickscore:1.0,aesthetic:0.05')")
-    g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
-                   help="local folder or file for a scoring model instead of its hub id, e.g. pickscore=/models/pickscore")
+    add_reward_model_paths(g)
     g.add_argument("--diversity", default="lpips", choices=["lpips", "pixel", "none"],
                    help="lpips: mean pairwise LPIPS (AlexNet) of a prompt's images (the DRaFT+ measure); pixel: mean "
                         "pairwise RMS pixel difference (no weights needed); none: skip")

@@ -64,8 +64,8 @@ from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, check_speed_args, compile_training_unet
 from utils.train import Run, run_main
-from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, check_common_args, describe_defaults,
-                             parse_name_paths, set_help)
+from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_reward_model_paths, check_common_args,
+                             describe_defaults, parse_name_paths, set_help)
 from utils.train.distributed import shards_parameters
 from utils.train.validation import log_validation
 
@@ -190,8 +190,7 @@ def parse_args(argv=None):
                    help=f"AI feedback: this scoring model picks each pair's winner (labels ignored); one of "
                         f"{', '.join(n for n in list_rewards() if n not in CHOICE_MODEL_ALIASES)} (the Diffusion-DPO "
                         f"train.py's names: {', '.join(f'{k}={v}' for k, v in CHOICE_MODEL_ALIASES.items())})")
-    g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
-                   help="local folder or file for a scoring model instead of its hub id, e.g. pickscore=/models/pickscore")
+    add_reward_model_paths(g)
     g.add_argument("--unet_init", default=None,
                    help="start (and reference) UNet: a folder with unet/ or a UNet folder, instead of the pipeline's")
     g.add_argument("--sdxl", action="store_true", help="assert the model is SDXL (it is read from model_index.json)")

@@ -30,7 +30,6 @@ SD3.5-medium + PickScore, DRaFT+ (launchers/draftp_sd35.sh holds the recipe and 
         --guidance_scale 4.5 --lora_rank 32 --lora_alpha 64 --gradient_accumulation_steps 4 --mixed_precision bf16 \
         --gradient_checkpointing --output_dir outputs/draftp-sd35
 """
-import argparse
 import logging
 import os
 
@@ -38,20 +37,20 @@ import torch
 
 from utils import UsageError
 from utils.cli import ArgumentParser
-from utils.data import load_prompts, prompt_sets
+from utils.data import load_prompts
 from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (TIMESTEP_SPACINGS, add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
                           load_pipeline_parts, read_family, reference_model, warn_long_prompts)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec, require_differentiable
+from utils.rewards import load_reward, parse_reward_spec, require_differentiable
 from utils.sampling import (SAMPLING_DEFAULTS_HELP, SCORED_LATENTS, cfg_conditioning, decode_latents,
-                            low_variance_samples, resolve_sampling_defaults, sample_latents)
+                            low_variance_samples, resolve_sampling_defaults, sample_latents, sampling_setup)
 from utils.seeding import step_generator
 from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, apply_speed_options, check_speed_args, compile_training_unet, sampling_model
 from utils.train import Run, run_main
-from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, check_common_args, describe_defaults,
-                             parse_name_paths)
+from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_prompt_args, add_reward_args,
+                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
 from utils.train.distributed import shards_parameters
 from utils.train.validation import log_validation
 
@@ -87,30 +86,13 @@ def draw_truncation_steps(args, generator: torch.Generator) -> int:
 
 
 # --------------------------------------------------------------------------- arguments
-def parse_truncation_range(text: str):
-    try:
-        low, high = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
-    return low, high
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                             epilog=DEFAULTS_NOTE)
     add_common_args(parser)
-    g = parser.add_argument_group("reward")
-    g.add_argument("--reward_model", default="pickscore",
-                   help=f"a scoring model ({', '.join(list_rewards())}), or a weighted sum such as "
-                        f"'pickscore:1.0,aesthetic:0.05'")
-    g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
-                   help="local folder or file for a scoring model instead of its hub id, e.g. pickscore=/models/pickscore")
+    g = add_reward_args(parser, " with a gradient")
     g.add_argument("--reward_scale", type=float, default=1.0, help="multiplies the reward in the loss")
-    g = parser.add_argument_group("prompts")
-    g.add_argument("--prompts", default="animals",
-                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
-    g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
-    g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
+    add_prompt_args(parser)
     g = parser.add_argument_group("sampling and DRaFT")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--num_inference_steps", type=int, default=None,
@@ -132,7 +114,7 @@ def parse_args(argv=None):
     g.add_argument("--rescale_zero_terminal_snr", action="store_true", help=ZERO_TERMINAL_SNR_HELP)
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: back-propagate through the last K steps (K = --num_inference_steps is full DRaFT)")
-    g.add_argument("--truncation_steps_random", type=parse_truncation_range, default=None, metavar="MIN,MAX",
+    g.add_argument("--truncation_steps_random", type=parse_int_pair, default=None, metavar="MIN,MAX",
                    help="AlignProp: draw K uniformly from [MIN, MAX] once per batch (overrides --truncation_steps)")
     g.add_argument("--draft_lv_samples", type=int, default=0,
                    help="DRaFT-LV: sample the whole chain without grad, re-noise its x_0 N times to the last timestep, "
@@ -254,9 +236,7 @@ def main(args):
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
     warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once, not on every step
-    resolution = args.resolution or parts.default_resolution
-    latent_shape = parts.latent_shape(resolution)
-    uncond = encode_prompts(parts, [""], device, resolution)
+    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device)
     logger.info(f"{parts.name} at {resolution}px, {len(prompts)} prompts, reward "
                 f"{args.reward_model}, K={args.truncation_steps_random or args.truncation_steps}, "
                 f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}, scored latent {args.scored_latent}")

@@ -35,16 +35,16 @@ import torch
 
 from utils import UsageError
 from utils.cli import ArgumentParser
-from utils.data import load_prompts, prompt_sets
+from utils.data import load_prompts
 from utils.ema import WeightAverage, nft_decay
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           read_family, reference_model)
-from utils.rewards import list_rewards, load_reward, parse_reward_spec, tensor_to_pil
-from utils.sampling import cfg_conditioning, decode_latents, make_schedule, sample_trajectory
+from utils.rewards import load_reward, parse_reward_spec, tensor_to_pil
+from utils.sampling import cfg_conditioning, decode_latents, make_schedule, sample_trajectory, sampling_setup
 from utils.seeding import step_generator
 from utils.train import Run, run_main
-from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, check_common_args, describe_defaults,
-                             parse_name_paths)
+from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_prompt_args, add_reward_args,
+                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
 from utils.train.validation import log_validation
 
 logger = logging.getLogger("train_online")
@@ -140,16 +140,8 @@ def parse_args(argv=None):
     g.add_argument("--nft_decay", type=int, default=1, choices=[0, 1, 2],
                    help="nft: the old policy's decay schedule (0: none; 1: min(0.001 t, 0.5); 2: 0 for 75 updates, "
                         "then +0.0075 per update up to 0.999)")
-    g = parser.add_argument_group("reward and prompts")
-    g.add_argument("--reward_model", default="pickscore",
-                   help=f"a scoring model ({', '.join(list_rewards())}), or a weighted sum such as "
-                        f"'pickscore:1.0,aesthetic:0.05'; no gradient needed")
-    g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
-                   help="local folder or file for a scoring model instead of its hub id")
-    g.add_argument("--prompts", default="animals",
-                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
-    g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
-    g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
+    add_reward_args(parser, "; no gradient needed")
+    add_prompt_args(parser)
     g = parser.add_argument_group("sampling")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own")
     g.add_argument("--num_inference_steps", type=int, default=None, help="sampling steps (default per method)")
@@ -157,7 +149,7 @@ def parse_args(argv=None):
                    help="CFG scale (FLUX.1-dev: its guidance embedding; default per method)")
     g.add_argument("--noise_level", type=float, default=None,
                    help="flow_grpo: a of the SDE's std a * sqrt(sigma / (1 - sigma)); ddpo: DDIM's eta")
-    g.add_argument("--sde_window", type=parse_range, default=None, metavar="START,END",
+    g.add_argument("--sde_window", type=parse_int_pair, default=None, metavar="START,END",
                    help="flow_grpo: stochastic (and trained) steps START..END-1 only, deterministic elsewhere "
                         "(Flow-GRPO-Fast); default: every step")
     describe_defaults(parser, "Flow-GRPO's SD3.5-M recipes (config/base.py, config/grpo.py)", use_lora=True,
@@ -169,14 +161,6 @@ def parse_args(argv=None):
             setattr(args, name, value)
     check_args(args)
     return args
-
-
-def parse_range(text: str):
-    try:
-        start, end = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START,END (two integers), got {text!r}") from None
-    return start, end
 
 
 def check_args(args):
@@ -251,9 +235,7 @@ def main(args):
         model.enable_gradient_checkpointing()
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
-    resolution = args.resolution or parts.default_resolution
-    latent_shape = parts.latent_shape(resolution)
-    uncond = encode_prompts(parts, [""], device, resolution)
+    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device)
     logger.info(f"{parts.name} at {resolution}px, {args.method}, {images_per_step // args.group_size} prompts x "
                 f"{args.group_size} images per step, reward {args.reward_model}, stochastic steps {schedule_steps}, "
                 f"trained {trained_steps}")

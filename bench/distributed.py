@@ -198,7 +198,12 @@ def write_table(rows, out):
         resume = "exact" if resume == 0 else resume if resume == "-" else f"{resume:.1e}"
         lines.append(f"| {r['config']} | {r['script']} | {r['mode']} | {r['status']} | {r.get('s_per_step', '-')} | "
                      f"{r.get('peak_gib', '-')} | {first} | {resume} |")
-    with open(os.path.join(out, "distributed.md"), "w") as f:
+    write_table(out, "distributed.md", lines)
+
+
+def write_table(out: str, name: str, lines):
+    """A markdown table into OUT/name (rewritten after every run: a call cut short keeps it) and to stdout."""
+    with open(os.path.join(out, name), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

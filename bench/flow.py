@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distributed import build_pairs, last_error_line, launch, read_metrics  # noqa: E402
+from distributed import build_pairs, last_error_line, launch, read_metrics, write_table  # noqa: E402
 
 # --------------------------------------------------------------------------- architectures (the hub configs)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -214,9 +214,7 @@ def write_table(rows, out):
               f"{r.get('per_s', '-')} {r.get('unit', '')} | {r.get('peak_gib', '-')} | {r.get('first_step_s', '-')} | "
               f"{r.get('wall_s', '-')} | {r.get('first_loss', '-')} |"
               for r in rows]
-    with open(os.path.join(out, "flow.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_table(out, "flow.md", lines)
 
 
 def main():

@@ -217,6 +217,15 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
     return SampleResult(torch.cat(outputs), kl, grad_steps=num_samples)
 
 
+def sampling_setup(parts, resolution, device):
+    """What a run that samples needs of its pipeline: the resolution (`resolution`, or the model's own), the latent
+    shape (C, h, w) and the empty prompt's conditioning (classifier-free guidance)."""
+    from .models import encode_prompts
+
+    resolution = resolution or parts.default_resolution
+    return resolution, parts.latent_shape(resolution), encode_prompts(parts, [""], device, resolution)
+
+
 @dataclass
 class Trajectory:
     """A sampled chain kept for online RL: the latent before and after each step, and each step's log-prob."""

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 from .. import UsageError
+from ..data import prompt_sets
 from ..models import named_pipelines
+from ..rewards import list_rewards
 from .checkpoints import CHECKPOINT_RE, list_checkpoints
 from .optim import LR_SCHEDULERS
 
@@ -77,17 +79,59 @@ class RecordGivenSwitch(argparse.BooleanOptionalAction):
         note_given(namespace, option_string)
 
 
-def add_common_args(parser: argparse.ArgumentParser):
-    """The flags both scripts take (names follow the diffusers examples and the Diffusion-DPO train.py)."""
-    g = parser.add_argument_group("model")
+def add_model_args(parser: argparse.ArgumentParser, group: str = "model", role: str = ""):
+    """The pipeline to load (every script): `role` starts the first help line (e.g. what the pipeline is for)."""
+    g = parser.add_argument_group(group)
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="hub id or local diffusers pipeline folder: SD1.5, SDXL, SD3 / SD3.5 or FLUX.1, the family "
-                        "read from its model_index.json; or a registered offline name: "
+                   help=f"{role}hub id or local diffusers pipeline folder: SD1.5, SDXL, SD3 / SD3.5 or FLUX.1, the "
+                        f"family read from its model_index.json; or a registered offline name: "
                         f"{', '.join(named_pipelines())}")
     g.add_argument("--revision", default=None, help="hub revision of the pipeline (default: the main branch)")
     g.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16 (default: the full-precision files)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix (default: the pipeline's)")
+    return g
+
+
+def add_prompt_args(parser: argparse.ArgumentParser, group: str = "prompts"):
+    """--prompts and where in it the prompts are (the scripts that sample from prompts)."""
+    g = parser.add_argument_group(group)
+    g.add_argument("--prompts", default="animals",
+                   help=f"built-in set ({', '.join(prompt_sets())}), a .txt/.jsonl file, or a datasets id / folder")
+    g.add_argument("--prompt_column", default="prompt", help="column of --prompts (jsonl field or dataset column)")
+    g.add_argument("--prompt_split", default="train", help="split of a --prompts dataset")
+    return g
+
+
+def add_reward_model_paths(group):
+    """--reward_model_paths NAME=PATH: local weights of scoring models, for every script that loads one."""
+    group.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH",
+                       help="local folder or file for a scoring model instead of its hub id, e.g. "
+                            "pickscore=/models/pickscore")
+
+
+def add_reward_args(parser: argparse.ArgumentParser, what: str = ""):
+    """--reward_model (a name or a weighted sum; `what` says which kinds the script takes) and its local weights."""
+    g = parser.add_argument_group("reward")
+    g.add_argument("--reward_model", default="pickscore",
+                   help=f"a scoring model ({', '.join(list_rewards())}), or a weighted sum such as "
+                        f"'pickscore:1.0,aesthetic:0.05'{what}")
+    add_reward_model_paths(g)
+    return g
+
+
+def parse_int_pair(text: str):
+    """"A,B" -> (A, B), two integers (--truncation_steps_random MIN,MAX, --sde_window START,END)."""
+    try:
+        first, second = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers separated by a comma, got {text!r}") from None
+    return first, second
+
+
+def add_common_args(parser: argparse.ArgumentParser):
+    """The flags every training script takes (names follow the diffusers examples and the Diffusion-DPO train.py)."""
+    add_model_args(parser)
 
     g = parser.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="outputs/run", help="where weights, checkpoints, metrics and samples go")
