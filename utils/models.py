@@ -58,7 +58,12 @@ class PipelineParts:
 
     @property
     def name(self) -> str:
-        return FAMILY_NAMES.get(self.family) or ("SDXL" if self.is_sdxl else "SD1.5")
+        """For logs: SD1.5, SD2.x (a v-prediction UNet of that layout), SDXL, SD3, FLUX.1."""
+        if self.family in FAMILY_NAMES:
+            return FAMILY_NAMES[self.family]
+        if self.is_sdxl:
+            return "SDXL"
+        return "SD2.x" if self.scheduler.config.get("prediction_type") == "v_prediction" else "SD1.5"
 
     @property
     def default_resolution(self) -> int:
