@@ -4,7 +4,8 @@
     python3 bench/profile_steps.py --out /tmp/prof --steps 2 4 -- train_dpo.py ...   # CPU: the harness runs (tests)
 
 The script is imported as a module and run through its own entry point (run_main) with the given flags, in this
-process; its `log_step`, which it calls once at the end of every optimizer step, is wrapped so that torch.profiler
+process; the run protocol's `log_step` (utils/train/run.py), called once at the end of every optimizer step, is
+wrapped so that torch.profiler
 (CPU and CUDA activities) records the optimizer steps A+1 .. B. Writes OUT/profile.json: the wall time per step,
 the GPU's busy time per step and its share of the wall time, kernel launches per step, GPU seconds by kernel kind
 (bench/bench.py's kinds), the top kernels and the top CPU operators by their own time; and OUT/trace.json.gz, the
@@ -65,17 +66,19 @@ def main(argv=None):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import utils.train.run as run_protocol
+
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof, clock = profile(activities=activities), {}
-    log_step = module.log_step
+    log_step = run_protocol.log_step
 
     def sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def profiled_log_step(accelerator, metrics_log, progress, logs, **kwargs):
-        log_step(accelerator, metrics_log, progress, logs, **kwargs)
+    def profiled_log_step(accelerator, metrics_log, progress, logs, *shown, **kwargs):
+        log_step(accelerator, metrics_log, progress, logs, *shown, **kwargs)
         if logs["step"] == first:
             sync()
             prof.start()
@@ -96,7 +99,7 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in summary.items() if not k.startswith("top_") and k != "flags"}, indent=1),
                   flush=True)
 
-    module.log_step = profiled_log_step
+    run_protocol.log_step = profiled_log_step
     sys.argv = [script, *script_flags]
     module.run_main(module.main, module.parse_args)
 

@@ -33,8 +33,8 @@ def fake_accelerator(kind, fsdp_version=2, zero_stage=2):
 
 
 def args(**kw):
-    return types.SimpleNamespace(**{"use_lora": False, "use_adafactor": False, "compile_sampler": "auto",
-                                    "compile_unet": "off", "fp8_sampler": False, **kw})
+    return types.SimpleNamespace(**{"use_lora": False, "use_adafactor": False, "ema_decay": None,
+                                    "compile_sampler": "auto", "compile_unet": "off", "fp8_sampler": False, **kw})
 
 
 def check_distributed_setup(accelerator, flags):
