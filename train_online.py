@@ -394,17 +394,18 @@ def validation(args, run, parts, trained, scorer, uncond, latent_shape, resoluti
         x_T = torch.cat([torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         cond = cfg_conditioning(encode_prompts(parts, shown, accelerator.device, resolution), uncond,
                                 args.guidance_scale)
-        models = {"base": reference_model(trained, None) if args.use_lora else None, "trained": trained}
+        # the base row where it is in memory: a LoRA run's model with its adapters off
+        models = {"base": reference_model(trained, None), "trained": trained} if args.use_lora else {"trained": trained}
         images = {}
         for name, model in models.items():
-            if model is None or run.stop_requested():
-                continue
+            if run.stop_requested():  # the run checkpoints and ends right after: no grid
+                break
             with accelerator.autocast():
                 chain = sample_trajectory(model, parts.scheduler, cond, x_T.to(accelerator.device),
                                           args.num_inference_steps, args.guidance_scale, (), args.noise_level,
                                           torch.Generator())
                 images[name] = decode_latents(parts.vae, chain.latents[:, -1])
-        if len(images) == sum(m is not None for m in models.values()):
+        if len(images) == len(models):
             rows = list(images)
             scores = {name: [round(s, 5) for s in scorer.score(tensor_to_pil(images[name]), shown)] for name in rows}
             log_validation(accelerator, args.output_dir, step, torch.cat([images[n] for n in rows]), rows, shown,

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .flow import FlowConditioning, FlowSchedule, gaussian_log_prob
-from .models import TextConditioning
+from .models import TextConditioning, encode_prompts
 
 
 SCORED_LATENTS = ("pred_x0", "x_prev")
@@ -220,8 +220,6 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
 def sampling_setup(parts, resolution, device):
     """What a run that samples needs of its pipeline: the resolution (`resolution`, or the model's own), the latent
     shape (C, h, w) and the empty prompt's conditioning (classifier-free guidance)."""
-    from .models import encode_prompts
-
     resolution = resolution or parts.default_resolution
     return resolution, parts.latent_shape(resolution), encode_prompts(parts, [""], device, resolution)
 

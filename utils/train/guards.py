@@ -36,12 +36,16 @@ class StopRequest:
         self.requested = True
 
     def any_process(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:  # nothing to all-reduce: no host sync with the GPU
-            self.stopping = self.requested
-            return self.stopping
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        self.stopping = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        self.stopping = any_process(accelerator, self.requested)
         return self.stopping
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True where `flag` is True on some process: one all-reduce with several processes, none with one (no host
+    sync with the GPU)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0)
 
 
 def injected(name: str, accelerator, step: int, micro) -> bool:

@@ -32,7 +32,7 @@ from .checkpoints import (SAFE_TO_CHANGE_ON_RESUME, check_same_flags, register_c
 from .cli import clear_earlier_run
 from .distributed import (check_distributed_setup, check_mixed_precision, compute_dtype, prepare_for_training,
                           shards_parameters, strategy_name, unet_is_wrapped)
-from .guards import NonFiniteGuard, StopRequest, defers_loss_check, injected
+from .guards import NonFiniteGuard, StopRequest, any_process, defers_loss_check, injected
 from .metrics import MetricsLog, StepClock, log_step, reduce_step_metrics
 from .optim import build_lr_scheduler, build_optimizer, optimizer_update, scaled_learning_rate
 from .outcome import Diverged, Stopped, lock_output_dir, output_error, release_output_dir, save_args, write_status
@@ -390,10 +390,8 @@ class Run:
         raise Stopped(f"stop requested; stopped after step {completed_step}: {where}", completed_step)
 
     def any_process(self, flag: bool) -> bool:
-        """True where `flag` is True on some process (one all-reduce with several processes)."""
-        if self.num_processes == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="sum").item() > 0)
+        """True where `flag` is True on some process."""
+        return any_process(self.accelerator, flag)
 
     def abort(self, error: Exception = None):
         """End the run on an error met inside a step (e.g. a reward server that stays down), on every process: the
