@@ -133,6 +133,37 @@ def assert_resumed(output_dir, log: str, step: int) -> list:
     return [{k: v for k, v in row.items() if k != RESUME_MARK} for row in rows]
 
 
+def run_command(cmd, timeout, cwd=REPO_ROOT, env=None) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` in a process group of its own, which is killed whole
+    when the command outlives `timeout` (the test then fails with the end of its output) or when the test is
+    interrupted. subprocess.run's own timeout kills only the direct child: an `accelerate launch` or torchrun
+    launcher's workers kept the output pipes open, so the read after the kill waited on them for ever, and a stuck
+    distributed run hung the whole suite instead of failing one test. `env` is the whole environment (None: this
+    process's)."""
+    import signal
+
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (its process group was killed):\n  {' '.join(map(str, cmd))}\n"
+                    f"--- stdout (end) ---\n{stdout[-3000:]}\n--- stderr (end) ---\n{stderr[-6000:]}", pytrace=False)
+    finally:
+        kill_process_group(proc.pid, signal.SIGKILL)  # workers that outlived their launcher
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_process_group(pgid, sig) -> None:
+    """Send `sig` to every process of group `pgid`, if any is left."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, env=None) -> subprocess.CompletedProcess:
     """Run a repository script in a subprocess with this interpreter and return the finished process.
 
@@ -147,8 +178,7 @@ def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, e
         cmd += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_command(cmd, timeout, cwd=cwd, env={**os.environ, **(env or {})})
     if bool(expect_ok) != (proc.returncode == 0):
         expected = "exit code 0" if expect_ok else "a non-zero exit code"
         pytest.fail(f"expected {expected}, got {proc.returncode} from:\n  {' '.join(cmd)}\n"

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 import train_dpo
-from conftest import REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process
+from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_command,
+                      run_main_in_process)
 from utils import UsageError
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
 from utils.train.checkpoints import MANIFEST_FILE, checkpoint_problem, list_checkpoints, newest_sound_checkpoint
@@ -195,8 +196,7 @@ def test_a_checkpoint_that_fills_the_disk_exits_2_in_one_line_and_keeps_the_last
     checkpoint = pages(finished / "checkpoint-2")
     disk = small_disk((checkpoint + 8 + checkpoint // 2) * PAGE // 1024)  # 8 pages: args.json, metrics, status, lock
     out = disk / "run"
-    proc = subprocess.run([sys.executable, "train_dpo.py", *dpo_flags(data["good"], out, "--max_train_steps", 4)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_command([sys.executable, "train_dpo.py", *dpo_flags(data["good"], out, "--max_train_steps", 4)], 600)
     assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]

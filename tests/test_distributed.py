@@ -6,7 +6,6 @@ FSDP and DeepSpeed themselves need GPUs (accelerate turns an FSDP config on the 
 bench/distributed.py runs every config end to end on the GPU machine (BENCHMARKS.md "Distributed")."""
 import os
 import shlex
-import subprocess
 import sys
 import types
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, run_command
 from utils import UsageError
 from utils.speed import check_speed_args
 from utils.train.checkpoints import save_unet_weights
@@ -126,13 +125,7 @@ def test_fsdp2_lora_gradients_reach_the_fp32_adapters_when_the_reference_runs_fi
     without requires_grad there; FSDP2 would then see no trainable weight and hand bf16 gradients to the fp32
     adapters ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
     utils.models.adapters_disabled keeps requires_grad as it was."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-c", FSDP2_LORA_STEP, tiny_sd_path, str(port)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-c", FSDP2_LORA_STEP, tiny_sd_path, free_port()], 300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
@@ -165,8 +158,9 @@ def slurm_env(**kw):
 def test_slurm_node_command_takes_rank_address_and_port_from_the_slurm_environment():
     env = slurm_env()
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if not os.path.exists(os.path.join(p, "scontrol")))
-    out = subprocess.run(["bash", NODE, "train_dpo.py", "--dataset_name", "my data"], env=env, capture_output=True,
-                         text=True, timeout=30, check=True).stdout
+    proc = run_command(["bash", NODE, "train_dpo.py", "--dataset_name", "my data"], 30, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     out = shlex.split(out)  # printed with %q, so that it can be pasted into a shell
     flag = {name: out[out.index(name) + 1] for name in ("--num_machines", "--machine_rank", "--num_processes",
                                                          "--main_process_ip", "--main_process_port", "--config_file")}
@@ -187,7 +181,7 @@ def test_two_cpu_processes_through_the_slurm_entry_point_match_one(tmp_path):
     env = slurm_env(SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="127.0.0.1", GPUS_PER_NODE="2", DRY_RUN="0",
                     ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", SLURM_JOB_ID=str(os.getpid()))
     flags = [str(f) for f in draftp_flags(two, steps=1, extra=["--train_batch_size", 1, "--mixed_precision", "no"])]
-    proc = subprocess.run(["bash", NODE, *flags], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command(["bash", NODE, *flags], 600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes 2 x batch 1" in proc.stderr
     first_one, first_two = read_metrics(one)[0], read_metrics(two)[0]

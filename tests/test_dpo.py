@@ -4,7 +4,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 import train_dpo as T
 from utils.denoising import encode_batch, min_snr_weights, noise_pairs, per_sample_error
 from utils.pairs import choose_winners, latent_cache_applies, swap_pairs
-from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process,
-                      run_script)
+from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, free_port, mark_rows_before_resume,
+                      run_command, run_main_in_process, run_script)
 from utils import UsageError
 from utils.data import (GlobalBatchSampler, ImagePairDataset, collate_images, open_image_dataset, require_columns,
                         resize_crop_flip, select_pairs)
@@ -306,14 +305,6 @@ def dpo_flags(base, dataset, output_dir, *extra):
             "--output_dir", output_dir, *FAST, *[str(e) for e in extra]]
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory):
     """16 training pairs (a quarter of them ties, two image sizes) and 16 held-out pairs, brighter = better."""
@@ -389,7 +380,7 @@ def test_two_processes_give_the_numbers_of_one_with_the_same_global_batch(lora_r
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *flags]
     env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command(cmd, 600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "processes 2 x batch 1" in proc.stderr
     two, one = read_metrics(str(out)), lora_run["metrics"][:2]

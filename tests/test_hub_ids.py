@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ from utils.data import _looks_local
 from utils.models import is_hub_id, read_model_index
 from utils.toy import TINY_NAMES, TOY_NAMES
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_command
 
 FLAG = "--pretrained_model_name_or_path"
 
@@ -87,8 +86,7 @@ def test_dotted_hub_ids_load_from_a_prefilled_hub_cache_offline(tmp_path):
             "    parts = load_pipeline_parts(repo)\n"
             "    print(repo, parts.family, type(parts.unet).__name__)\n")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_command([sys.executable, "-c", code], 300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
     assert "stabilityai/stable-diffusion-3.5-medium sd3 SD3Transformer2DModel" in lines

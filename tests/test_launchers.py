@@ -5,12 +5,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_command
 from utils.train.metrics import read_metrics
 
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
@@ -35,7 +34,7 @@ def launch(launcher, tmp_path, env=None):
     (tmp_path / "prefs").mkdir(exist_ok=True)  # DATA of the tiny DPO launchers: exists, so nothing is generated
     env = {**os.environ, "LAUNCHER": f"{sys.executable} tests/_parse_only.py", "PARSE_ONLY_OUT": str(out),
            "OUTPUT_DIR": str(tmp_path / "out"), "DATA": str(tmp_path / "prefs"), **(env or {})}
-    proc = subprocess.run(["bash", str(REPO_ROOT / launcher)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    proc = run_command(["bash", REPO_ROOT / launcher], 60, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     script, *flags = json.loads(out.read_text())
     assert script in ("train_draftp.py", "train_dpo.py", "train_online.py"), script
@@ -153,8 +152,7 @@ def test_tiny_draftp_launcher_runs_end_to_end(tmp_path, tiny_sd_path):
     env = shell_env_without_venv(MAX_STEPS="2", OUTPUT_DIR=str(out))
     if shutil.which("accelerate", path=env["PATH"]):
         pytest.skip("an `accelerate` outside the venv is on PATH: the test would not show that the venv is found")
-    proc = subprocess.run(["bash", str(REPO_ROOT / "launchers" / "tiny" / "draftp.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_command(["bash", REPO_ROOT / "launchers" / "tiny" / "draftp.sh"], 300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     metrics = read_metrics(out)
@@ -181,8 +179,7 @@ def test_the_tiny_online_launcher_trains(tmp_path):
     """launchers/tiny/flow_grpo.sh end to end (one process, 2 steps): weights and metrics written."""
     env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "MAX_STEPS": "2",
            "LAUNCHER": f"{sys.executable}"}
-    proc = subprocess.run(["bash", str(REPO_ROOT / "launchers/tiny/flow_grpo.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_command(["bash", REPO_ROOT / "launchers/tiny/flow_grpo.sh"], 600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(str(tmp_path / "out"))] == [1, 2]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()

@@ -20,8 +20,8 @@ import torch
 
 import train_dpo
 import train_draftp
-from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, mark_rows_before_resume, run_main_in_process,
-                      run_script)
+from conftest import (REPO_ROOT, assert_resumed, deterministic_metrics, free_port, kill_process_group,
+                      mark_rows_before_resume, run_command, run_main_in_process, run_script)
 from utils import UsageError
 from utils.data import ImagePairDataset, collate_images, select_pairs
 from utils.toy.synthetic import synthetic_preference_rows, write_preference_set
@@ -250,8 +250,7 @@ def resume(flags):
 
 def run_dpo(flags, env=None):
     """The script directly (not through accelerate launch, which turns every non-zero exit code into 1)."""
-    return subprocess.run([sys.executable, *map(str, flags)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+    return run_command([sys.executable, *flags], 600, env={**os.environ, **(env or {})})
 
 
 def last_line(proc):
@@ -341,14 +340,6 @@ def two_processes(flags, port):
             str(port), *map(str, flags)]
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TWO_ENV = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -362,8 +353,7 @@ def test_a_nan_on_one_process_skips_the_update_on_both(data, straight, tmp_path,
         run_main_in_process(train_dpo, dpo(data["good"], one, *flags)[1:])
     two_flags = dpo(data["good"], two, *flags)
     two_flags[two_flags.index("--train_batch_size") + 1] = "1"
-    proc = subprocess.run(two_processes(two_flags, free_port()), cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **TWO_ENV, "DIFFUSION_ALIGN_INJECT_NAN": "2@1"})
+    proc = run_command(two_processes(two_flags, free_port()), 600, env={**os.environ, **TWO_ENV, "DIFFUSION_ALIGN_INJECT_NAN": "2@1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = read_metrics(str(one)), read_metrics(str(two))
     assert [m["skipped"] for m in a] == [m["skipped"] for m in b] == [0, 1, 0]
@@ -389,8 +379,7 @@ def test_one_bad_row_over_two_processes_is_counted_once_and_trips_max_bad_rows(t
     out = tmp_path / "run"
     flags = dpo(write_preference_set(rows, str(tmp_path / "data")), out, "--max_train_steps", 2, "--max_bad_rows", 0)
     flags[flags.index("--train_batch_size") + 1] = "1"
-    proc = subprocess.run(two_processes(flags, free_port()), cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **TWO_ENV})
+    proc = run_command(two_processes(flags, free_port()), 600, env={**os.environ, **TWO_ENV})
     assert proc.returncode != 0 and "error: 1 unreadable rows skipped, more than --max_bad_rows 0" in proc.stderr, \
         proc.stderr[-4000:]
     assert sum(m["bad_rows"] for m in read_metrics(str(out))) == 1
@@ -405,21 +394,25 @@ def test_sigterm_to_the_whole_process_group_stops_every_process_with_a_checkpoin
     log = open(tmp_path / "log.txt", "w")
     launcher = subprocess.Popen(two_processes(flags, free_port()), cwd=REPO_ROOT, stdout=log, stderr=log,
                                 env={**os.environ, **TWO_ENV}, start_new_session=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 400
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-4000:]
-        time.sleep(0.2)
-    os.killpg(launcher.pid, signal.SIGTERM)
-    until = time.time() + 120  # torchrun SIGKILLs its workers 30 s after its SIGTERM; the tiny save takes ~1 s
-    while True:  # the workers may outlive the launcher for a moment: wait for the whole group
-        launcher.poll()  # reap the launcher, or its zombie keeps the group alive
-        try:
-            os.killpg(launcher.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.time() < until
-        time.sleep(0.2)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 400
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-4000:]
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        until = time.time() + 120  # torchrun SIGKILLs its workers 30 s after its SIGTERM; the tiny save takes ~1 s
+        while True:  # the workers may outlive the launcher for a moment: wait for the whole group
+            launcher.poll()  # reap the launcher, or its zombie keeps the group alive
+            try:
+                os.killpg(launcher.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < until, (tmp_path / "log.txt").read_text()[-4000:]
+            time.sleep(0.2)
+    finally:  # a failed wait must not leave a 1000-step run behind on the test machine
+        kill_process_group(launcher.pid, signal.SIGKILL)
+        launcher.wait()
     text = (tmp_path / "log.txt").read_text()
     assert text.count("stopped: stop requested; stopped after step") == 2, text[-4000:]  # each process: one line
     assert "KeyboardInterrupt" not in text
@@ -430,8 +423,8 @@ def test_sigterm_to_the_whole_process_group_stops_every_process_with_a_checkpoin
 
     flags[flags.index("--max_train_steps") + 1] = str(step + 1)
     mark_rows_before_resume(out)
-    proc = subprocess.run(two_processes([*flags, "--resume_from_checkpoint", "latest"], free_port()), cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **TWO_ENV})
+    proc = run_command(two_processes([*flags, "--resume_from_checkpoint", "latest"], free_port()), 600,
+                       env={**os.environ, **TWO_ENV})
     assert proc.returncode == 0, proc.stderr[-4000:]
     # it continues from the stop's checkpoint (conftest.assert_resumed says the mutation this fails under)
     assert [m["step"] for m in assert_resumed(out, proc.stdout + proc.stderr, step)] == list(range(1, step + 2))

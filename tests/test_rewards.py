@@ -8,7 +8,6 @@ mean of 0.006. Without a resize (an image already at the model's size) the two p
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from conftest import run_command
 
 from utils import UsageError
 from utils.rewards import AESTHETIC_FILE, HPS_FILES, list_rewards, load_reward, parse_reward_spec, pil_to_tensor
@@ -116,7 +117,7 @@ def test_missing_weights_name_what_was_looked_for(tmp_path, tiny_paths):
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
                PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", script], 120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {
@@ -151,7 +152,7 @@ def test_unreachable_hub_fails_at_once_with_one_line(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", script], 120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and "Retry" not in proc.stderr, proc.stderr
