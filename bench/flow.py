@@ -1,7 +1,7 @@
 """Flow-matching models on one GPU (issue 18, item 5): DRaFT+ K = 1 LoRA steps, Diffusion-DPO LoRA pairs and online
 RL (Flow-GRPO, DiffusionNFT) images per second and peak memory on SD3.5-Medium-size and FLUX.1-dev-size random-weight
 pipelines, run end to end through the real scripts (`accelerate launch train_draftp.py / train_dpo.py /
-train_online.py`), as bench/distributed.py runs SD1.5.
+train_online.py`), as bench/distributed.py runs SD1.5; online RL also beside the two third-party peers.
 
 The architectures are the hub configs' (transformer, CLIP-L, CLIP-G, T5-XXL encoder, the 16-channel VAE), built with
 random weights on the GPU and saved as the hub holds them, so that loading, memory and compute are those of the real
@@ -11,6 +11,8 @@ one H200.
     python3 bench/flow.py --out $OUT --assets .bench_assets --family sd35     # SD3.5 Medium: build + 2 runs
     python3 bench/flow.py --out $OUT --assets .bench_assets --family flux     # FLUX.1-dev: build + 2 runs
     python3 bench/flow.py --out $OUT --assets .bench_assets --family sd35 --scripts flow_grpo nft   # online RL only
+    python3 bench/flow.py --out $OUT --assets .bench_assets --family sd35 --steps 4 --timeout 130 --deadline 535 \
+        --scripts flow_grpo nft flow_grpo_peer nft_peer                   # beside the peers (--peers .peers_online)
     python3 bench/flow.py --out /tmp/flow-smoke --smoke --family sd35         # here: tiny sizes on the CPU, 2 steps
 
 --scripts picks the runs (default: draftp dpo); flow_grpo and nft run train_online.py with a weight-free reward
@@ -18,23 +20,63 @@ one H200.
 numbers are the model's sampling and training cost without a scorer's. The PickScore-size scorer (and the SD1.5
 pipeline bench/distributed.py builds beside it) is built only when a draftp run is asked for.
 
+Peers: flow_grpo_peer runs Flow-GRPO's scripts/train_sd3.py, nft_peer DiffusionNFT's scripts/train_nft_sd3.py,
+unchanged, from copies of their repositories in --peers DIR (`flow_grpo/`, `diffusion_nft/` as ../shared/peers has
+them, less NFT's 3 MB prompt lists; the GPU call carries the folder), each in its repository folder. Our matching
+run's settings go in as ml_collections overrides on the command line (peer_flags): the same pipeline folder, one
+prompt's group of G images per epoch (sample.train_batch_size = num_image_per_prompt = train.batch_size = G, one
+batch, no accumulation: one optimizer step per epoch, as ours), sampling steps, guidance, resolution, noise level, KL
+weight, timestep fraction, learning rate, bf16, no EMA, no evaluation or checkpoint after the start. LoRA: both peers
+hard-code rank 32, alpha 64 on the attention projections, ours runs rank 32 with its default alpha 2 x rank = 64.
+Reward: jpeg_compressibility, a weight-free reward in both peers' registries (selected with
+`--config.reward_fn={'jpeg_compressibility': 1.0}`, no module of ours needed); like our brightness it costs a few ms
+of CPU per group, so the rows compare sampling and training. Prompts: our `animals` set as `train.txt` / `test.txt`
+in a folder, the layout of their `general_ocr` prompt function. Left as each project has it: the peers read T5 up to
+128 tokens (ours: the stock pipeline's 256), train without gradient checkpointing (ours with) and keep the
+transformer's weights in float32 under bf16 autocast; Flow-GRPO evaluates one test prompt before its first epoch
+(its loop cannot skip epoch 0's; NFT's config.debug does), NFT samples with its dpm2 solver.
+
+A peer runs as `python bench/flow.py --run_peer ...` (run_peer): the script through runpy in a process of its own,
+with a `wandb` module of ours in sys.modules (they import wandb at the top; wandb.log with the losses is where each
+optimizer step ends, so the stub writes a row per step to steps.jsonl: wall time, torch.cuda.max_memory_allocated,
+loss, and ends the run after --steps steps, as Flow-GRPO's loop never ends). The process gets torchrun's variables
+for one process (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*), as their one-GPU recipes start it (NFT: torchrun;
+Flow-GRPO: accelerate launch with its multi_gpu.yaml, --num_processes 1). Runtime shims, in that process only,
+where the current libraries or the CPU differ from what the peers were written for: Python 3.12 has no `imp`,
+which their configs import (a module with imp.load_source goes in sys.modules); Flow-GRPO's KL term reads
+`transformer.module`, which current accelerate gives only to 2+ processes (ddp_of_one wraps the trained model
+in DDP over the group of one, the multi-process path); on a machine without CUDA (--smoke) NFT's hard-coded
+CUDA (nccl, cuda:LOCAL_RANK, DDP's device_ids) maps to gloo and the CPU (cpu_shims). They need ml_collections and
+absl-py (.whl/ holds the wheels for the GPU machine).
+
 Writes OUT/flow.md and OUT/flow.json after every run (a call cut short keeps what it measured): exit status, wall
-seconds, seconds from the launch to the first step's metrics row (start-up plus the first step), s/step (median of
-the steps after the first), images or pairs per second, peak GiB (torch.cuda.max_memory_allocated), first loss, the
-first metrics row, and on a failure the log's last lines. OUT/logs/ holds each run's log and metrics.jsonl.
+seconds, seconds from the launch to the first step's row (start-up plus the first step), s/step and images or pairs
+per second over the steps after the first (each step from the end of the one before to its own end: our
+metrics.jsonl's step_seconds, the differences of a peer's steps.jsonl times; so sampling, reward and training of
+whole epochs), for a peer ours / peer in images/s, peak GiB (torch.cuda.max_memory_allocated), first loss, the first
+row, and on a failure the log's last lines. A run stopped by --timeout (or --deadline, the call's whole budget) is
+killed with its process group and still gives the rates of the steps it logged. OUT/logs/ holds each run's log and
+metrics.jsonl or steps.jsonl.
 """
 import argparse
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
-import statistics
+import signal
+import subprocess
 import sys
 import threading
 import time
+import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-from distributed import build_pairs, last_error_line, launch, read_metrics, write_table  # noqa: E402
+from distributed import build_pairs, last_error_line, read_metrics  # noqa: E402
+from distributed import write_table as write_markdown  # noqa: E402
 
 # --------------------------------------------------------------------------- architectures (the hub configs)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -62,9 +104,15 @@ RUNS = {
     "sd35": dict(resolution=512, steps=10, guidance=4.5, dpo_resolution=1024, online_steps=10),
     "flux": dict(resolution=512, steps=28, guidance=3.5, dpo_resolution=1024, online_steps=10),
 }
-SCRIPTS = ["draftp", "dpo", "flow_grpo", "nft"]
+SCRIPTS = ["draftp", "dpo", "flow_grpo", "nft", "flow_grpo_peer", "nft_peer"]
 ONLINE = {"flow_grpo": dict(guidance=None), "nft": dict(guidance=1.0)}  # None: the family's RUNS guidance
 GROUP_SIZE = 8  # images per prompt; train_batch_size is the same, so one prompt's group per step
+# peer run: (its repository's folder in --peers, script, config and recipe its overrides start from, our run it
+# mirrors, whether it hard-codes CUDA rather than using accelerate's device)
+PEERS = {
+    "flow_grpo_peer": ("flow_grpo", "scripts/train_sd3.py", "config/grpo.py:compressibility", "flow_grpo", False),
+    "nft_peer": ("diffusion_nft", "scripts/train_nft_sd3.py", "config/nft.py:sd3_pickscore", "nft", True),
+}
 
 
 def smoke_sizes():
@@ -137,19 +185,25 @@ def build_scorer(folder, assets, smoke):
     return os.path.join(folder, "pickscore")
 
 
+def online_settings(family, script, smoke):
+    """What an online run and its peer share: resolution, sampling steps, guidance, G (images per prompt and step)."""
+    run = RUNS[family]
+    return dict(resolution=64 if smoke else run["resolution"], steps=2 if smoke else run["online_steps"],
+                guidance=ONLINE[script]["guidance"] or run["guidance"], group=2 if smoke else GROUP_SIZE)
+
+
 def run_flags(family, script, model, scorer, data, smoke):
     run = RUNS[family]
     common = ["--pretrained_model_name_or_path", model, "--report_to", "none", "--seed", "0", "--use_lora",
               "--lora_rank", "32" if not smoke else "4", "--gradient_checkpointing", "--validation_steps", "1000",
               "--mixed_precision", "no" if smoke else "bf16", "--overwrite_output_dir"]
     if script in ONLINE:
-        guidance = ONLINE[script]["guidance"] or run["guidance"]
-        group = "2" if smoke else str(GROUP_SIZE)
+        online = online_settings(family, script, smoke)
+        group = str(online["group"])
         return ["train_online.py", *common, "--method", script, "--reward_model", "brightness", "--prompts", "animals",
-                "--resolution", str(64 if smoke else run["resolution"]), "--num_inference_steps",
-                str(2 if smoke else run["online_steps"]), "--guidance_scale", str(guidance), "--group_size", group,
-                "--train_batch_size", group, "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4",
-                "--num_validation_images", "1"]
+                "--resolution", str(online["resolution"]), "--num_inference_steps", str(online["steps"]),
+                "--guidance_scale", str(online["guidance"]), "--group_size", group, "--train_batch_size", group,
+                "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4", "--num_validation_images", "1"]
     if script == "draftp":
         reward = (["--reward_model", "pickscore", "--reward_model_paths", f"pickscore={scorer}"] if scorer
                   else ["--reward_model", "saturation"])
@@ -162,8 +216,46 @@ def run_flags(family, script, model, scorer, data, smoke):
             "--num_inference_steps", "2" if smoke else "10"]
 
 
+def peer_flags(family, name, model, prompts, out, smoke):
+    """The peer's config and its overrides: our matching run's settings (run_flags and train_online.py's
+    METHOD_DEFAULTS) in the peer's terms."""
+    _, _, config, ours, _ = PEERS[name]
+    online = online_settings(family, ours, smoke)
+    group = online["group"]
+    settings = {
+        "pretrained.model": model, "dataset": prompts, "prompt_fn": "general_ocr", "resolution": online["resolution"],
+        "mixed_precision": "no" if smoke else "bf16", "seed": 0, "use_lora": True,
+        "reward_fn": {"jpeg_compressibility": 1.0}, "per_prompt_stat_tracking": True,
+        "sample.num_steps": online["steps"], "sample.eval_num_steps": online["steps"],
+        "sample.guidance_scale": float(online["guidance"]), "sample.train_batch_size": group,
+        "sample.num_image_per_prompt": group, "sample.num_batches_per_epoch": 1, "sample.test_batch_size": 1,
+        "sample.global_std": True, "train.batch_size": group, "train.gradient_accumulation_steps": 1,
+        "train.num_inner_epochs": 1, "train.learning_rate": 3e-4, "train.timestep_fraction": 0.99,
+        "train.adv_clip_max": 5, "train.ema": False,
+        "eval_freq": 10**6, "save_freq": 10**6, "run_name": name, "logdir": os.path.join(out, "logs"), "save_dir": out,
+    }
+    if ours == "flow_grpo":
+        settings.update({"sample.noise_level": 0.7, "train.beta": 0.04, "train.clip_range": 1e-4, "train.cfg": True})
+    else:  # NFT: deterministic sampling (noise level 0), nft beta 1, decay schedule 1, KL weight 1e-4
+        settings.update({"sample.deterministic": True, "beta": 1.0, "decay_type": 1, "train.beta": 1e-4,
+                         "debug": True})  # debug: no evaluation and no checkpoint at epoch 0
+    return [f"--config={config}", *(f"--config.{key}={value}" for key, value in settings.items())]
+
+
+def write_peer_prompts(folder):
+    """Our `animals` prompt set in the layout of the peers' `general_ocr` prompt function: train.txt, test.txt."""
+    from utils.data import BUILTIN_PROMPT_SETS
+
+    os.makedirs(folder, exist_ok=True)
+    prompts = BUILTIN_PROMPT_SETS["animals"]
+    for split, lines in (("train", prompts), ("test", prompts[:1])):  # Flow-GRPO evaluates the test set once
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return os.path.abspath(folder)
+
+
 def first_row_watcher(metrics_path, started):
-    """A thread that notes the seconds from `started` until metrics.jsonl holds its first row (polled every 0.2 s);
+    """A thread that notes the seconds from `started` until metrics_path holds its first row (polled every 0.2 s);
     returns (stop event, result dict with "first_step_s" once seen)."""
     stop, result = threading.Event(), {}
 
@@ -183,40 +275,256 @@ def log_tail(log_path, lines=40):
         return f.read().splitlines()[-lines:]
 
 
+def run_logged(cmd, log_path, timeout, cwd=ROOT, env=None):
+    """Run `cmd` in a process group of its own with its output in log_path. The group is killed at the end, and at
+    `timeout`: accelerate launch's training process or a peer's data-loader workers must not hold the GPU or the CPU
+    through the next run. Returns (exit code, 124 on timeout; wall seconds)."""
+    started = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            code = 124
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if code == 124:
+            log.write(f"\ntimed out after {timeout} s\n")
+    return code, time.time() - started
+
+
+def summarize(row, steps, items, log, code):
+    """A row's rates from its logged steps (each with step_seconds): the mean over the steps after the first, i.e.
+    items over the wall time from the end of step 1 to the end of the last step; kept when the run was cut short."""
+    row["steps_logged"] = len(steps)
+    if steps:
+        window = steps[1:] or steps
+        seconds = sum(m["step_seconds"] for m in window) / len(window)
+        row.update(s_per_step=round(seconds, 3), per_s=round(items / seconds, 3), first_loss=steps[0].get("loss"),
+                   first_metrics=steps[0])
+        peaks = [m["peak_mem_gib"] for m in steps if "peak_mem_gib" in m]  # none on the CPU
+        if peaks:
+            row["peak_gib"] = max(peaks)
+    if code == 0 and steps:
+        return {**row, "status": "ok"}
+    if code == 124 and steps:
+        return {**row, "status": f"timed out after {len(steps)} steps", "log_tail": log_tail(log)}
+    return {**row, "status": last_error_line(log), "log_tail": log_tail(log)}
+
+
 def measure(family, script, flags, work, logs, steps, timeout=540):
     name = f"{family}-{script}"
     out = os.path.join(work, name)
     log = os.path.join(logs, name + ".log")
     shutil.rmtree(out, ignore_errors=True)  # a first row left by an earlier call would end the watcher at once
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "launchers", "accelerate", "single_gpu.yaml"), "--num_processes", "1",
+           "--main_process_port", str(29500 + zlib.crc32(out.encode()) % 1000), *flags, "--output_dir", out,
+           "--max_train_steps", str(steps), "--checkpointing_steps", "1000"]
     stop, seen = first_row_watcher(os.path.join(out, "metrics.jsonl"), time.time())
-    code, wall = launch("single_gpu", flags, out, steps, False, log, timeout=timeout, checkpointing_steps=1000)
+    code, wall = run_logged(cmd, log, timeout)
     stop.set()
     metrics = read_metrics(out)
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(logs, name + ".metrics.jsonl"))
-    row = dict(family=family, script=script, exit_code=code, wall_s=round(wall, 1), steps_logged=len(metrics),
-               first_step_s=seen.get("first_step_s"))
-    if code != 0 or not metrics:
-        return {**row, "status": last_error_line(log), "log_tail": log_tail(log)}
-    seconds = statistics.median(m["step_seconds"] for m in metrics[1:] or metrics)
     per_step = 1 if script == "dpo" else int(flags[flags.index("--train_batch_size") + 1])
-    return {**row, "status": "ok", "s_per_step": round(seconds, 3), "per_s": round(per_step / seconds, 3),
-            "unit": "pairs/s" if script == "dpo" else "images/s", "first_loss": metrics[0]["loss"],
-            "peak_gib": max(m.get("peak_mem_gib", 0) for m in metrics), "first_metrics": metrics[0]}
+    row = dict(family=family, script=script, exit_code=code, wall_s=round(wall, 1),
+               first_step_s=seen.get("first_step_s"), unit="pairs/s" if script == "dpo" else "images/s")
+    return summarize(row, metrics, per_step, log, code)
+
+
+def measure_peer(family, name, model, prompts, peers, work, logs, steps, timeout, smoke):
+    """One peer run (run_peer in a process of its own, in the peer's repository folder) for `steps` optimizer steps."""
+    repo, script, _, ours, cuda_only = PEERS[name]
+    repo = os.path.abspath(os.path.join(peers, repo))
+    label = f"{family}-{name}"
+    out = os.path.join(work, label)
+    log = os.path.join(logs, label + ".log")
+    record = os.path.join(out, "steps.jsonl")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    flags = peer_flags(family, name, model, prompts, out, smoke)
+    # one process as their one-GPU recipes start it (torchrun / accelerate launch --num_processes 1 with their
+    # multi_gpu.yaml): these variables make a process group of one and DDP around the transformer, whose `.module`
+    # Flow-GRPO's KL term reads
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29500 + zlib.crc32(out.encode()) % 1000))
+    shims = ",".join(["cpu_shims"] if cuda_only and smoke else [] if cuda_only else ["ddp_of_one"]) or "-"
+    cmd = [sys.executable, os.path.abspath(__file__), "--run_peer", record, str(steps), shims, script, *flags]
+    started = time.time()
+    stop, seen = first_row_watcher(record, started)
+    code, wall = run_logged(cmd, log, timeout, cwd=repo, env=env)
+    stop.set()
+    rows = []
+    if os.path.exists(record):
+        with open(record) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        shutil.copy(record, os.path.join(logs, label + ".steps.jsonl"))
+    previous = started  # a step runs from the end of the one before (the first: from the launch)
+    for r in rows:
+        r["step_seconds"], previous = round(r["time"] - previous, 3), r["time"]
+    row = dict(family=family, script=name, exit_code=code, wall_s=round(wall, 1),
+               first_step_s=seen.get("first_step_s"), unit="images/s", mirrors=ours,
+               command=" ".join(["python", script, *flags]))
+    return summarize(row, rows, online_settings(family, ours, smoke)["group"], log, code)
+
+
+def add_ratios(rows):
+    """ours / peer in images/s on each peer row whose matching run of ours (same family) has a rate."""
+    for peer in rows:
+        ours = next((r for r in rows if peer.get("mirrors") and r["script"] == peer["mirrors"]
+                     and r["family"] == peer["family"] and r.get("per_s")), None)
+        if ours and peer.get("per_s"):
+            peer["ours_over_peer"] = round(ours["per_s"] / peer["per_s"], 3)
 
 
 def write_table(rows, out):
     with open(os.path.join(out, "flow.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| model | script | result | exit | s/step | throughput | peak GiB | first step s | wall s | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['script']} | {r['status']} | {r.get('exit_code', '-')} | {r.get('s_per_step', '-')} | "
-              f"{r.get('per_s', '-')} {r.get('unit', '')} | {r.get('peak_gib', '-')} | {r.get('first_step_s', '-')} | "
-              f"{r.get('wall_s', '-')} | {r.get('first_loss', '-')} |"
-              for r in rows]
-    write_table(out, "flow.md", lines)
+    lines = ["| model | script | result | exit | s/step | throughput | ours / peer | peak GiB | first step s | "
+             "wall s | first loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = f"{r['per_s']} {r['unit']}" if "per_s" in r else "-"
+        lines.append(f"| {r['family']} | {r['script']} | {r['status']} | {r.get('exit_code', '-')} | "
+                     f"{r.get('s_per_step', '-')} | {rate} | {r.get('ours_over_peer', '-')} | "
+                     f"{r.get('peak_gib', '-')} | "
+                     f"{r.get('first_step_s') or '-'} | {r.get('wall_s', '-')} | {r.get('first_loss', '-')} |")
+    write_markdown(out, "flow.md", lines)
 
 
+# --------------------------------------------------------------------------- inside a peer's process
+class PeerDone(Exception):
+    """Raised from the wandb stub once the peer has made the steps asked for."""
+
+
+def cpu_shims():
+    """Without CUDA (--smoke), for DiffusionNFT only (Flow-GRPO's accelerate runs on the CPU as it is, and needs the
+    real torch.device): its hard-coded CUDA mapped to the CPU in this process. nccl becomes gloo,
+    torch.device("cuda:N") the CPU, torch.cuda.set_device a no-op, DDP is built without device_ids."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.parallel
+
+    real_device, real_init, real_ddp = torch.device, dist.init_process_group, torch.nn.parallel.DistributedDataParallel
+
+    class DeviceType(type):
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, real_device)
+
+    class Device(metaclass=DeviceType):  # torch.device cannot be subclassed: a factory that isinstance() accepts
+        def __new__(cls, *args, **kwargs):
+            kind = args[0] if args else kwargs.get("type")
+            if isinstance(kind, str) and kind.startswith("cuda"):
+                return real_device("cpu")
+            return real_device(*args, **kwargs)
+
+    class CpuDDP(real_ddp):
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            super().__init__(module, **kwargs)
+
+    torch.device = Device
+    torch.cuda.set_device = lambda *args, **kwargs: None
+    dist.init_process_group = lambda backend=None, **kwargs: real_init("gloo", **kwargs)
+    torch.nn.parallel.DistributedDataParallel = CpuDDP
+
+
+def ddp_of_one():
+    """Flow-GRPO's KL term reads `transformer.module`, the DDP wrapper's: its recipes run accelerate's multi_gpu.yaml,
+    and current accelerate wraps the model in DDP only for 2 processes or more. With one, prepare() here wraps the
+    trained model in DDP over a process group of one, as the multi-process path does."""
+    import accelerate
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    real = accelerate.Accelerator.prepare_model
+
+    def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+        model = real(self, model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        if evaluation_mode or isinstance(model, DistributedDataParallel) or \
+                not any(p.requires_grad for p in model.parameters()):
+            return model
+        if not dist.is_initialized():  # accelerate makes the group on the GPU (LOCAL_RANK set), not on the CPU
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        wrapped = DistributedDataParallel(model, device_ids=[self.local_process_index] if torch.cuda.is_available()
+                                          else None)
+        self._models[self._models.index(model)] = wrapped
+        return wrapped
+
+    accelerate.Accelerator.prepare_model = prepare_model
+
+
+def run_peer(argv):
+    """`--run_peer STEPS_JSONL MAX_STEPS SHIMS SCRIPT ARGS...`: the peer's script, unchanged, in this process
+    (runpy), as `python SCRIPT ARGS...` would run it, with a wandb stub that writes a row per optimizer step to
+    STEPS_JSONL and ends the run after MAX_STEPS of them. SHIMS: "-", or a comma-separated list of cpu_shims and
+    ddp_of_one."""
+    import runpy
+    import types
+
+    import torch
+
+    record, max_steps, shims, script, *script_args = argv
+    cuda = torch.cuda.is_available()
+    done = []
+
+    def log(data, step=None, **kwargs):
+        if "policy_loss" not in data:  # both peers log the losses once per optimizer step, at its end
+            return
+        if cuda:
+            torch.cuda.synchronize()  # the step's GPU work done, not only queued
+        done.append(time.time())
+        loss = data.get("loss", data.get("total_loss"))
+        row = dict(step=len(done), time=done[-1])
+        if loss is not None:
+            row["loss"] = float(torch.as_tensor(loss).detach())
+        if cuda:  # this process's peak since its start, as our metrics.jsonl's peak_mem_gib
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        with open(record, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if len(done) >= int(max_steps):
+            raise PeerDone
+
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # importlib.util.find_spec("wandb") asks for it
+    wandb.init = wandb.finish = lambda *args, **kwargs: None
+    wandb.Image = lambda *args, **kwargs: None
+    wandb.log = log
+    sys.modules["wandb"] = wandb
+    if importlib.util.find_spec("imp") is None:  # Python 3.12 dropped imp; the peers' configs call imp.load_source
+
+        def load_source(name, path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+
+        sys.modules["imp"] = types.SimpleNamespace(load_source=load_source)
+    if "cpu_shims" in shims.split(",") and not cuda:
+        cpu_shims()
+    if "ddp_of_one" in shims.split(","):
+        ddp_of_one()
+    # what `python SCRIPT` sees: the script's folder first, not this project's
+    sys.path[:] = [os.path.dirname(os.path.abspath(script))] + [p for p in sys.path[1:] if p not in (HERE, ROOT)]
+    sys.argv = [script, *script_args]
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except PeerDone:
+        pass
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no waiting for the peer's data-loader workers, thread pool and process group at exit
+
+
+# --------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-out")
@@ -225,16 +533,35 @@ def main():
     parser.add_argument("--family", nargs="*", default=["sd35", "flux"], choices=list(RUNS))
     parser.add_argument("--scripts", nargs="*", default=["draftp", "dpo"], choices=SCRIPTS,
                         help="the runs, in this order: draftp (train_draftp.py), dpo (train_dpo.py), flow_grpo and "
-                             "nft (train_online.py --method flow_grpo / nft)")
-    parser.add_argument("--steps", type=int, default=4)
+                             "nft (train_online.py --method flow_grpo / nft), flow_grpo_peer and nft_peer (Flow-GRPO's "
+                             "train_sd3.py, DiffusionNFT's train_nft_sd3.py from --peers, sd35 only)")
+    parser.add_argument("--peers", default=".peers_online",
+                        help="folder holding copies of the peer repositories: flow_grpo/ (Flow-GRPO) and "
+                             "diffusion_nft/ (DiffusionNFT), as in ../shared/peers")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps of each run (peers: epochs)")
     parser.add_argument("--timeout", type=int, default=540, help="seconds each run may take before it is stopped")
+    parser.add_argument("--deadline", type=int, default=None,
+                        help="seconds for the whole call from its start: a run gets at most what is left (less 10 s "
+                             "for the tables), so that the last one still ends and writes its partial rates")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, 2 steps: the code path runs")
     args = parser.parse_args()
+    started_call = time.time()
     if not args.smoke and not args.assets:
         parser.error("--assets is required on the GPU (run `bench/distributed.py --write_assets` here first)")
+    wanted_peers = [s for s in args.scripts if s in PEERS]
+    if wanted_peers and args.family != ["sd35"]:
+        parser.error("the peers train SD3 only: use --family sd35 with flow_grpo_peer / nft_peer")
+    for name in wanted_peers:
+        repo, script = PEERS[name][:2]
+        if not os.path.isfile(os.path.join(args.peers, repo, script)):
+            parser.error(f"--peers {args.peers} lacks {repo}/{script}: copy ../shared/peers/{repo} to "
+                         f"{os.path.join(args.peers, repo)} (and carry the folder to the GPU machine)")
+    if wanted_peers and not all(importlib.util.find_spec(m) for m in ("ml_collections", "absl")):
+        parser.error("the peers need ml_collections and absl-py (wheels in .whl/)")
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
     work = os.path.join(args.out, "runs") if args.smoke else "/tmp/bench-runs"
+    steps = 2 if args.smoke else args.steps
     scorer = None
     rows = []
     for family in args.family:
@@ -243,16 +570,33 @@ def main():
                                args.assets, args.smoke)
         print(f"{family} pipeline ready in {time.time() - started:.1f} s", flush=True)
         for script in args.scripts:
-            if script == "draftp" and scorer is None and not args.smoke:  # only DRaFT+ scores with a model
-                started = time.time()
-                scorer = build_scorer(args.models, args.assets, args.smoke)
-                print(f"scorer ready in {time.time() - started:.1f} s", flush=True)
-            size = 64 if args.smoke else RUNS[family]["dpo_resolution"]
-            data = build_pairs(f"/tmp/bench-data/pairs{size}", size) if script == "dpo" else None
-            flags = run_flags(family, script, model, scorer, data, args.smoke)
-            rows.append(measure(family, script, flags, work, logs, 2 if args.smoke else args.steps, args.timeout))
+            timeout = args.timeout
+            if args.deadline is not None:
+                timeout = min(timeout, int(args.deadline - (time.time() - started_call) - 10))
+                if timeout < 20:
+                    rows.append(dict(family=family, script=script,
+                                     status=f"not run: --deadline {args.deadline} s reached"))
+                    write_table(rows, args.out)
+                    continue
+            if script in PEERS:
+                prompts = write_peer_prompts(os.path.join(work, "peer-prompts"))
+                rows.append(measure_peer(family, script, model, prompts, args.peers, work, logs, steps, timeout,
+                                         args.smoke))
+            else:
+                if script == "draftp" and scorer is None and not args.smoke:  # only DRaFT+ scores with a model
+                    started = time.time()
+                    scorer = build_scorer(args.models, args.assets, args.smoke)
+                    print(f"scorer ready in {time.time() - started:.1f} s", flush=True)
+                size = 64 if args.smoke else RUNS[family]["dpo_resolution"]
+                data = build_pairs(f"/tmp/bench-data/pairs{size}", size) if script == "dpo" else None
+                flags = run_flags(family, script, model, scorer, data, args.smoke)
+                rows.append(measure(family, script, flags, work, logs, steps, timeout))
+            add_ratios(rows)
             write_table(rows, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run_peer"]:
+        run_peer(sys.argv[2:])
+    else:
+        main()
