@@ -44,7 +44,7 @@ from utils.sampling import cfg_conditioning, decode_latents, make_schedule, samp
 from utils.seeding import step_generator
 from utils.train import Run, run_main
 from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_prompt_args, add_reward_args,
-                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
+                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths, set_help)
 from utils.train.validation import log_validation
 
 logger = logging.getLogger("train_online")
@@ -153,9 +153,13 @@ def parse_args(argv=None):
                    help="flow_grpo: stochastic (and trained) steps START..END-1 only, deterministic elsewhere "
                         "(Flow-GRPO-Fast); default: every step")
     describe_defaults(parser, "Flow-GRPO's SD3.5-M recipes (config/base.py, config/grpo.py)", use_lora=True,
-                      lora_rank=32, lora_alpha=64.0, learning_rate=3e-4, adam_weight_decay=1e-4, max_grad_norm=1.0,
+                      lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, max_grad_norm=1.0,
                       reward_model="pickscore")
+    set_help(parser, "lora_alpha", "LoRA alpha (with --use_lora; default: twice --lora_rank, scale 2, as Flow-GRPO's "
+                                   "r 32, alpha 64)")
     args = parser.parse_args(argv)
+    if args.lora_alpha is None:  # the scale stays Flow-GRPO's whatever the rank: --lora_rank 8 alone is not scale 8
+        args.lora_alpha = 2.0 * args.lora_rank
     for name, value in METHOD_DEFAULTS[args.method].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -11,9 +11,12 @@ average over seeds and check the published DRaFT+ and Diffusion-DPO trends on th
         --prompts colored_animals --max_prompts 4 --methods draft dpo --seeds 0 --max_train_steps 2 \
         --train_batch_size 1 --num_inference_steps 3 --num_pairs 4 --num_heldout_pairs 4 --eval_seeds 2 --jobs 2
 
+    python experiments/toyworld_trends.py --pretrained_model_name_or_path utils/toy/assets/toy-sd3 --heldout_prompts \
+        --methods flow_grpo nft draftp --kl_coeffs 0.1 --curve_every 50 --jobs 9   # online RL on the pixel judge
+
 Writes to --output_dir: prompts.txt, args.json; seed<k>/pairs and seed<k>/heldout (Pick-a-Pic layout), seed<k>/<method>/
 (the run's output, train.log, wall_time.json), seed<k>/eval/ (evaluate.py's output, eval.log); trends.md, trends.csv,
-trends.json, reward_vs_diversity.png. A re-run keeps finished runs and evaluations and resumes interrupted runs.
+trends.json, reward_vs_diversity.png (curve.md, curve.json, accuracy_vs_minutes.png with --curve_every). A re-run keeps finished runs and evaluations and resumes interrupted runs.
 """
 import argparse
 import concurrent.futures
@@ -57,6 +60,9 @@ METHODS = {
     "draft-lv": ("train_draftp.py", ["--kl_coeff", "0", "--draft_lv_samples", "2"]),  # DRaFT-LV
     "dpo": ("train_dpo.py", ["--dataset_name", "{pairs}", "--choice_model", "{reward_model}"]),  # DPO on AI feedback
     "sft": ("train_dpo.py", ["--sft", "--dataset_name", "{pairs}", "--choice_model", "{reward_model}"]),  # the winners
+    # online RL on --online_reward_model (by default the pixel judge: a reward without gradient)
+    "flow_grpo": ("train_online.py", ["--method", "flow_grpo"]),
+    "nft": ("train_online.py", ["--method", "nft"]),
 }
 SCRIPT_FLAGS = {
     # weight decay 1e-2 and clipping at 1.0: the values of the published five-seed runs (BENCHMARKS.md), made when
@@ -64,22 +70,35 @@ SCRIPT_FLAGS = {
     "train_draftp.py": ["--reward_model", "{reward_model}", "--prompts", "{prompts}",
                         "--learning_rate", "{draft_learning_rate}", "--truncation_steps", "{truncation_steps}",
                         "--adam_weight_decay", "1e-2", "--max_grad_norm", "1.0",
-                        "--compile_sampler", "{compile_sampler}"],
-    "train_dpo.py": ["--learning_rate", "{dpo_learning_rate}", "--beta_dpo", "{beta_dpo}"],
+                        "--compile_sampler", "{compile_sampler}", "--train_batch_size", "{train_batch_size}"],
+    "train_dpo.py": ["--learning_rate", "{dpo_learning_rate}", "--beta_dpo", "{beta_dpo}",
+                     "--train_batch_size", "{train_batch_size}"],
+    # --online_prompts prompts x --group_size images per step, sampled and trained in one batch (one update)
+    "train_online.py": ["--reward_model", "{online_reward_model}", "--prompts", "{prompts}",
+                        "--learning_rate", "{online_learning_rate}", "--group_size", "{group_size}",
+                        "--train_batch_size", "{online_images}", "--noise_level", "{noise_level}"],
 }
 # One budget for all. Constant lr, no warmup: train_dpo.py's default (500 warmup steps, made for the paper's
 # 2000-step runs) would swallow a short run.
 COMMON_FLAGS = ["--pretrained_model_name_or_path", "{pretrained_model_name_or_path}", "--seed", "{seed}",
-                "--max_train_steps", "{max_train_steps}", "--train_batch_size", "{train_batch_size}", "--use_lora",
-                "--lora_rank", "{lora_rank}", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                "--max_train_steps", "{max_train_steps}", "--use_lora",
+                "--lora_rank", "{lora_rank}", "--lora_alpha", "{lora_rank}", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
                 "--num_inference_steps", "{num_inference_steps}", "--guidance_scale", "{guidance_scale}",
                 "--mixed_precision", "{mixed_precision}", "--report_to", "none", "--output_dir", "{output_dir}"]
-EVAL_FLAGS = ["--pretrained_model_name_or_path", "{pretrained_model_name_or_path}", "--prompts", "{prompts}",
+EVAL_FLAGS = ["--pretrained_model_name_or_path", "{pretrained_model_name_or_path}", "--prompts", "{eval_prompts}",
               "--num_seeds", "{eval_seeds}", "--seed", "0", "--reward_models", "{reward_model}", "--diversity", "{diversity}",
               "--num_inference_steps", "{num_inference_steps}", "--guidance_scale", "{guidance_scale}",
               "--batch_size", "{batch_size}", "--mixed_precision", "{mixed_precision}", "--output_dir", "{output_dir}"]
 # Image seeds of the sampled pairs: far from evaluate.py's 0 .. --eval_seeds - 1, disjoint per experiment seed.
 PAIR_SEED_BASE, HELDOUT_OFFSET = 1_000_000, 500_000
+
+
+def split_prompts(prompts):
+    """(training, evaluation): every third prompt (indices 2, 5, 8, ...) held out for evaluation. On the toy world's
+    count x colour x shape list this holds out one shape per count and colour, so every attribute value is in both."""
+    if len(prompts) < 3:
+        raise UsageError(f"--heldout_prompts needs at least 3 prompts, got {len(prompts)}")
+    return [p for i, p in enumerate(prompts) if i % 3 != 2], [p for i, p in enumerate(prompts) if i % 3 == 2]
 
 
 def run_names(args):
@@ -97,6 +116,9 @@ def parse_args(argv=None):
     g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH", help="passed to every script")
     g.add_argument("--prompts", default="toyworld", help="a built-in set, .txt/.jsonl file or dataset")
     g.add_argument("--max_prompts", type=int, default=None, help="the first N prompts only (training, pairs, evaluation)")
+    g.add_argument("--heldout_prompts", action="store_true",
+                   help="evaluate on every third prompt and train (and sample pairs) on the others, so that prompt "
+                        "accuracy is measured on prompts no method saw; default: one list for both")
     g = parser.add_argument_group("methods and seeds")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="base is always evaluated")
     g.add_argument("--kl_coeffs", nargs="+", type=float, default=[0.01, 0.1, 1.0], help="DRaFT+ KL weights, a run each")
@@ -105,6 +127,15 @@ def parse_args(argv=None):
     g = parser.add_argument_group("budget: the same for every method")
     g.add_argument("--max_train_steps", type=int, default=200, help="optimizer steps")
     g.add_argument("--train_batch_size", type=int, default=4, help="prompts (DRaFT) or pairs (DPO, SFT) per step")
+    g.add_argument("--online_reward_model", default="toyworld_judge",
+                   help="the reward of flow_grpo and nft (a reward without gradient serves)")
+    g.add_argument("--online_prompts", type=int, default=8, help="flow_grpo / nft: prompts per step")
+    g.add_argument("--group_size", type=int, default=8, help="flow_grpo / nft: images per prompt")
+    g.add_argument("--online_learning_rate", type=float, default=1e-3, help="flow_grpo and nft")
+    g.add_argument("--noise_level", type=float, default=0.7, help="flow_grpo: the SDE's noise level (nft: ignored)")
+    g.add_argument("--curve_every", type=int, default=0,
+                   help="also evaluate every run's checkpoint-N for N = K, 2K, ... below --max_train_steps: accuracy "
+                        "and reward against training time (curve.md); 0: the final weights only")
     # LoRA for all: every method trains the same parameters, and the reference of DRaFT+'s KL and of DPO is the
     # same UNet with its adapters off (no second UNet in memory, so several runs share one GPU), as in the DRaFT+
     # recipe and diffusers' DPO LoRA example. The defaults below are what BENCHMARKS.md's toy-world runs used.
@@ -134,7 +165,9 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="of every run and evaluation")
     g.add_argument("--output_dir", default="outputs/toyworld-trends")
     args = parser.parse_args(argv)
-    for name in ("max_train_steps", "train_batch_size", "jobs", "num_pairs", "num_heldout_pairs", "implicit_acc_draws",
+    if args.curve_every < 0:
+        raise UsageError(f"--curve_every must be >= 0, got {args.curve_every}")
+    for name in ("max_train_steps", "train_batch_size", "online_prompts", "jobs", "num_pairs", "num_heldout_pairs", "implicit_acc_draws",
                  "num_inference_steps", "batch_size", "eval_seeds", "pair_candidates"):
         least = 2 if name in ("eval_seeds", "pair_candidates") else 1  # diversity needs >= 2 eval seeds
         if getattr(args, name) < least:
@@ -148,14 +181,18 @@ def parse_args(argv=None):
                          f"training and the held-out pairs would overlap)")
     if {"dpo", "sft"} & set(args.methods) and args.num_pairs < args.train_batch_size:
         raise UsageError(f"--num_pairs ({args.num_pairs}) must be >= --train_batch_size ({args.train_batch_size})")
+    if args.group_size < 2:
+        raise UsageError(f"--group_size must be >= 2 (advantages compare the images of one prompt), got {args.group_size}")
+    args.online_images = args.online_prompts * args.group_size
     parse_reward_spec(args.reward_model)
+    parse_reward_spec(args.online_reward_model)
     parse_name_paths(args.reward_model_paths)
     return args
 
 
 # --------------------------------------------------------------------------- runs as subprocesses
 def command(args, script, template, **run):
-    values = {**vars(args), "prompts": args.prompts_file, **run}
+    values = {**vars(args), "prompts": args.prompts_file, "eval_prompts": args.eval_prompts_file, **run}
     paths = ["--reward_model_paths", *args.reward_model_paths] if args.reward_model_paths else []
     return [sys.executable, script, *[flag.format(**values) for flag in template], *paths]
 
@@ -168,6 +205,8 @@ def training_task(args, name, seed):
     script, flags = METHODS["draftp" if name.startswith("draftp-") else name]
     cmd = command(args, script, COMMON_FLAGS + SCRIPT_FLAGS[script] + flags, seed=seed, kl=name.split("-", 1)[-1],
                   output_dir=out, pairs=os.path.join(args.output_dir, f"seed{seed}", "pairs"))
+    if args.curve_every:
+        cmd += ["--checkpointing_steps", str(args.curve_every)]
     if list_checkpoints(out):  # interrupted earlier: continue it (the scripts never overwrite checkpoints)
         return f"seed {seed} {name} (resumed)", cmd + ["--resume_from_checkpoint", "latest"], f"{out}/train.log"
     # interrupted before its first checkpoint: start it over (the scripts refuse an earlier run's folder otherwise)
@@ -177,13 +216,21 @@ def training_task(args, name, seed):
 def evaluation_task(args, seed):
     """evaluate.py on the base and every trained method of a seed, or None if its results.csv holds exactly them."""
     out = os.path.join(args.output_dir, f"seed{seed}", "eval")
+    models = {n: os.path.join(args.output_dir, f"seed{seed}", n) for n in run_names(args)}
+    models.update({f"{n}_step{k}": os.path.join(args.output_dir, f"seed{seed}", n, f"checkpoint-{k}")
+                   for n in run_names(args) for k in curve_steps(args)})
     if os.path.isfile(os.path.join(out, "results.csv")):
         with open(os.path.join(out, "results.csv")) as f:
-            if [r["model"] for r in csv.DictReader(f)] == ["base", *run_names(args)]:
+            if [r["model"] for r in csv.DictReader(f)] == ["base", *models]:
                 return None
-    models = [f"{n}={os.path.join(args.output_dir, f'seed{seed}', n)}" for n in run_names(args)]
+    models = [f"{name}={path}" for name, path in models.items()]
     cmd = command(args, "evaluate.py", EVAL_FLAGS, output_dir=out) + ["--models", *models]
     return f"seed {seed} evaluation", cmd, f"{out}/eval.log"
+
+
+def curve_steps(args):
+    """The steps whose checkpoints are evaluated besides the final weights (--curve_every)."""
+    return list(range(args.curve_every, args.max_train_steps, args.curve_every)) if args.curve_every else []
 
 
 def run_logged(cmd, log_path, env):
@@ -327,7 +374,7 @@ def seed_results(args, base, seed):
     with open(os.path.join(eval_dir, "results.csv")) as f:
         results = {r["model"]: {"reward": float(r[f"{args.reward_model}_mean"]),
                                 "diversity": float(r[f"diversity_{args.diversity}"])} for r in csv.DictReader(f)}
-    if all(parse_prompt(p)["shape"] is not None for p in args.prompt_list):  # toy-world prompts: the judge applies
+    if all(parse_prompt(p)["shape"] is not None for p in args.eval_prompt_list):  # toy-world prompts: the judge applies
         accuracy = {}
         with open(os.path.join(eval_dir, "scores.jsonl")) as f:
             for r in map(json.loads, f):
@@ -344,6 +391,9 @@ def seed_results(args, base, seed):
         # the first step holds the one-off warm-up (torch.compile of the sampler on a GPU): reported apart
         steps = [m.get("step_seconds", 0.0) for m in read_metrics(f"{seed_dir}/{name}")]
         results[name].update(first_step_seconds=round(steps[0], 2), train_seconds=round(sum(steps[1:]), 2))
+        for k in curve_steps(args):  # the curve's time: every step up to the checkpoint, the first included
+            results[f"{name}_step{k}"]["elapsed_seconds"] = round(sum(steps[:k]), 2)
+        results[name]["elapsed_seconds"] = round(sum(steps), 2)
         if os.path.isfile(f"{seed_dir}/{name}/wall_time.json"):  # absent if the run came from elsewhere
             with open(f"{seed_dir}/{name}/wall_time.json") as f:
                 results[name]["wall_seconds"] = json.load(f)["wall_seconds"]
@@ -367,6 +417,61 @@ def summarize(per_seed, names):
             row[f"prompt_acc_{key}_mean"], row[f"prompt_acc_{key}_std"] = mean_std([r["prompt_accuracy"][key] for r in runs])
         rows.append(row)
     return rows
+
+
+def curve_rows(args, per_seed):
+    """Prompt accuracy and reward against training time: one row per (method, step) of --curve_every and the final
+    step, means and stds over seeds; the base at time 0."""
+    def stats(values):
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    seeds = list(per_seed.values())
+    base = seeds[0]["base"]
+    rows = [{"method": "base", "step": 0, "minutes": 0.0, "accuracy": (base.get("prompt_accuracy", {}).get("all"), 0.0),
+             "reward": (base["reward"], 0.0)}]
+    for name in run_names(args):
+        for k in [*curve_steps(args), args.max_train_steps]:
+            runs = [s[name if k == args.max_train_steps else f"{name}_step{k}"] for s in seeds]
+            accuracy = [r["prompt_accuracy"]["all"] for r in runs if "prompt_accuracy" in r]
+            rows.append({"method": name, "step": k, "minutes": float(np.mean([r["elapsed_seconds"] for r in runs])) / 60,
+                         "accuracy": stats(accuracy) if accuracy else (None, None),
+                         "reward": stats([r["reward"] for r in runs])})
+    return rows
+
+
+def write_curve(args, rows):
+    lines = [f"# Prompt accuracy against training time: {args.pretrained_model_name_or_path}", "",
+             f"Minutes: the sum of the run's step_seconds up to the step (sampling, reward and update; --jobs "
+             f"{args.jobs} runs shared the device), mean over seeds {', '.join(map(str, args.seeds))}. Accuracy: the "
+             f"pixel judge's every-attribute-right rate on {len(args.eval_prompt_list)} "
+             f"{'held-out ' if args.heldout_prompts else ''}prompts x {args.eval_seeds} seeds.", "",
+             f"| method | step | minutes | prompt accuracy (mean ± std) | {args.reward_model} |", "|---|---|---|---|---|"]
+    for r in rows:
+        acc = "n/a" if r["accuracy"][0] is None else f"{r['accuracy'][0]:.3f} ± {r['accuracy'][1]:.2g}"
+        lines.append(f"| {r['method']} | {r['step']} | {r['minutes']:.2f} | {acc} | {r['reward'][0]:.4g} ± {r['reward'][1]:.2g} |")
+    with open(os.path.join(args.output_dir, "curve.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.output_dir, "curve.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    if rows[0]["accuracy"][0] is None:  # not toy-world prompts: no judge, no plot
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in run_names(args):
+        points = [rows[0]] + [r for r in rows if r["method"] == name]
+        ax.errorbar([r["minutes"] for r in points], [r["accuracy"][0] for r in points],
+                    yerr=[r["accuracy"][1] for r in points], marker="o", capsize=3, label=name)
+    ax.set(xlabel=f"training minutes (mean over seeds; {args.jobs} runs shared the device)",
+           ylabel="prompt accuracy (judge), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.output_dir, "accuracy_vs_minutes.png"), dpi=120)
+    plt.close(fig)
 
 
 def fmt(row, key=None, std=True):
@@ -414,6 +519,16 @@ def trend_check(rows, per_seed):
                      f"{fmt(base, 'reward')} ({yes(gain)}).")
     else:
         lines.append("4. DPO held-out implicit accuracy > 0.5 and reward > base: not checked (dpo not in --methods).")
+    online = [r for r in trained if r["method"] in ("flow_grpo", "nft")]
+    if online and base.get("prompt_acc_all_mean") is not None:
+        parts = []
+        for r in online:
+            above = sum(s[r["method"]]["prompt_accuracy"]["all"] > s["base"]["prompt_accuracy"]["all"]
+                        for s in per_seed.values())
+            parts.append(f"{r['method']} {fmt(r, 'prompt_acc_all')} (>= 0.5: {yes(r['prompt_acc_all_mean'] >= 0.5)}; "
+                         f"above base in {above}/{len(per_seed)} seeds)")
+        lines.append(f"5. Online RL on the judge raises prompt accuracy from the base's "
+                     f"{fmt(base, 'prompt_acc_all', False)}: {'; '.join(parts)}.")
     return lines
 
 
@@ -430,10 +545,11 @@ def write_outputs(args, rows, per_seed, checks):
     lines = [f"# Toy-world trends: {args.pretrained_model_name_or_path}, reward {args.reward_model}", "",
              f"Seeds {', '.join(map(str, args.seeds))}; {args.max_train_steps} steps x batch {args.train_batch_size}, LoRA rank "
              f"{args.lora_rank}; {args.num_inference_steps} DDIM steps, guidance {args.guidance_scale}; evaluated on "
-             f"{len(args.prompt_list)} prompts x {args.eval_seeds} seeds. DPO / SFT: {args.num_pairs} pairs per seed, each the "
+             f"{len(args.eval_prompt_list)} {'held-out ' if args.heldout_prompts else ''}prompts x {args.eval_seeds} seeds. DPO / SFT: {args.num_pairs} pairs per seed, each the "
              f"best and worst of {args.pair_candidates} base samples by {args.reward_model}, beta {args.beta_dpo:g}, lr "
-             f"{args.dpo_learning_rate:g} (DRaFT family: lr {args.draft_learning_rate:g}). The base's implicit accuracy "
-             f"is 0.5 by definition.",
+             f"{args.dpo_learning_rate:g} (DRaFT family: lr {args.draft_learning_rate:g}). Flow-GRPO / NFT: "
+             f"{args.online_prompts} prompts x {args.group_size} images per step on {args.online_reward_model}, lr "
+             f"{args.online_learning_rate:g}. The base's implicit accuracy is 0.5 by definition.",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([r["method"], fmt(r, "reward"), fmt(r, "diversity"), fmt(r, "prompt_acc_all"),
                                  fmt(r, "implicit_acc"), fmt(r, "train_seconds", False)]) + " |" for r in rows]
@@ -472,10 +588,14 @@ def plot(args, rows):
 def main(args):
     args.output_dir = os.path.abspath(args.output_dir)  # the scripts run in the repository root
     os.makedirs(args.output_dir, exist_ok=True)
-    args.prompt_list = load_prompts(args.prompts, max_prompts=args.max_prompts)
-    args.prompts_file = os.path.join(args.output_dir, "prompts.txt")  # one prompt list for every script
-    with open(args.prompts_file, "w") as f:
-        f.write("\n".join(args.prompt_list) + "\n")
+    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)
+    # one training list and one evaluation list for every script
+    args.prompt_list, args.eval_prompt_list = split_prompts(prompts) if args.heldout_prompts else (prompts, prompts)
+    args.prompts_file = os.path.join(args.output_dir, "prompts.txt")
+    args.eval_prompts_file = os.path.join(args.output_dir, "eval_prompts.txt")
+    for path, listed in ((args.prompts_file, args.prompt_list), (args.eval_prompts_file, args.eval_prompt_list)):
+        with open(path, "w") as f:
+            f.write("\n".join(listed) + "\n")
     save_args(args, args.output_dir)
     # Several processes on one machine: share the CPU threads out rather than oversubscribe them.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))}
@@ -491,10 +611,12 @@ def main(args):
 
     # ---- aggregate over seeds: table, trend check, plot
     per_seed = {seed: seed_results(args, base, seed) for seed in args.seeds}
-    rows = summarize(per_seed, ["base", *run_names(args)])
+    rows = summarize(per_seed, ["base", *run_names(args)])  # the final weights; checkpoints: curve_rows
     checks = trend_check(rows, per_seed)
     write_outputs(args, rows, per_seed, checks)
     plot(args, rows)
+    if args.curve_every:
+        write_curve(args, curve_rows(args, per_seed))
     with open(os.path.join(args.output_dir, "trends.md")) as f:
         print(f.read(), flush=True)
 

@@ -155,3 +155,33 @@ def test_a_flow_model_runs_through_the_experiment_with_its_own_noising(tmp_path)
     per_seed = json.loads((tmp_path / "out" / "trends.json").read_text())["per_seed"]["0"]
     assert_implicit_accuracy_of_a_trained_model(float(rows["dpo"]["implicit_acc_mean"]), per_seed["dpo"])
     assert json.loads((tmp_path / "out" / "seed0" / "dpo" / "args.json").read_text())["weighting_scheme"] == "logit_normal"
+
+
+def test_online_methods_train_on_the_judge_and_are_evaluated_on_held_out_prompts_with_a_curve(tmp_path):
+    """flow_grpo and nft through train_online.py on the pixel judge (a reward without gradient), trained on two of
+    three prompts and evaluated on the third, with checkpoint-1 evaluated beside the final weights (curve.md). Mutation
+    this fails under: in experiments/toyworld_trends.py main, the evaluation list set to the training list (the
+    held-out prompt would then be trained on)."""
+    flags = [str(f) for f in FLAGS]
+    flags[flags.index("tiny-sd")] = "tiny-sd3"
+    flags[flags.index("--methods") + 1: flags.index("--methods") + 1 + len(METHODS)] = ["flow_grpo", "nft"]
+    out = tmp_path / "out"
+    run_in_process(SCRIPT, [*flags, "--heldout_prompts", "--curve_every", "1", "--online_prompts", "1",
+                            "--group_size", "2", "--output_dir", out])
+    trained_on = (out / "prompts.txt").read_text().splitlines()
+    evaluated_on = (out / "eval_prompts.txt").read_text().splitlines()
+    assert len(trained_on) == 2 and len(evaluated_on) == 1 and not set(trained_on) & set(evaluated_on)
+    scored = {json.loads(line)["prompt"] for line in open(out / "seed0" / "eval" / "scores.jsonl")}
+    assert scored == set(evaluated_on)
+    for method in ("flow_grpo", "nft"):
+        run_args = json.loads((out / "seed0" / method / "args.json").read_text())
+        assert (run_args["method"], run_args["reward_model"]) == (method, "toyworld_judge")
+        assert run_args["lora_alpha"] == run_args["lora_rank"]  # the same LoRA scale as the other methods
+    curve = json.loads((out / "curve.json").read_text())
+    assert [(r["method"], r["step"]) for r in curve] == [("base", 0), ("flow_grpo", 1), ("flow_grpo", 2), ("nft", 1),
+                                                         ("nft", 2)]
+    assert all(0 <= r["accuracy"][0] <= 1 for r in curve)
+    assert curve[1]["minutes"] < curve[2]["minutes"]  # the time up to each checkpoint
+    assert (out / "accuracy_vs_minutes.png").is_file()
+    rows = {r["method"]: r for r in read_csv(out / "trends.csv")}
+    assert set(rows) == {"base", "flow_grpo", "nft"}
