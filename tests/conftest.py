@@ -20,6 +20,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # jobs) OpenMP threads that wait on a descheduled partner made the suite ~6x slower (measured: 200 s vs 33 s
 # for test_foundation.py at a load average of 5).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The multi-process tests run every process on this machine: gloo's connections go over the loopback interface.
+# Left to itself gloo binds the address the host name resolves to, which on some machines is not this one's, and
+# its connections then wait out gloo's 30-minute timeout.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
