@@ -127,6 +127,9 @@ def parse_args(argv=None):
     g.add_argument("--updates_per_epoch", type=int, default=1,
                    help="optimizer updates on each step's samples, each over 1/U of them (Flow-GRPO's recipes: 2; "
                         "from the second on, the ratio to the sampling policy moves and the clip matters)")
+    g.add_argument("--inner_epochs", type=int, default=1,
+                   help="passes over each step's samples, each of --updates_per_epoch updates, the batches in a new "
+                        "order after the first (Flow-GRPO's num_inner_epochs)")
     g.add_argument("--kl_beta", type=float, default=None,
                    help="weight of the KL to the reference model (flow_grpo: on the step means; nft: on the velocity; "
                         "default per method)")
@@ -172,8 +175,9 @@ def check_args(args):
     check_common_args(args)
     if args.group_size < 2:
         raise UsageError(f"--group_size must be >= 2 (advantages compare the images of one prompt), got {args.group_size}")
-    if args.updates_per_epoch < 1:
-        raise UsageError(f"--updates_per_epoch must be >= 1, got {args.updates_per_epoch}")
+    if args.updates_per_epoch < 1 or args.inner_epochs < 1:
+        raise UsageError(f"--updates_per_epoch and --inner_epochs must be >= 1, got {args.updates_per_epoch} and "
+                         f"{args.inner_epochs}")
     if args.num_inference_steps < 1 or not 0 < args.timestep_fraction <= 1:
         raise UsageError("--num_inference_steps must be >= 1 and --timestep_fraction in (0, 1]")
     if args.nft_beta <= 0 or args.adv_clip_max <= 0 or args.clip_range <= 0 or args.kl_beta < 0:
@@ -216,7 +220,7 @@ def main(args):
     trained_steps = schedule_steps[: max(1, int(len(schedule_steps) * args.timestep_fraction))]
     run = Run(args, "online", {"flow_grpo": "Flow-GRPO", "nft": "NFT", "ddpo": "DDPO"}[args.method],
               shown=("loss", "reward"), safe_on_resume={"reward_model_paths", "reward_paths"},
-              passes_per_batch=len(trained_steps), updates_per_step=args.updates_per_epoch)
+              passes_per_batch=len(trained_steps), updates_per_step=args.updates_per_epoch * args.inner_epochs)
     images_per_step = run.global_batch * args.gradient_accumulation_steps * args.updates_per_epoch
     if images_per_step % args.group_size:
         raise UsageError(f"{images_per_step} images per step (processes x --train_batch_size x "
@@ -250,7 +254,7 @@ def main(args):
         # moved towards the trained weights once per step, after its updates, with the decay of the optimizer steps
         # made so far (DiffusionNFT's reference code: once per epoch, return_decay(global_step))
         old_policy = WeightAverage([p for p in model.parameters() if p.requires_grad],
-                                   lambda steps_before: nft_decay((steps_before + 1) * args.updates_per_epoch,
+                                   lambda steps_before: nft_decay((steps_before + 1) * run.updates_per_step,
                                                                   args.nft_decay))
     model = run.prepare(model, frozen, is_sdxl=parts.is_sdxl, checkpointed=[old_policy] if old_policy else [])
     trained = run.trained
@@ -304,7 +308,8 @@ def main(args):
         # ---- update: U optimizer updates, each over its batches x the trained steps
         model.train()
         schedule = make_schedule(parts.scheduler, batches[0].cond, args.num_inference_steps, batches[0].latents[:, 0])
-        plan = [(m, j) for m in range(len(batches)) for j in trained_steps_of(args, trained_steps, step, m)]
+        plan = [(m, j) for epoch in range(args.inner_epochs) for m in batch_order(args, len(batches), step, epoch)
+                for j in trained_steps_of(args, trained_steps, step, m, epoch)]
         for micro in run.micro_steps():
             m, j = plan[micro]
             batch = batches[m]
@@ -328,13 +333,22 @@ def stochastic_steps(args) -> list:
     return list(range(start, end))
 
 
-def trained_steps_of(args, trained_steps: list, step: int, m: int) -> list:
+def batch_order(args, num_batches: int, step: int, epoch: int) -> list:
+    """The order of the step's batches in inner epoch `epoch`: as sampled in the first, shuffled (seeded by (seed,
+    step, epoch)) in the others, so that each update of a later pass mixes other batches."""
+    if epoch == 0:
+        return list(range(num_batches))
+    return torch.randperm(num_batches, generator=step_generator(args.seed, step, num_batches, epoch)).tolist()
+
+
+def trained_steps_of(args, trained_steps: list, step: int, m: int, epoch: int = 0) -> list:
     """The steps a batch is trained on. Flow-GRPO / DDPO: the first --timestep_fraction of the stochastic steps.
-    NFT: as many, drawn at random from all the sampling steps for each batch (its reference code draws them per
-    sample), seeded by (seed, step, batch)."""
+    NFT: as many, drawn at random from all the sampling steps for each batch and inner epoch (its reference code
+    draws them per sample), seeded by (seed, step, batch[, epoch])."""
     if args.method != "nft":
         return trained_steps
-    order = torch.randperm(args.num_inference_steps, generator=step_generator(args.seed, step, m, 1))
+    seed_of = (m, 1) if epoch == 0 else (m, 1, epoch)
+    order = torch.randperm(args.num_inference_steps, generator=step_generator(args.seed, step, *seed_of))
     return order[: len(trained_steps)].tolist()
 
 
