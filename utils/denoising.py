@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from . import UsageError
-from .flow import DEFAULT_WEIGHTING, FlowTrainingTimesteps, flow_noise
-from .models import encode_prompts, sdxl_time_ids
+from .flow import DEFAULT_WEIGHTING, FlowTrainingTimesteps, flow_noise, per_sample_mean
+from .models import encode_prompts, latent_scaling, sdxl_time_ids
 
 # diffusers' SD3 / FLUX training examples' defaults of the logit-normal and mode densities
 FLOW_TIMESTEP_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
@@ -22,8 +22,8 @@ def default_train_guidance(family: str) -> Optional[float]:
 
 
 def per_sample_error(pred, target):
-    """(N, C, H, W) -> (N,): mean squared error of each sample, in float32."""
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    """(N, C, H, W) or videos' (N, C, F, H, W) -> (N,): mean squared error of each sample, in float32."""
+    return per_sample_mean((pred.float() - target.float()).pow(2))
 
 
 def min_snr_weights(scheduler, timesteps, gamma: float):
@@ -51,10 +51,10 @@ def noise_pairs(scheduler, latents, noise, timesteps):
 
 
 def flow_noise_pairs(latents, noise, timesteps, num_train_timesteps: int = 1000):
-    """`noise_pairs` for flow matching (SD3 / FLUX): x_t = (1 - sigma) * x_0 + sigma * noise with sigma = t / 1000,
-    and the velocity target noise - x_0; winner and loser share the row's noise and sigma."""
+    """`noise_pairs` for flow matching (SD3 / FLUX / Wan; images or videos): x_t = (1 - sigma) * x_0 + sigma * noise
+    with sigma = t / 1000, and the velocity target noise - x_0; winner and loser share the row's noise and sigma."""
     n = latents.shape[0] // noise.shape[0]
-    noise, timesteps = noise.repeat(n, 1, 1, 1), timesteps.repeat(n)
+    noise, timesteps = noise.repeat(n, *[1] * (noise.dim() - 1)), timesteps.repeat(n)
     return flow_noise(latents, noise, timesteps / num_train_timesteps), noise - latents, timesteps
 
 
@@ -174,8 +174,8 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, ca
     else:  # --cache_latents
         mean, std = batch["latent_mean"][:, :n_images].float(), batch["latent_std"][:, :n_images].float()
     latents = mean.to(device) + std.to(device) * posterior_eps[:, :n_images].to(device)  # (B, n, C, h, w)
-    shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
-    latents = (latents.transpose(0, 1).flatten(0, 1) - shift) * parts.vae.config.scaling_factor  # (n*B, C, h, w)
+    scale, shift = latent_scaling(parts.vae)
+    latents = (latents.transpose(0, 1).flatten(0, 1) - shift) * scale  # (n*B, C, h, w)
 
     def per_image(key):  # (B, n, 2) -> n*B rows, in the order of the latents
         return batch[key][:, :n_images].transpose(0, 1).flatten(0, 1).tolist()

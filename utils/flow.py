@@ -1,20 +1,27 @@
-"""Flow-matching pipelines (SD3 / SD3.5, FLUX.1): loading, prompt encoding, the transformer call, the Euler schedule.
+"""Flow-matching pipelines (SD3 / SD3.5, FLUX.1, Wan 2.1 text-to-video): loading, prompt encoding, the transformer call,
+the Euler schedule.
 
     x_t = (1 - sigma) * x_0 + sigma * noise;   the transformer predicts the velocity v = noise - x_0
     Euler step:  x_next = x_t + (sigma_next - sigma) * v;   predicted x_0 = x_t - sigma * v
 
-What differs between the two families sits here, behind three small interfaces that the DDIM path of SD1.5 / SDXL
+Every formula is elementwise, so the same code serves images, (B, C, h, w) latents, and Wan's videos, (B, C, f, h, w)
+latents (f latent frames).
+
+What differs between the families sits here, behind three small interfaces that the DDIM path of SD1.5 / SDXL
 also has, so that the training scripts never branch on the family:
 - `load_flow_parts` gives the fields of the same `PipelineParts` as SD1.5 / SDXL (`parts.unet` is then the transformer);
 - `encode_flow_prompts` returns a `FlowConditioning`, which knows how to call its transformer (`guided_velocity`):
   SD3 runs classifier-free guidance on [uncond; text] rows as SD1.5 does, FLUX.1-dev feeds the guidance scale to the
   transformer's guidance embedding (one pass) and packs the latents 2x2 into tokens only around the call, so the
-  sampler, the VAE and the rewards see (B, C, h, w) latents for every family;
-- `FlowSchedule` holds the sigmas the stock pipeline would use (SD3: the scheduler's shift; FLUX: sigmas
+  sampler, the VAE and the rewards see (B, C, h, w) latents for every family; Wan runs CFG as SD3 does, on text
+  embeddings alone;
+- `FlowSchedule` holds the sigmas the stock pipeline would use (SD3, Wan: the scheduler's shift; FLUX: sigmas
   linspace(1, 1/N, N) shifted by the image's token count) and takes the Euler steps.
 
-Prompt encoding, packing, image ids and the shift are diffusers' own code (the pipelines' `encode_prompt`,
-`_pack_latents`, `_unpack_latents`, `_prepare_latent_image_ids`, `calculate_shift`), called, not copied.
+Prompt encoding (SD3, FLUX), packing, image ids and the shift are diffusers' own code (the pipelines' `encode_prompt`,
+`_pack_latents`, `_unpack_latents`, `_prepare_latent_image_ids`, `calculate_shift`), called, not copied. Wan's prompt
+encoding is ours (`encode_wan_prompts`: the tokenizer and UMT5 alone, no pipeline object; diffusers' prompt cleaning
+called), tested equal to WanPipeline.encode_prompt.
 """
 import math
 from dataclasses import dataclass, replace
@@ -24,51 +31,74 @@ import numpy as np
 import torch
 
 # model_index.json's `_class_name` -> family; anything else is SD1.5 / SDXL (utils.models)
-FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1"}
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "WanPipeline": "wan"}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1", "wan": "Wan 2.1"}
+# The families whose latents are videos, (B, C, f, h, w), and their pipelines' default frame count (WanPipeline's 81,
+# 21 latent frames)
+VIDEO_FAMILIES = ("wan",)
+DEFAULT_NUM_FRAMES = {"wan": 81}
 # The joint-attention projections of the image stream (to_*) and of the text stream (add_*, to_add_out), the
 # defaults of diffusers' DreamBooth LoRA script for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
 # FLUX's single-stream blocks have to_q/k/v but no to_out (their output is proj_out, shared with the MLP).
 FLOW_LORA_TARGET_MODULES = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                             "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"]
+# Wan's blocks: the self-attention (attn1) and the cross-attention to the text (attn2) projections. diffusers' examples
+# have no Wan LoRA script; its team's finetrainers trains these for Wan 2.1 T2V (examples/training/sft/wan/
+# crush_smol_lora/train.sh: --target_modules "blocks.*(to_q|to_k|to_v|to_out.0)").
+WAN_LORA_TARGET_MODULES = [f"{attn}.{proj}" for attn in ("attn1", "attn2")
+                           for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+# --lora_targets attention: the attention projections of each family
+ATTENTION_LORA_TARGET_MODULES = {"sd3": FLOW_LORA_TARGET_MODULES, "flux": FLOW_LORA_TARGET_MODULES,
+                                 "wan": WAN_LORA_TARGET_MODULES}
 # What diffusers' DreamBooth LoRA scripts adapt per family with --lora_layers unset: SD3 (train_dreambooth_lora_sd3.py)
 # the attention projections above; FLUX (train_dreambooth_lora_flux.py) also the double blocks' feed-forward layers of
-# both streams (ff.net.0.proj, ff.net.2, ff_context.*) and the single blocks' MLP input projection (proj_mlp).
+# both streams (ff.net.0.proj, ff.net.2, ff_context.*) and the single blocks' MLP input projection (proj_mlp); Wan:
+# finetrainers' attention projections (above).
 DIFFUSERS_FLOW_LORA_TARGET_MODULES = {
     "sd3": FLOW_LORA_TARGET_MODULES,
     "flux": FLOW_LORA_TARGET_MODULES + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                                         "proj_mlp"],
+    "wan": WAN_LORA_TARGET_MODULES,
 }
-# The stock pipelines' defaults for the T5 prompt length (their `max_sequence_length`): following them keeps our
-# images the stock pipeline's.
-MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+# The stock pipelines' defaults for the T5 prompt length (their `max_sequence_length`; WanPipeline's __call__ 512, its
+# UMT5): following them keeps our images the stock pipeline's.
+MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512, "wan": 512}
 
 
 def flow_family(model_index: dict) -> Optional[str]:
-    """"sd3" or "flux" from the pipeline's own model_index.json (never from its name); None for SD1.5 / SDXL."""
+    """"sd3", "flux" or "wan" from the pipeline's own model_index.json (never from its name); None for SD1.5 / SDXL."""
     return FLOW_PIPELINES.get(model_index.get("_class_name"))
 
 
 def pipeline_class(family: str):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 
-    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "wan": WanPipeline}[family]
+
+
+def vae_class(family: str):
+    """The VAE class of the family's pipelines (--pretrained_vae_model_name_or_path loads one of it)."""
+    from diffusers import AutoencoderKL, AutoencoderKLWan
+
+    return AutoencoderKLWan if family == "wan" else AutoencoderKL
 
 
 def transformer_family(model) -> Optional[str]:
-    """"sd3" / "flux" for a flow transformer, None for a UNet: saving and reloading dispatch on the model itself."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    """"sd3" / "flux" / "wan" for a flow transformer, None for a UNet: saving and reloading dispatch on the model
+    itself."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
-    if isinstance(model, SD3Transformer2DModel):
-        return "sd3"
-    if isinstance(model, FluxTransformer2DModel):
-        return "flux"
+    families = ((SD3Transformer2DModel, "sd3"), (FluxTransformer2DModel, "flux"), (WanTransformer3DModel, "wan"))
+    for cls, family in families:
+        if isinstance(model, cls):
+            return family
     return None
 
 
 # --------------------------------------------------------------------------- loading
 # the pipelines' names of their text encoders, in the order of `PipelineParts.text_encoders` (tokenizers alike)
-ENCODER_NAMES = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2")}
+ENCODER_NAMES = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                 "flux": ("text_encoder", "text_encoder_2"), "wan": ("text_encoder",)}
 
 
 def _tokenizer_name(encoder_name: str) -> str:
@@ -77,16 +107,36 @@ def _tokenizer_name(encoder_name: str) -> str:
 
 def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None) -> dict:
     """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32, as the
-    fields of a `utils.models.PipelineParts`. `vae`: an AutoencoderKL to use instead of the pipeline's own
-    (--pretrained_vae_model_name_or_path)."""
+    fields of a `utils.models.PipelineParts`. `vae`: a VAE of the family's `vae_class` to use instead of the pipeline's
+    own (--pretrained_vae_model_name_or_path). Wan's multistep scheduler is replaced by the Euler scheduler of its shift
+    (`euler_scheduler`)."""
     kwargs = {"vae": vae} if vae is not None else {}
     if family == "flux":
         avoid_cudnn_attention()
     pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
     names = ENCODER_NAMES[family]
-    return dict(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=pipe.scheduler,
+    scheduler = euler_scheduler(pipe.scheduler) if family == "wan" else pipe.scheduler
+    return dict(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=scheduler,
                 text_encoders=[getattr(pipe, n) for n in names],
                 tokenizers=[getattr(pipe, _tokenizer_name(n)) for n in names], family=family)
+
+
+def euler_scheduler(scheduler):
+    """The FlowMatchEulerDiscreteScheduler that our samplers step with, for a pipeline that ships another flow
+    scheduler. Wan 2.1 ships UniPCMultistepScheduler (prediction_type flow_prediction, use_flow_sigmas) whose config
+    holds the shift as `flow_shift` (3.0 at 480p as in the Wan reference, 5.0 at 720p, as WanPipeline's docstring sets
+    it). UniPC's multistep predictor-corrector is not the single Euler / SDE step that DRaFT's gradients and Flow-GRPO's
+    log-probs are written for. The Euler scheduler built from the same `flow_shift` and training timesteps shifts its
+    sigmas by the same sigma' = shift * sigma / (1 + (shift - 1) * sigma) (UniPC spaces the unshifted sigmas as
+    linspace(1, 1/1000, N + 1)[:N], Euler as linspace(1, its smallest training sigma, N): nearly the same points);
+    WanPipeline samples with it unchanged (`build_flow_pipeline`), so validation videos are our sampler's. A
+    FlowMatchEulerDiscreteScheduler is kept as it is."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return scheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
+                                           shift=scheduler.config.flow_shift)
 
 
 def avoid_cudnn_attention():
@@ -98,7 +148,8 @@ def avoid_cudnn_attention():
 
 
 def build_flow_pipeline(parts, transformer=None):
-    """A stock StableDiffusion3Pipeline / FluxPipeline around our parts (validation images, evaluation, tests)."""
+    """A stock StableDiffusion3Pipeline / FluxPipeline / WanPipeline around our parts (validation images, evaluation,
+    tests)."""
     names = ENCODER_NAMES[parts.family]
     encoders = dict(zip(names, parts.text_encoders))
     tokenizers = {_tokenizer_name(n): t for n, t in zip(names, parts.tokenizers)}
@@ -107,27 +158,36 @@ def build_flow_pipeline(parts, transformer=None):
                                         **encoders, **tokenizers)
 
 
+# WanPipeline's default video is 480 x 832 px; the scripts sample squares, whose side is its height
+WAN_DEFAULT_HEIGHT = 480
+
+
 def default_sample_size(parts) -> int:
-    """Latent side of the default image: SD3's transformer config says it; FluxPipeline fixes 128 (1024 px)."""
+    """Latent side of the default image: SD3's transformer config says it; FluxPipeline fixes 128 (1024 px); Wan:
+    WAN_DEFAULT_HEIGHT."""
+    if parts.family == "wan":
+        return WAN_DEFAULT_HEIGHT // parts.vae_scale_factor
     return getattr(parts.unet.config, "sample_size", None) or 128
 
 
 # --------------------------------------------------------------------------- prompts
 @dataclass
 class FlowConditioning:
-    """What a flow transformer is conditioned on. With classifier-free guidance (SD3; FLUX with true CFG) the
+    """What a flow transformer is conditioned on. With classifier-free guidance (SD3, Wan; FLUX with true CFG) the
     unconditional rows come first, then the text rows, as `TextConditioning` of SD1.5."""
 
     family: str
-    # (B, L, D): SD3: 77 tokens of CLIP-L | CLIP-G hidden states padded to T5's width, then the T5 tokens; FLUX: T5's
+    # (B, L, D): SD3: 77 tokens of CLIP-L | CLIP-G hidden states padded to T5's width, then the T5 tokens; FLUX: T5's;
+    # Wan: UMT5's, zeros past each prompt's last token
     embeds: torch.Tensor
-    pooled: torch.Tensor                 # (B, P): SD3: CLIP-L | CLIP-G pooled projections (2048); FLUX: CLIP-L's (768)
+    # (B, P): SD3: CLIP-L | CLIP-G pooled projections (2048); FLUX: CLIP-L's (768); Wan: None (text tokens only)
+    pooled: Optional[torch.Tensor]
     text_ids: Optional[torch.Tensor] = None  # (L, 3) FLUX's text position ids (zeros), shared by the batch
     guidance_embeds: bool = False        # FLUX.1-dev: the guidance scale is an input of the transformer
     cfg_scale: Optional[float] = None    # the CFG scale when the rows are [uncond; text]; None: text rows only
 
     def _map(self, fn) -> "FlowConditioning":
-        return replace(self, embeds=fn(self.embeds), pooled=fn(self.pooled))
+        return replace(self, embeds=fn(self.embeds), pooled=None if self.pooled is None else fn(self.pooled))
 
     def repeat(self, n: int) -> "FlowConditioning":
         """Each row repeated n times in a block ([a, b] -> [a, b, a, b]), e.g. winner and loser of DPO pairs."""
@@ -139,7 +199,8 @@ class FlowConditioning:
 
     @staticmethod
     def cat(items: List["FlowConditioning"]) -> "FlowConditioning":
-        return replace(items[0], embeds=torch.cat([c.embeds for c in items]), pooled=torch.cat([c.pooled for c in items]))
+        pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])
+        return replace(items[0], embeds=torch.cat([c.embeds for c in items]), pooled=pooled)
 
     def with_time_ids(self, time_ids) -> "FlowConditioning":
         """SDXL's size / crop micro-conditioning: SD3 and FLUX have none (train_dpo.py's batches carry it for SDXL)."""
@@ -154,16 +215,19 @@ class FlowConditioning:
 
     def velocity(self, model, latents: torch.Tensor, timestep: torch.Tensor, guidance_scale: float,
                  detach_uncond: bool = False) -> torch.Tensor:
-        """The transformer's velocity for `latents` (B, C, h, w) at `timestep` (sigma * 1000: a 0-dim tensor, or (B,) one
-        per row, e.g. for training on noised data with `flow_noise`; text rows only then), guided:
-        CFG over [uncond; text] rows when `cfg_scale` is set (SD3: `guidance_scale` itself), and for FLUX.1-dev
-        the guidance embedding set to `guidance_scale`. `detach_uncond`: no gradient through the unconditional
-        rows (online RL's policy, as Flow-GRPO trains it). Returns (B, C, h, w)."""
+        """The transformer's velocity for `latents` (B, C, h, w), Wan's (B, C, f, h, w), at `timestep` (sigma * 1000: a
+        0-dim tensor, or (B,) one per row, e.g. for training on noised data with `flow_noise`; text rows only then),
+        guided: CFG over [uncond; text] rows when `cfg_scale` is set (SD3, Wan: `guidance_scale` itself), and for
+        FLUX.1-dev the guidance embedding set to `guidance_scale`. `detach_uncond`: no gradient through the
+        unconditional rows (online RL's policy, as Flow-GRPO trains it). Returns the latents' shape."""
         rows = 2 if self.cfg_scale is not None else 1
         x = torch.cat([latents] * rows)
         if self.family == "sd3":
             v = model(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=self.embeds,
                       pooled_projections=self.pooled, return_dict=False)[0]
+        elif self.family == "wan":
+            v = model(hidden_states=x, timestep=timestep.expand(x.shape[0]), encoder_hidden_states=self.embeds,
+                      return_dict=False)[0]
         else:
             v = self._flux_velocity(model, x, timestep, guidance_scale)
         if rows == 1:
@@ -192,9 +256,13 @@ class FlowConditioning:
 def encode_flow_prompts(parts, prompts: List[str], device) -> FlowConditioning:
     """Encode prompts with the stock pipeline's own `encode_prompt` (SD3: CLIP-L and CLIP-G penultimate hidden states
     side by side, zero-padded to T5's width, then the T5 tokens; pooled = both CLIPs' projections. FLUX: the T5 tokens
-    and CLIP-L's pooled output, text ids zeros). The text rows only; `FlowConditioning.with_cfg` adds the uncond rows."""
-    pipe = build_flow_pipeline(parts)
+    and CLIP-L's pooled output, text ids zeros), Wan's as WanPipeline does (`encode_wan_prompts`). The text rows only;
+    `FlowConditioning.with_cfg` adds the uncond rows."""
     length = MAX_SEQUENCE_LENGTH[parts.family]
+    if parts.family == "wan":
+        embeds = encode_wan_prompts(parts.tokenizers[0], parts.text_encoders[0], prompts, length, device)
+        return FlowConditioning("wan", embeds, None)
+    pipe = build_flow_pipeline(parts)
     if parts.family == "sd3":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
                                                   max_sequence_length=length)
@@ -203,11 +271,27 @@ def encode_flow_prompts(parts, prompts: List[str], device) -> FlowConditioning:
     return FlowConditioning("flux", embeds, pooled, text_ids, guidance_embeds=bool(parts.unet.config.guidance_embeds))
 
 
+def encode_wan_prompts(tokenizer, encoder, prompts: List[str], max_length: int, device) -> torch.Tensor:
+    """(B, max_length, D): WanPipeline's prompt embeddings (its `_get_t5_prompt_embeds`). Each prompt is cleaned as it
+    cleans them (diffusers' `prompt_clean`: ftfy where installed, HTML entities, runs of whitespace), padded to
+    `max_length` tokens and encoded by UMT5 under the padding mask; the rows past the prompt's last token are then set
+    to zero, as the pipeline cuts each prompt to its length and pads it with zeros (the reference Wan code's text
+    encoder returns the prompt's tokens only)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length,
+                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(device)  # (B, L): ones over the prompt (padding is on the right), zeros after
+    hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state
+    return torch.where(mask.bool()[..., None], hidden, torch.zeros_like(hidden))
+
+
 # --------------------------------------------------------------------------- the schedule
 class FlowSchedule:
     """The sigmas of the stock pipeline's FlowMatchEulerDiscreteScheduler for `num_steps` steps on latents of side
-    (h, w), and the Euler step. The scheduler itself is only asked for its sigmas: its `step` keeps a step index
-    (one chain at a time) and rounds the latent to the velocity's dtype, where ours stays float32 under autocast."""
+    (h, w) (a video's frames: the same), and the Euler step. The scheduler itself is only asked for its sigmas: its
+    `step` keeps a step index (one chain at a time) and rounds the latent to the velocity's dtype, where ours stays
+    float32 under autocast."""
 
     def __init__(self, scheduler, family: str, num_steps: int, latent_size, device, patch_size: int = 2):
         h, w = latent_size
@@ -224,7 +308,7 @@ class FlowSchedule:
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
             # StableDiffusion3Pipeline: the scheduler's own timesteps with its fixed shift (3.0), unless the config
-            # asks for dynamic shifting
+            # asks for dynamic shifting; WanPipeline: the same, with Wan's flow_shift (`euler_scheduler`)
             sigmas, mu = None, None
             if config.get("use_dynamic_shifting"):
                 mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -281,14 +365,19 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
     tensor that broadcasts."""
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
     log_prob = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+    return per_sample_mean(log_prob)
+
+
+def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,): the mean over all but the batch dimension (images' C, h, w; videos' C, f, h, w)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """x_t = (1 - sigma) * x_0 + sigma * noise, for (B, C, h, w) latents and a float, 0-dim or (B,) sigma; the velocity
-    the transformer is trained to predict there is noise - x_0."""
+    """x_t = (1 - sigma) * x_0 + sigma * noise, for (B, C, h, w) or video (B, C, f, h, w) latents and a float, 0-dim or
+    (B,) sigma; the velocity the transformer is trained to predict there is noise - x_0."""
     if torch.is_tensor(sigma) and sigma.dim() == 1:
-        sigma = sigma.view(-1, 1, 1, 1)
+        sigma = sigma.view(-1, *[1] * (x0.dim() - 1))  # (B,) -> (B, 1, 1, 1), videos (B, 1, 1, 1, 1)
     return (1 - sigma) * x0 + sigma * noise
 
 
@@ -298,16 +387,18 @@ def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 # --weighting_scheme when not given: SD3's own (the SD3 paper's logit-normal(0, 1), the default of diffusers'
 # train_dreambooth_lora_sd3.py); FLUX: uniform, the default of diffusers' train_dreambooth_lora_flux.py (Black Forest
-# Labs did not publish FLUX's training density).
-DEFAULT_WEIGHTING = {"sd3": "logit_normal", "flux": "none"}
+# Labs did not publish FLUX's training density); Wan: logit-normal, as finetrainers trains Wan 2.1 T2V
+# (examples/training/sft/wan/crush_smol_lora/train.sh: --flow_weighting_scheme logit_normal).
+DEFAULT_WEIGHTING = {"sd3": "logit_normal", "flux": "none", "wan": "logit_normal"}
 
 
 class FlowTrainingTimesteps:
     """Timesteps for training on noised data, drawn as diffusers' SD3 / FLUX DreamBooth scripts draw them: u from
     `compute_density_for_timestep_sampling` in [0, 1], then index (u * N) into the N = 1000 training sigmas of a freshly
     configured FlowMatchEulerDiscreteScheduler. Those carry the scheduler's fixed shift (SD3 / SD3.5: 3.0,
-    sigma' = 3 sigma / (1 + 2 sigma)); a scheduler with `use_dynamic_shifting` (FLUX) shifts only at sampling time, by
-    the image's token count, so its training sigmas are unshifted, as in diffusers' FLUX script.
+    sigma' = 3 sigma / (1 + 2 sigma); Wan: its flow_shift, `euler_scheduler`); a scheduler with `use_dynamic_shifting`
+    (FLUX) shifts only at sampling time, by the image's token count, so its training sigmas are unshifted, as in
+    diffusers' FLUX script.
 
     The table is taken once from the config, not from the pipeline's scheduler: a validation pipeline's
     `set_timesteps` replaces that scheduler's sigmas with its sampling schedule."""

@@ -1,8 +1,9 @@
-"""Loading a pipeline's parts (SD1.5, SDXL, SD3 / SD3.5, FLUX.1), prompt encoding, LoRA set-up and saving.
+"""Loading a pipeline's parts (SD1.5, SDXL, SD3 / SD3.5, FLUX.1, Wan 2.1 text-to-video), prompt encoding, LoRA set-up
+and saving.
 
 Everything that differs between SD1.5 and SDXL (two text encoders, pooled embeddings, time ids) sits
 behind `encode_prompts` and `TextConditioning`, so the training loops never branch on the architecture.
-The flow-matching families (SD3, FLUX) load, encode and save through the same functions; what is theirs
+The flow-matching families (SD3, FLUX, Wan) load, encode and save through the same functions; what is theirs
 lives in utils/flow.py.
 """
 import functools
@@ -16,9 +17,10 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from . import UsageError
-from .flow import (DIFFUSERS_FLOW_LORA_TARGET_MODULES, ENCODER_NAMES, FAMILY_NAMES, FLOW_LORA_TARGET_MODULES,
-                   MAX_SEQUENCE_LENGTH, FlowConditioning, build_flow_pipeline, default_sample_size, encode_flow_prompts,
-                   flow_family, load_flow_parts, pipeline_class, transformer_family)
+from .flow import (ATTENTION_LORA_TARGET_MODULES, DEFAULT_NUM_FRAMES, DIFFUSERS_FLOW_LORA_TARGET_MODULES, ENCODER_NAMES,
+                   FAMILY_NAMES, MAX_SEQUENCE_LENGTH, VIDEO_FAMILIES, FlowConditioning, build_flow_pipeline,
+                   default_sample_size, encode_flow_prompts, flow_family, load_flow_parts, pipeline_class,
+                   transformer_family, vae_class)
 from .plugins import load_plugins
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class PipelineParts:
-    """The parts of a text-to-image pipeline that training needs. The denoiser (`unet`: the UNet, or the SD3 / FLUX
-    transformer) is the only trainable one."""
+    """The parts of a text-to-image (or text-to-video) pipeline that training needs. The denoiser (`unet`: the UNet,
+    or the SD3 / FLUX / Wan transformer) is the only trainable one."""
 
     path: str
     is_sdxl: bool
@@ -45,20 +47,26 @@ class PipelineParts:
     tokenizers: list
     # SDXL sets the unconditional (empty prompt) embedding to zeros rather than encoding "" (model_index.json).
     force_zeros_for_empty_prompt: bool = False
-    # "sd" (SD1.5 / SDXL: DDIM, eps prediction) or a flow-matching family, "sd3" / "flux" (utils/flow.py)
+    # "sd" (SD1.5 / SDXL: DDIM, eps prediction) or a flow-matching family, "sd3" / "flux" / "wan" (utils/flow.py)
     family: str = "sd"
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent along a side (Wan's video VAE says it in its config)."""
+        return self.vae.config.get("scale_factor_spatial") or 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def is_flow(self) -> bool:
         return self.family != "sd"
 
     @property
+    def is_video(self) -> bool:
+        """Latents (B, C, f, h, w) that decode to videos (`utils.sampling.decode_latents`)."""
+        return self.family in VIDEO_FAMILIES
+
+    @property
     def name(self) -> str:
-        """For logs: SD1.5, SD2.x (a v-prediction UNet of that layout), SDXL, SD3, FLUX.1."""
+        """For logs: SD1.5, SD2.x (a v-prediction UNet of that layout), SDXL, SD3, FLUX.1, Wan 2.1."""
         if self.family in FAMILY_NAMES:
             return FAMILY_NAMES[self.family]
         if self.is_sdxl:
@@ -71,11 +79,20 @@ class PipelineParts:
             return default_sample_size(self) * self.vae_scale_factor
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    def latent_shape(self, resolution: int) -> tuple:
+    def latent_shape(self, resolution: int, num_frames: Optional[int] = None) -> tuple:
         """(C, h, w) of the latents of a square `resolution` image (FLUX's packing happens inside its transformer
-        call: the sampler's latents are unpacked for every family)."""
+        call: the sampler's latents are unpacked for every family); for a video family (C, f, h, w) of a video of
+        `num_frames` frames (default: the pipeline's, DEFAULT_NUM_FRAMES), f = (num_frames - 1) / 4 + 1 for Wan's VAE,
+        which keeps the first frame and compresses each 4 after it into one latent frame."""
         side = resolution // self.vae_scale_factor
-        return (self.vae.config.latent_channels, side, side)
+        if not self.is_video:
+            return (self.vae.config.latent_channels, side, side)
+        num_frames = num_frames or DEFAULT_NUM_FRAMES[self.family]
+        temporal = self.vae.config.scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            raise UsageError(f"{num_frames} frames: {self.name}'s VAE takes 1 + {temporal} k frames (e.g. "
+                             f"{DEFAULT_NUM_FRAMES[self.family]}, its pipeline's default)")
+        return (self.vae.config.z_dim, (num_frames - 1) // temporal + 1, side, side)
 
 
 # --------------------------------------------------------------------------- loading
@@ -155,7 +172,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's times
 def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name_or_path=None,
                         timestep_spacing: Optional[str] = None) -> PipelineParts:
     """Load UNet (or transformer), VAE, scheduler, text encoder(s) and tokenizer(s) in fp32 (training casts the frozen
-    parts). The family comes from model_index.json: SD3 / FLUX pipelines load through utils.flow.
+    parts). The family comes from model_index.json: SD3 / FLUX / Wan pipelines load through utils.flow.
 
     `timestep_spacing` (SD1.5 / SDXL): how DDIM spaces its sampling timesteps, in place of the scheduler config's own
     (SD's "leading" ends 50 steps at t = 1; "trailing" ends 40 steps at t = 24, where NeMo-Aligner's SDXL sampler makes
@@ -171,7 +188,9 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
         if timestep_spacing is not None:
             raise UsageError(f"--timestep_spacing sets DDIM's timesteps; {FAMILY_NAMES[family]} samples with its Euler "
                              f"scheduler's sigmas: drop --timestep_spacing")
-        vae = AutoencoderKL.from_pretrained(resolve_model_path(vae_name_or_path), **kw) if vae_name_or_path else None
+        vae = None
+        if vae_name_or_path:
+            vae = vae_class(family).from_pretrained(resolve_model_path(vae_name_or_path), **kw)
         return PipelineParts(**load_flow_parts(path, family, revision, variant, vae))
     sdxl = is_sdxl_index(index)
     # DDIM is the sampler of DRaFT and the scheduler whose noise schedule DPO trains against.
@@ -242,8 +261,25 @@ def _float32_outside_autocast(method):
     return run
 
 
+def latent_scaling(vae):
+    """(scale, shift) of the VAE's latents as the denoiser sees them: latents = (VAE latents - shift) * scale.
+    SD1.5 / SDXL: the config's scaling_factor, no shift; SD3 / FLUX: scaling_factor and shift_factor. Wan's
+    AutoencoderKLWan normalises each latent channel by its config's latents_mean and latents_std, as WanPipeline
+    decodes: (1, C, 1, 1, 1) tensors on the VAE's device, in its dtype (scale = 1 / std, the pipeline's
+    `latents_std`)."""
+    from diffusers import AutoencoderKLWan
+
+    config = vae.config
+    if isinstance(vae, AutoencoderKLWan):
+        param = next(vae.parameters())
+        channels = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(channels).to(param.device, param.dtype)
+        return 1.0 / torch.tensor(config.latents_std).view(channels).to(param.device, param.dtype), mean
+    return config.scaling_factor, config.get("shift_factor") or 0.0
+
+
 def build_pipeline(parts: PipelineParts, unet=None):
-    """A stock diffusers pipeline around our parts (validation images, evaluation)."""
+    """A stock diffusers pipeline around our parts (validation images or videos, evaluation)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if parts.is_flow:
@@ -355,7 +391,7 @@ def encode_prompts(parts: PipelineParts, prompts: List[str], device, resolution:
 
     SD1.5: last hidden state of the one encoder. SDXL: penultimate hidden states of both encoders
     concatenated, pooled projection of the second, and time ids for an uncropped square `resolution` image
-    (DPO replaces them per image with `with_time_ids`). SD3 / FLUX: a `utils.flow.FlowConditioning`
+    (DPO replaces them per image with `with_time_ids`). SD3 / FLUX / Wan: a `utils.flow.FlowConditioning`
     (`encode_flow_prompts`).
     """
     if parts.is_flow:
@@ -383,15 +419,16 @@ def lora_target_modules(unet, targets: str = "diffusers") -> List[str]:
     """The module names (peft ``target_modules``: a name matches a module whose path ends with it) that LoRA adapts.
 
     ``targets``: "diffusers", what diffusers' LoRA training scripts adapt for the denoiser's family (SD1.5 / SDXL / SD3:
-    the attention projections; FLUX.1: also the feed-forward layers and the single blocks' proj_mlp,
-    utils.flow.DIFFUSERS_FLOW_LORA_TARGET_MODULES); "attention", the attention projections only (SD3 / FLUX: the joint
-    attention's image- and text-stream projections, utils.flow.FLOW_LORA_TARGET_MODULES); or a comma-separated list of
-    module names, each of which must match a linear or convolution layer of the denoiser."""
+    the attention projections; FLUX.1: also the feed-forward layers and the single blocks' proj_mlp; Wan: the self- and
+    cross-attention projections, as diffusers' finetrainers; utils.flow.DIFFUSERS_FLOW_LORA_TARGET_MODULES);
+    "attention", the attention projections only (SD3 / FLUX: the joint attention's image- and text-stream projections;
+    utils.flow.ATTENTION_LORA_TARGET_MODULES); or a comma-separated list of module names, each of which must match a
+    linear or convolution layer of the denoiser."""
     family = transformer_family(unet)
     if targets == "diffusers":
         return list(DIFFUSERS_FLOW_LORA_TARGET_MODULES[family] if family else LORA_TARGET_MODULES)
     if targets == "attention":
-        return list(FLOW_LORA_TARGET_MODULES if family else LORA_TARGET_MODULES)
+        return list(ATTENTION_LORA_TARGET_MODULES[family] if family else LORA_TARGET_MODULES)
     names = [name.strip() for name in str(targets).split(",") if name.strip()]
     layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     unmatched = [t for t in names if not any(n == t or n.endswith("." + t) for n in layers)]
@@ -455,8 +492,9 @@ def has_lora(unet) -> bool:
 
 def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict:
     """The adapter weights with the key names diffusers' `load_lora_weights` expects; taken from `state_dict`
-    (the gathered weights of a sharded UNet) where given. SD3 / FLUX keep peft's names, as diffusers' DreamBooth
-    LoRA scripts for them save them (their loaders read peft names); the UNet's are converted."""
+    (the gathered weights of a sharded UNet) where given. SD3 / FLUX / Wan keep peft's names, as diffusers' DreamBooth
+    LoRA scripts for SD3 and FLUX save them (their loaders, and WanPipeline's, read peft names); the UNet's are
+    converted."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -476,7 +514,7 @@ def lora_pipeline_class(unet, is_sdxl: bool):
 
 def save_lora(unet, output_dir: str, is_sdxl: bool, state_dict: Optional[dict] = None):
     """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output_dir)` works unchanged
-    (SD3 / FLUX: the transformer's layers, which StableDiffusion3Pipeline / FluxPipeline load)."""
+    (SD3 / FLUX / Wan: the transformer's layers, which StableDiffusion3Pipeline / FluxPipeline / WanPipeline load)."""
     prefix = weights_subfolder(unet)  # the pipeline's component name: unet_lora_layers / transformer_lora_layers
     # The adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers' loader
     # assumes lora_alpha == rank, and a run with --lora_alpha != --lora_rank would reload at the wrong scale.
@@ -552,7 +590,7 @@ def reference_model(trained, frozen=None):
 
 def load_unet_init(path, model_class):
     """--unet_init: a folder holding unet/ or transformer/ (e.g. an earlier full fine-tune's output), or the model's
-    own folder / hub id; `model_class`: the pipeline's denoiser class (UNet, SD3 or FLUX transformer)."""
+    own folder / hub id; `model_class`: the pipeline's denoiser class (UNet, SD3, FLUX or Wan transformer)."""
     subfolder = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(path, s))), None)
     try:
         return model_class.from_pretrained(path, subfolder=subfolder)

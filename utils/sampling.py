@@ -15,37 +15,40 @@ The two images are nearly the same, but d(latent)/d(eps) at the last step differ
 steps, t = 1) it is -0.0413 for pred_x0 and -0.0121 for x_prev, so the reward gradient of x_prev is 3.40x weaker
 (tests/test_draftp.py checks the ratio against the schedule).
 
-Flow-matching models (SD3 / FLUX, utils/flow.py) run the same loop with the Euler steps of their
+Flow-matching models (SD3 / FLUX / Wan, utils/flow.py) run the same loop with the Euler steps of their
 FlowMatchEulerDiscreteScheduler sigmas and the guided velocity in place of the guided eps: the schedule object
 (`DDIMSchedule` here, `utils.flow.FlowSchedule`) is chosen once, from the conditioning's type. Their last step
 ends at sigma 0, where x_prev and pred_x0 are the same latent (x_t - sigma * v), so `scored_latent` does not matter.
+Wan's latents are videos, (B, C, f, h, w): every step is elementwise and every per-sample mean runs over all but the
+batch dimension, so the same loop takes them; `decode_latents` returns their frames.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .flow import FlowConditioning, FlowSchedule, gaussian_log_prob
-from .models import TextConditioning, encode_prompts
+from .flow import FlowConditioning, FlowSchedule, gaussian_log_prob, per_sample_mean
+from .models import TextConditioning, encode_prompts, latent_scaling
 
 
 SCORED_LATENTS = ("pred_x0", "x_prev")
 
 # Sampling steps and guidance when --num_inference_steps / --guidance_scale are not given: the defaults of each family's
 # stock diffusers pipeline (__call__ of StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
-# FluxPipeline in diffusers 0.42), so that a flow model is not sampled with SD1.5's 50 steps and CFG 7.5 (FLUX.1-dev
-# would take 7.5 as its guidance embedding). SD1.5's are also NeMo-Aligner's DRaFT+ config's (draftp_sd.yaml); SDXL's
-# guidance 5.0 also its SDXL config's (draftp_sdxl.yaml: scale 5.0).
+# FluxPipeline, WanPipeline in diffusers 0.42), so that a flow model is not sampled with SD1.5's 50 steps and CFG 7.5
+# (FLUX.1-dev would take 7.5 as its guidance embedding). SD1.5's are also NeMo-Aligner's DRaFT+ config's
+# (draftp_sd.yaml); SDXL's guidance 5.0 also its SDXL config's (draftp_sdxl.yaml: scale 5.0).
 SAMPLING_DEFAULTS = {
     "sd": {"num_inference_steps": 50, "guidance_scale": 7.5},
     "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
     "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0},
     "flux": {"num_inference_steps": 28, "guidance_scale": 3.5},
+    "wan": {"num_inference_steps": 50, "guidance_scale": 5.0},
 }
 SAMPLING_DEFAULTS_HELP = {
     flag: "default per family, from its stock diffusers pipeline: " + ", ".join(
         f"{name} {SAMPLING_DEFAULTS[key][flag]}" for key, name in
-        (("sd", "SD1.5"), ("sdxl", "SDXL"), ("sd3", "SD3 / SD3.5"), ("flux", "FLUX.1")))
+        (("sd", "SD1.5"), ("sdxl", "SDXL"), ("sd3", "SD3 / SD3.5"), ("flux", "FLUX.1"), ("wan", "Wan 2.1")))
     for flag in ("num_inference_steps", "guidance_scale")}
 
 
@@ -60,7 +63,8 @@ def resolve_sampling_defaults(args, family: str, is_sdxl: bool = False):
 
 @dataclass
 class SampleResult:
-    latents: torch.Tensor    # (B, C, h, w) the final latent (`scored_latent`); differentiable through the last K steps
+    # (B, C, h, w), videos (B, C, f, h, w): the final latent (`scored_latent`); differentiable through the last K steps
+    latents: torch.Tensor
     kl: torch.Tensor         # (B,) mean over the grad steps of mean((eps - eps_ref)^2) (flow: velocities); zeros without a reference
     grad_steps: int          # UNet calls with grad per sample
 
@@ -78,10 +82,10 @@ def guided_eps(unet, latents, t, cond: TextConditioning, guidance_scale: float, 
 def cfg_conditioning(text, uncond, guidance_scale: float = 1.0, true_cfg_scale: float = 1.0):
     """Stack [uncond; text] once per batch (uncond is one row, broadcast to the batch).
 
-    Flow models: SD3 guides with `guidance_scale` as SD1.5 does; FLUX feeds `guidance_scale` to its guidance
+    Flow models: SD3 and Wan guide with `guidance_scale` as SD1.5 does; FLUX feeds `guidance_scale` to its guidance
     embedding instead and runs CFG on [uncond; text] only with a `true_cfg_scale` > 1 (FluxPipeline's true CFG)."""
     if isinstance(text, FlowConditioning):
-        scale = guidance_scale if text.family == "sd3" else true_cfg_scale
+        scale = true_cfg_scale if text.family == "flux" else guidance_scale
         return text.with_cfg(uncond, scale) if scale > 1 else text
     batch = text.embeds.shape[0]
     if uncond.embeds.shape[0] == 1 and batch > 1:
@@ -139,7 +143,7 @@ class DDIMSchedule:
 
 
 def make_schedule(scheduler, cond, num_steps: int, latents):
-    """DDIM for SD1.5 / SDXL, the flow-matching Euler chain for SD3 / FLUX (chosen by the conditioning's type)."""
+    """DDIM for SD1.5 / SDXL, the flow-matching Euler chain for SD3 / FLUX / Wan (chosen by the conditioning's type)."""
     if isinstance(cond, FlowConditioning):
         return FlowSchedule(scheduler, cond.family, num_steps, latents.shape[-2:], latents.device)
     return DDIMSchedule(scheduler, num_steps, latents.device)
@@ -192,7 +196,7 @@ def kl_to_reference(pred, reference_unet, latents, i: int, schedule, cond, guida
     Euler step of a flow model with a small added noise likewise, up to the factor (sigma_next - sigma)^2."""
     with torch.no_grad():
         ref = schedule.predict(reference_unet, latents.detach(), i, cond, guidance_scale)
-    return (pred.float() - ref.float()).pow(2).mean(dim=(1, 2, 3))
+    return per_sample_mean((pred.float() - ref.float()).pow(2))
 
 
 def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_scale: float,
@@ -228,7 +232,7 @@ def sampling_setup(parts, resolution, device):
 class Trajectory:
     """A sampled chain kept for online RL: the latent before and after each step, and each step's log-prob."""
 
-    latents: torch.Tensor    # (B, N + 1, C, h, w) float32: x_T, ..., x_0
+    latents: torch.Tensor    # (B, N + 1, C, h, w) float32 (videos: (B, N + 1, C, f, h, w)): x_T, ..., x_0
     log_probs: torch.Tensor  # (B, N) float32: log-prob of each step's output under the sampling policy (0: an ODE step)
 
 
@@ -259,11 +263,17 @@ def sample_trajectory(model, scheduler, cond, latents, num_inference_steps: int,
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Frozen VAE decode to images in [0, 1]; gradients flow through the decoder to the latents. SD3's and FLUX's
-    VAEs also shift their latents (`shift_factor`; None for SD1.5 / SDXL)."""
+    """Frozen VAE decode to [0, 1]; gradients flow through the decoder to the latents. The latents are scaled back as
+    the stock pipelines do (`utils.models.latent_scaling`: SD3's and FLUX's VAEs also shift them, Wan's normalises each
+    channel by its own mean and std).
+
+    Images: (B, C, h, w) -> (B, 3, H, W). Videos (Wan): (B, C, f, h, w) -> (B, F, 3, H, W), frame-major, F = 4 (f - 1)
+    + 1 frames: WanPipeline's output_type="pt" layout, whose `.flatten(0, 1)` is a batch of images for the image
+    rewards."""
     # NCHW, as the VAE's weights (a channels-last UNet returns channels-last latents, and cuDNN would then run the
     # whole decoder channels-last, its GroupNorms copying each activation to NCHW and back)
-    latents = latents.to(vae.dtype).contiguous() / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    images = vae.decode(latents + shift if shift else latents).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    scale, shift = latent_scaling(vae)
+    pixels = vae.decode(latents.to(vae.dtype).contiguous() / scale + shift).sample
+    if pixels.dim() == 5:
+        pixels = pixels.transpose(1, 2)  # the VAE's (B, 3, F, H, W) -> (B, F, 3, H, W)
+    return (pixels.float() / 2 + 0.5).clamp(0, 1)

@@ -1,7 +1,7 @@
 """The toy world and the tiny models: test and demo infrastructure, kept apart from the product in utils/.
 
-- tiny.py          tiny random SD1.5 / SDXL / SD3 / FLUX / SD 2.x (v-prediction) pipelines built in code (`tiny-sd`,
-                   `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-sd2`), for the tests
+- tiny.py          tiny random SD1.5 / SDXL / SD3 / FLUX / SD 2.x (v-prediction) / Wan 2.1 (video) pipelines built in
+                   code (`tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-sd2`, `tiny-wan`), for the tests
 - tiny_rewards.py  tiny scoring-model checkpoints in the real file formats, for the loaders' tests
 - world.py         the procedural captioned toy world and its pixel judge
 - models.py        the toy world's own models (`toy-sd`, `toy-sd3`, `toyclip`, committed in assets/) and their

@@ -1,11 +1,12 @@
-"""Tiny SD1.5-, SD 2.x- (v-prediction), SDXL-, SD3- and FLUX-style pipelines built in code, for tests and the offline
-quickstart.
+"""Tiny SD1.5-, SD 2.x- (v-prediction), SDXL-, SD3-, FLUX- and Wan 2.1-style (text-to-video) pipelines built in code,
+for tests and the offline quickstart.
 
 No model hub is reachable offline, so these pipelines are built from a fixed seed, written with
 `save_pretrained`, and then loaded back through the same `from_pretrained` path that hub ids take.
 The tokenizers are real CLIP BPE tokenizers (built from the vocabulary that open-clip-torch ships), so
-real English prompts tokenize as they would with the hub tokenizers. The T5 tokenizer of tiny-sd3 / tiny-flux
-is a character-level Unigram model built in code (T5's own sentencepiece vocabulary is not shipped offline).
+real English prompts tokenize as they would with the hub tokenizers. The T5 tokenizer of tiny-sd3 / tiny-flux (and
+tiny-wan's UMT5) is a character-level Unigram model built in code (T5's own sentencepiece vocabulary is not shipped
+offline).
 """
 import gzip
 import json
@@ -233,6 +234,8 @@ def build_tiny_pipeline(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name in ("tiny-sd3", "tiny-flux"):
         return _flow_pipeline(name)
+    if name == "tiny-wan":
+        return _wan_pipeline()
     if name == "tiny-sd2":
         return _sd2_pipeline()
     sdxl = name == "tiny-sdxl"
@@ -284,12 +287,15 @@ def build_t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def _t5_encoder():
-    from transformers import T5Config, T5EncoderModel
+def _t5_encoder(umt5: bool = False):
+    """A 2-layer T5 encoder (SD3, FLUX), or UMT5 (Wan: T5 with a relative position bias in every layer)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(vocab_size=len(build_t5_tokenizer()), d_model=T5_WIDTH, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-    return T5EncoderModel(config)
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(vocab_size=len(build_t5_tokenizer()), d_model=T5_WIDTH, d_kv=16, d_ff=64, num_layers=2,
+                          num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                          is_encoder_decoder=False)
+    return model_class(config)
 
 
 def _flow_scheduler(name: str):
@@ -341,6 +347,31 @@ def _flow_pipeline(name: str):
         transformer=transformer, scheduler=_flow_scheduler(name), vae=_flow_vae(),
         text_encoder=_text_encoder(), tokenizer=tokenizer, text_encoder_2=_t5_encoder(), tokenizer_2=t5_tokenizer,
     )
+
+
+# --------------------------------------------------------------------------- video (Wan 2.1)
+TINY_WAN_RESOLUTION = 32  # pixels; 4x4 latents (Wan's VAE downsamples by 8)
+TINY_WAN_FRAMES = 5       # 2 latent frames: the first frame, then 4 frames in one
+
+
+def _wan_pipeline():
+    """Wan 2.1 T2V's layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers), tiny: a 2-layer WanTransformer3DModel (2 heads of 12,
+    which its rotary embedding splits into 4 temporal and 4 + 4 spatial channels; 1x2x2 patches), an AutoencoderKLWan
+    with Wan's compression (16 latent channels with Wan's per-channel latents_mean / latents_std; four levels: 8x
+    spatial, time halved at the last two: 4x) on 3 base channels, a 2-layer UMT5 encoder over the character-level T5
+    tokenizer, and Wan's scheduler config (UniPCMultistepScheduler, flow prediction, flow sigmas shifted by 3.0)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=T5_WIDTH, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=build_t5_tokenizer(), text_encoder=_t5_encoder(umt5=True), vae=vae,
+                       scheduler=scheduler, transformer=transformer)
 
 
 def tiny_pipeline_path(name: str) -> str:
