@@ -1,10 +1,13 @@
-"""DRaFT, DRaFT-K, DRaFT-LV, AlignProp-style random truncation and DRaFT+ for SD1.5, SDXL, SD3 / SD3.5 and FLUX.1.
+"""DRaFT, DRaFT-K, DRaFT-LV, AlignProp-style random truncation and DRaFT+ for SD1.5, SDXL, SD3 / SD3.5, FLUX.1 and
+Wan 2.1 text-to-video.
 
 Sample with DDIM + classifier-free guidance, back-propagate the reward of the decoded image through the
 last K denoising steps into the UNet (LoRA or full), optionally held close to the frozen base model by a
 KL term on the guided noise predictions (DRaFT+). SD3 and FLUX (flow matching, read from model_index.json)
 sample with their Euler scheduler and guidance, the transformer in place of the UNet, the KL on the guided
-(FLUX.1-dev: guidance-embedded) velocity; the flags mean the same.
+(FLUX.1-dev: guidance-embedded) velocity; the flags mean the same. Wan 2.1 samples videos the same way (5-D
+latents); their reward is an image reward averaged over --reward_frames frames drawn per step, plus an optional
+temporal-consistency term (--temporal_weight), back-propagated through the causal video VAE (utils/video_rewards.py).
 
     DRaFT   (Clark et al. 2023, https://arxiv.org/abs/2309.17400)   --kl_coeff 0 --truncation_steps K
     DRaFT-LV (the chain without grad, N re-samples with grad)        --draft_lv_samples N
@@ -29,6 +32,13 @@ SD3.5-medium + PickScore, DRaFT+ (launchers/draftp_sd35.sh holds the recipe and 
         --reward_model pickscore --prompts animals --kl_coeff 0.2 --resolution 512 --num_inference_steps 10 \
         --guidance_scale 4.5 --lora_rank 32 --lora_alpha 64 --gradient_accumulation_steps 4 --mixed_precision bf16 \
         --gradient_checkpointing --output_dir outputs/draftp-sd35
+
+Wan 2.1 T2V 1.3B + PickScore on 4 frames of each 33-frame video (launchers/draftp_wan.sh holds the recipe):
+
+    accelerate launch train_draftp.py --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
+        --reward_model pickscore --prompts animals --kl_coeff 0.2 --resolution 480 --num_frames 33 --reward_frames 4 \
+        --num_inference_steps 20 --lora_rank 32 --lora_alpha 64 --gradient_accumulation_steps 4 --mixed_precision bf16 \
+        --gradient_checkpointing --output_dir outputs/draftp-wan
 """
 import logging
 import os
@@ -39,6 +49,7 @@ from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
 from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
+from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (TIMESTEP_SPACINGS, add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
                           load_pipeline_parts, read_family, reference_model, warn_long_prompts)
@@ -53,22 +64,33 @@ from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_
                              check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
 from utils.train.distributed import shards_parameters
 from utils.train.validation import log_validation
+from utils.video_rewards import draw_reward_frames, video_reward
 
 
 logger = logging.getLogger("train_draftp")
 
 
 # --------------------------------------------------------------------------- the method
-def draftp_loss(reward: torch.Tensor, kl: torch.Tensor, reward_scale: float, kl_coeff: float):
+def draftp_loss(reward: torch.Tensor, kl: torch.Tensor, reward_scale: float, kl_coeff: float,
+                temporal: torch.Tensor = None, temporal_weight: float = 0.0):
     """DRaFT+: maximise the reward, stay close to the base model.
 
-    reward: (B,) reward of each final image (DRaFT-LV: the mean of its n re-samples' rewards);
-    kl: (B,) mean over the backpropagated steps (DRaFT-LV: the n re-sample steps) of mean((eps - eps_ref)^2) of the
-    guided predictions.
-    loss = -reward_scale * mean(reward) + kl_coeff * mean(kl); kl_coeff = 0 is plain DRaFT.
+    reward: (B,) reward of each final image (DRaFT-LV: the mean of its n re-samples' rewards; videos: the mean over
+    the frames scored); kl: (B,) mean over the backpropagated steps (DRaFT-LV: the n re-sample steps) of
+    mean((eps - eps_ref)^2) of the guided predictions; temporal: (B,) videos' temporal-consistency term, or None.
+    loss = -reward_scale * mean(reward + temporal_weight * temporal) + kl_coeff * mean(kl); kl_coeff = 0 is plain DRaFT.
     """
-    loss = -reward_scale * reward.mean() + kl_coeff * kl.mean()
-    return loss, {"loss": loss.detach(), "reward": reward.detach().mean(), "kl": kl.detach().mean()}
+    total = reward if temporal is None else reward + temporal_weight * temporal
+    loss = -reward_scale * total.mean() + kl_coeff * kl.mean()
+    logs = {"loss": loss.detach(), "reward": reward.detach().mean(), "kl": kl.detach().mean()}
+    if temporal is not None:
+        logs["temporal"] = temporal.detach().mean()
+    return loss, logs
+
+
+# Frames scored per video per step when --reward_frames is not given: a few frames spread over the video, at the cost
+# of 4 image-reward calls (the decode, up to the last frame drawn, dominates anyway).
+DEFAULT_REWARD_FRAMES = 4
 
 
 def wants_kl(args) -> bool:
@@ -130,6 +152,18 @@ def parse_args(argv=None):
     g.add_argument("--log_kl", action="store_true",
                    help="compute and log the KL to the base model also when --kl_coeff is 0 (costs one frozen-model "
                         "forward per grad step; a full-UNet run keeps a frozen copy for it)")
+    g = parser.add_argument_group("video (Wan 2.1)")
+    g.add_argument("--num_frames", type=int, default=None,
+                   help="frames per video, 1 + 4k (Wan's VAE keeps the first frame and packs each 4 after it into one "
+                        "latent frame); default: the pipeline's (81). Video models only")
+    g.add_argument("--reward_frames", type=int, default=None,
+                   help=f"the image reward is averaged over this many frames of each video, drawn anew each step "
+                        f"(seeded by the step: a resume draws the same); default {DEFAULT_REWARD_FRAMES}, all frames "
+                        f"where the video has fewer. The decode with grad runs up to the last frame drawn (causal VAE)")
+    g.add_argument("--temporal_weight", type=float, default=0.0,
+                   help="weight of the temporal-consistency term added to the reward: minus the mean squared "
+                        "difference of consecutive decoded frames (pixels in [0,1]; free, as those frames are decoded "
+                        "anyway). It penalises motion as well as flicker: keep it small (0 = off)")
     add_speed_args(parser)
     # NeMo-Aligner's DRaFT+ config (examples/mm/stable_diffusion/conf/draftp_sd.yaml; launchers/draftp_sd15.sh
     # passes the same values and cites each), in place of add_common_args' general-purpose defaults.
@@ -161,6 +195,11 @@ def check_args(args):
                          f"timesteps; --timestep_spacing {args.timestep_spacing} would skip it: drop --timestep_spacing")
     if args.true_cfg_scale < 1:
         raise UsageError(f"--true_cfg_scale must be >= 1 (1 = off), got {args.true_cfg_scale}")
+    for flag, value in (("--num_frames", args.num_frames), ("--reward_frames", args.reward_frames)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.temporal_weight < 0:
+        raise UsageError(f"--temporal_weight must be >= 0 (0 = off), got {args.temporal_weight}")
     parse_reward_spec(args.reward_model)  # unknown names fail here, listing the valid ones
     require_differentiable(args.reward_model, "--reward_model")  # DRaFT back-propagates the reward through the images
     args.reward_paths = parse_name_paths(args.reward_model_paths)
@@ -195,12 +234,31 @@ def resolve_family_defaults(args):
                          "flow-matching Euler scheduler's sigmas: drop --timestep_spacing")
     resolve_sampling_defaults(args, family, is_sdxl)
     check_steps(args)
+    resolve_video_defaults(args, family)
+
+
+def resolve_video_defaults(args, family: str):
+    """The video flags: the pipeline's frame count where not given, the frames scored capped at it; an image family
+    takes none of them."""
+    if family not in VIDEO_FAMILIES:
+        given = [flag for flag, unset in (("--num_frames", args.num_frames is None),
+                                          ("--reward_frames", args.reward_frames is None),
+                                          ("--temporal_weight", args.temporal_weight == 0)) if not unset]
+        if given:
+            raise UsageError(f"{given[0]} is for video models (Wan 2.1); this model makes images: drop {given[0]}")
+        return
+    args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
+    args.reward_frames = min(args.reward_frames or DEFAULT_REWARD_FRAMES, args.num_frames)
 
 
 def check_family_args(args, parts):
     """What only the loaded model's family can tell: flow models sample deterministically, true CFG is FLUX's."""
     if parts.is_flow and args.eta > 0:
         raise UsageError(f"--eta {args.eta}: {parts.name} samples with a deterministic Euler scheduler; pass --eta 0")
+    if parts.is_video and (args.num_frames - 1) % parts.vae.config.scale_factor_temporal:
+        temporal = parts.vae.config.scale_factor_temporal
+        raise UsageError(f"--num_frames {args.num_frames}: {parts.name}'s VAE takes 1 + {temporal} k frames (e.g. "
+                         f"{DEFAULT_NUM_FRAMES[parts.family]}, its pipeline's default)")
     if args.true_cfg_scale > 1 and parts.family != "flux":
         raise UsageError(f"--true_cfg_scale is FLUX's (its guidance is an embedding); {parts.name} guides with "
                          f"--guidance_scale")
@@ -236,8 +294,10 @@ def main(args):
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
     warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once, not on every step
-    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device)
-    logger.info(f"{parts.name} at {resolution}px, {len(prompts)} prompts, reward "
+    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device, args.num_frames)
+    frames = (f", {args.num_frames} frames ({args.reward_frames} scored per video, temporal weight "
+              f"{args.temporal_weight})" if parts.is_video else "")
+    logger.info(f"{parts.name} at {resolution}px{frames}, {len(prompts)} prompts, reward "
                 f"{args.reward_model}, K={args.truncation_steps_random or args.truncation_steps}, "
                 f"LV samples {args.draft_lv_samples}, kl_coeff {args.kl_coeff}, scored latent {args.scored_latent}")
 
@@ -272,6 +332,8 @@ def main(args):
                 batch_prompts = [prompts[i] for i in prompt_ids]
                 x_T = torch.randn(run.global_batch, *latent_shape, generator=g)[run.rows].to(device)
                 lv_noise = torch.randn(args.draft_lv_samples, run.global_batch, *latent_shape, generator=g)[:, run.rows]
+                # the frames scored, one draw for the whole batch, after the draws above: an image run's are unchanged
+                frame_ids = draw_reward_frames(args.num_frames, args.reward_frames, g) if parts.is_video else None
             eta_generator = step_generator(args.seed, step, micro, run.process_index)
 
             if fp8_unet is not None:
@@ -292,10 +354,13 @@ def main(args):
                 images_per_prompt = max(1, args.draft_lv_samples)  # (N*B, 4, h, w) for DRaFT-LV, N blocks of B
 
                 # ---- reward: decode through the frozen VAE (with grad) and score
-                images = decode_latents(parts.vae, sample.latents)
-                reward, reward_parts = scorer.parts(images, batch_prompts * images_per_prompt)
+                reward, reward_parts, temporal = score_latents(args, parts, scorer, sample.latents,
+                                                               batch_prompts * images_per_prompt, frame_ids)
                 reward = reward.float().view(images_per_prompt, -1).mean(0)  # DRaFT-LV: the mean of the N rewards
-                loss, logs = draftp_loss(reward, sample.kl, args.reward_scale, args.kl_coeff)
+                if temporal is not None:
+                    temporal = temporal.view(images_per_prompt, -1).mean(0)
+                loss, logs = draftp_loss(reward, sample.kl, args.reward_scale, args.kl_coeff, temporal,
+                                         args.temporal_weight)
                 logs.update({f"reward_{name}": r.detach().float().mean() for name, r in reward_parts.items()
                              if len(reward_parts) > 1})
                 if training_reference is None:
@@ -309,6 +374,26 @@ def main(args):
     return run.finish()
 
 
+def score_latents(args, parts, scorer, latents, prompts, frame_ids=None):
+    """(reward (B,), parts {name: (B,)}, temporal (B,) or None) of the final latents, with gradient to them. Images:
+    decode and score. Videos: the image reward averaged over the frames `frame_ids`, decoded up to the last of them,
+    and the temporal term when --temporal_weight is on (utils.video_rewards.video_reward)."""
+    if frame_ids is None:
+        return (*scorer.parts(decode_latents(parts.vae, latents), prompts), None)
+    return video_reward(parts.vae, scorer, latents, prompts, frame_ids, args.temporal_weight > 0,
+                        args.vae_gradient_checkpointing)
+
+
+def validation_frames(images: dict, prompts, seeds, count: int = 4):
+    """Videos as a grid of images: `count` frames spread evenly over each video (first and last included) side by
+    side, one column each, labelled with the prompt and the frame. images {row: (P, F, 3, H, W)} -> {row: (P * n, 3,
+    H, W)}, and the columns' prompts and seeds."""
+    num_frames = next(iter(images.values())).shape[1]
+    shown = torch.linspace(0, num_frames - 1, min(count, num_frames)).round().long().unique().tolist()
+    flat = {name: v[:, shown].flatten(0, 1) for name, v in images.items()}
+    return (flat, [f"{p} (frame {k})" for p in prompts for k in shown], [s for s in seeds for _ in shown])
+
+
 @torch.no_grad()
 def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, resolution, step, base_model=None,
                stop_requested=lambda: False):
@@ -317,7 +402,10 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
     saved LoRA reproduces these images in stock diffusers. A stop request between the two rows skips the grid.
 
     Without a base model in memory (full UNet, kl_coeff 0), the base row is the trained model's images of
-    step 0, kept in samples/validation-base.pt for later steps and resumed runs."""
+    step 0, kept in samples/validation-base.pt for later steps and resumed runs.
+
+    Videos: the same two rows, each video shown as 4 of its frames side by side (validation_frames), each frame with
+    its image reward; a grid of frames is what the trackers and samples/ already take, and enough to see the change."""
     if accelerator.is_main_process or shards_parameters(accelerator):  # a sharded UNet needs every process
         prompts = args.validation_prompts or load_prompts(args.prompts, args.prompt_column, args.prompt_split)[:2]
         prompts = [p for p in prompts for _ in range(args.num_validation_images)]
@@ -347,6 +435,8 @@ def validation(args, accelerator, parts, trained, scorer, uncond, latent_shape, 
         elif os.path.exists(base_file):
             images["base"] = torch.load(base_file).to(accelerator.device)
         if accelerator.is_main_process and images:
+            if parts.is_video:
+                images, prompts, seeds = validation_frames(images, prompts, seeds)
             rows = [name for name in ("base", "trained") if name in images]
             rewards = {name: [round(r, 5) for r in scorer(images[name], prompts).float().tolist()] for name in rows}
             log_validation(accelerator, args.output_dir, step, torch.cat([images[name] for name in rows]), rows,

@@ -15,10 +15,10 @@ from utils.train.metrics import read_metrics
 LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "launchers").rglob("*.sh")
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
 RECIPES = ["alignprop_sd15.sh", "ddpo_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh",
-           "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd21.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "flow_grpo_sd35.sh",
-           "nft_sd35.sh", "sft_sd15.sh"]
+           "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd21.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "draftp_wan.sh",
+           "flow_grpo_sd35.sh", "nft_sd35.sh", "sft_sd15.sh"]
 TINY = ["alignprop.sh", "ddpo.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh",
-        "draftp_sd2.sh", "draftp_sd3.sh", "draftp_sdxl.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
+        "draftp_sd2.sh", "draftp_sd3.sh", "draftp_sdxl.sh", "draftp_wan.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -47,7 +47,7 @@ def test_launcher_flags_are_accepted_by_the_script(launcher, tmp_path):
     module, args = launch(launcher, tmp_path)  # parse_args raises (or exits 2) on any unknown or invalid flag
     assert args.output_dir == str(tmp_path / "out")  # the variables at the top reach the flags
     if launcher.startswith("launchers/tiny/"):
-        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-sd2")
+        assert args.pretrained_model_name_or_path in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-sd2", "tiny-wan")
         assert args.mixed_precision == "no"
 
 
@@ -89,6 +89,15 @@ def test_dpo_flux_passes_its_sources_values(tmp_path):
     assert (a.beta_dpo, a.dataset_name, a.resolution) == (100, "yuvalkirstain/pickapic_v2", 1024)
     assert (a.weighting_scheme, a.train_guidance_scale, a.guidance_scale, a.num_inference_steps) == ("none", 1.0, 3.5, 28)
     assert a.gradient_checkpointing and a.mixed_precision == "bf16"
+
+
+def test_draftp_wan_passes_its_sources_values(tmp_path):
+    _, a = launch("launchers/draftp_wan.sh", tmp_path)
+    assert a.pretrained_model_name_or_path == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert (a.guidance_scale, a.resolution, a.num_frames, a.reward_frames, a.temporal_weight) == (5.0, 480, 33, 4, 0.0)
+    # NeMo-Aligner's DRaFT+ method values; its kl_coeff 1.0 scaled by the last step's gain as for SD3.5
+    assert (a.truncation_steps, a.learning_rate, a.max_grad_norm, a.reward_model, a.lora_rank) == (1, 1e-4, 10, "pickscore", 32)
+    assert a.kl_coeff == 0.2 and a.train_batch_size * a.gradient_accumulation_steps == 4
 
 
 @pytest.mark.parametrize("launcher, scored", [("launchers/draftp_sdxl.sh", "pred_x0"), ("launchers/draft_k1_sd15.sh", "pred_x0"),

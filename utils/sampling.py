@@ -221,11 +221,12 @@ def low_variance_samples(unet, scheduler, cond, x0, num_samples: int, guidance_s
     return SampleResult(torch.cat(outputs), kl, grad_steps=num_samples)
 
 
-def sampling_setup(parts, resolution, device):
+def sampling_setup(parts, resolution, device, num_frames=None):
     """What a run that samples needs of its pipeline: the resolution (`resolution`, or the model's own), the latent
-    shape (C, h, w) and the empty prompt's conditioning (classifier-free guidance)."""
+    shape (C, h, w; videos (C, f, h, w) of `num_frames` frames, default the pipeline's) and the empty prompt's
+    conditioning (classifier-free guidance)."""
     resolution = resolution or parts.default_resolution
-    return resolution, parts.latent_shape(resolution), encode_prompts(parts, [""], device, resolution)
+    return resolution, parts.latent_shape(resolution, num_frames), encode_prompts(parts, [""], device, resolution)
 
 
 @dataclass

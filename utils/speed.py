@@ -128,9 +128,11 @@ def apply_speed_options(args, unet, vae, device, backend: str = "inductor", plai
     weights, and FSDP's sharded weights must go through its hooks, so the UNet stays NCHW and
     --compile_sampler auto means off.
     """
-    if args.channels_last and plain_unet:  # not the VAE: see --channels_last
+    # channels-last is a 4-D layout: a video transformer (Wan's Conv3d patch embedding) keeps its own
+    if args.channels_last and plain_unet and all(p.dim() != 5 for p in unet.parameters()):  # not the VAE: see --channels_last
         unet.to(memory_format=torch.channels_last)
-    if args.vae_gradient_checkpointing:
+    # Wan's video VAE has none (diffusers raises): the video reward checkpoints its decode itself (utils/wan_decode.py)
+    if args.vae_gradient_checkpointing and vae._supports_gradient_checkpointing:
         vae.enable_gradient_checkpointing()  # diffusers' decoder checks torch.is_grad_enabled(), not .training
     return compiled_sampler(args, unet, device, backend, plain_unet)
 
