@@ -1,7 +1,7 @@
 """The first frames of a Wan video decoded with gradient, one latent frame at a time under activation checkpointing.
 
-A patched copy of diffusers' `AutoencoderKLWan._decode` (models/autoencoders/autoencoder_kl_wan.py). What changed and
-why:
+It drives the decoder of diffusers' `AutoencoderKLWan` frame by frame, as its own `_decode` does
+(models/autoencoders/autoencoder_kl_wan.py), with these differences, each for training:
 - only the latent frames that the wanted output frames need are decoded. The decoder is causal in time: latent frame 0
   gives output frame 0, latent frame i >= 1 gives frames 4 (i - 1) + 1 ... 4 i, each from its own latent frame and the
   cached features of the frames before it; so frames 0 ... k come out as in a full decode, and no frame after the
