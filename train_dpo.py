@@ -6,7 +6,8 @@ with one noise sample at one timestep; the loss rewards the trained UNet for low
 the winner more than the frozen reference does, relative to the loser. `--sft` is plain noise-prediction
 fine-tuning on the preferred image (or on ordinary image-caption data with `--image_column`). Flow-matching models
 (SD3, FLUX; read from model_index.json) train the same loss on velocity errors (target noise - x_0), with t drawn as
-the model was trained (--weighting_scheme).
+the model was trained (--weighting_scheme). Wan 2.1 (video) trains on a folder written by `python -m utils.preencode`
+(VAE posteriors and prompt embeddings; README "Video (Wan 2.1)").
 
 Quickstart (offline, the toy world: AI feedback from the `toyclip` scorer on pairs sampled from `toy-sd`, the best
 and the worst of 4 base images each; the full UNet; samples/validation-step-000032.png shows the base and the trained
@@ -42,6 +43,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +60,7 @@ from utils.models import (adapters_disabled, add_trainable_lora, build_pipeline,
                           load_pipeline_parts, load_unet_init, model_prediction, read_family, reference_model)
 from utils.pairs import (LATENT_CACHE_AUTO_BYTES, build_latent_cache, choose_winners, dataset_prompt,
                          default_num_workers, latent_cache_applies, scan_dataset, swap_pairs)
+from utils.preencoded import check_encoders, check_preencoded_args, is_preencoded, open_preencoded
 from utils.rewards import list_rewards, load_reward, parse_reward_spec, tensor_to_pil
 from utils.sampling import SAMPLING_DEFAULTS_HELP, resolve_sampling_defaults
 from utils.seeding import step_generator
@@ -208,11 +211,12 @@ def parse_args(argv=None):
                    help="earlier / later: the fraction of the timesteps biased, in (0, 1]")
     g.add_argument("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep")
     g.add_argument("--timestep_bias_end", type=int, default=1000, help="range: one past the last biased timestep")
-    g = parser.add_argument_group("flow-matching models (SD3 / SD3.5, FLUX.1)")
+    g = parser.add_argument_group("flow-matching models (SD3 / SD3.5, FLUX.1, Wan 2.1)")
     g.add_argument("--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
                    help="how t is drawn (logit_normal, mode) or, with t uniform, how the --sft loss is weighted (cosmap, "
                         "sigma_sqrt), as diffusers' SD3 / FLUX training examples (default: logit_normal for SD3, the "
-                        "SD3 paper's; none (uniform) for FLUX, diffusers' FLUX script's)")
+                        "SD3 paper's; none (uniform) for FLUX, diffusers' FLUX script's; logit_normal for Wan 2.1, "
+                        "finetrainers' Wan recipe, crush_smol_lora/train.sh, on sigmas shifted by Wan's flow_shift)")
     g.add_argument("--logit_mean", type=float, default=None, help="logit_normal: mean of the logit of t (default 0.0)")
     g.add_argument("--logit_std", type=float, default=None, help="logit_normal: std of the logit of t (default 1.0)")
     g.add_argument("--mode_scale", type=float, default=None, help="mode: the density's scale (default 1.29)")
@@ -307,10 +311,13 @@ FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 def check_family_args(args, family: str, is_sdxl: bool):
     """What the model's family (read from model_index.json before any weight loads) rules out; fills the per-family
     defaults (validation sampling, --beta_dpo, the flow flags), so args.json holds the values the run used."""
-    name = {"sd": "SDXL" if is_sdxl else "SD1.5", "sd3": "SD3", "flux": "FLUX.1"}[family]
+    name = {"sd": "SDXL" if is_sdxl else "SD1.5", "sd3": "SD3", "flux": "FLUX.1", "wan": "Wan 2.1"}[family]
     if args.sdxl and not is_sdxl:
         raise UsageError(f"--sdxl given, but {args.pretrained_model_name_or_path} is a {name} pipeline (its "
                          f"model_index.json says so); drop --sdxl")
+    if family == "wan" and not is_preencoded(args.dataset_name):
+        raise UsageError(f"{name} trains on pre-encoded videos: run python -m utils.preencode on the videos and pass "
+                         f"its --output_dir as --dataset_name (README \"Video (Wan 2.1)\")")
     resolve_sampling_defaults(args, family, is_sdxl)
     if args.beta_dpo is None:
         args.beta_dpo = BETA_DPO["sd" if family == "sd" else "flow"]
@@ -353,16 +360,20 @@ def main(args):
               safe_on_resume=SAFE_TO_CHANGE_ON_RESUME)
     check_speed_args(args, run.strategy, run.wraps_model, run.shards_model, run.device)
     if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = default_num_workers(run.num_processes, decodes_images=not args.cache_latents)
+        args.dataloader_num_workers = default_num_workers(run.num_processes,
+                                                          decodes_images=not (args.cache_latents or data.preencoded))
     device, dtype = run.device, run.dtype
     if run.is_main_process:
         if data.use_labels:
             logger.info(f"dropped {data.n_ties} of {len(data.ds)} pairs with a tie ({args.label_column} = 0.5)")
-        logger.info(f"training on {len(data.rows)} {'pairs' if data.pairs else 'images'} from {data.where}")
+        logger.info(f"training on {len(data.rows)} {'pairs' if data.pairs else 'videos' if data.preencoded else 'images'} "
+                    f"from {data.where}")
 
     # ---- load: frozen text encoders + VAE in the compute dtype, trainable UNet (LoRA or full), reference
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                args.pretrained_vae_model_name_or_path)
+                                args.pretrained_vae_model_name_or_path, text_encoders=not data.preencoded)
+    if data.preencoded:  # latents and prompt embeddings from this model's VAE and text encoder only
+        check_encoders(data.preencoded.manifest, args.dataset_name, parts, args)
     if args.rescale_zero_terminal_snr:
         rescale_zero_terminal_snr(parts)  # the noising and the validation sampler both take the rescaled schedule
     if args.unet_init:
@@ -376,7 +387,7 @@ def main(args):
         unet.to(device).requires_grad_(True)
         if not args.sft:  # the reference: a frozen copy in the mixed-precision dtype
             frozen_unet = frozen_copy(unet, dtype)
-    if args.channels_last and not run.wraps_model:
+    if args.channels_last and not run.wraps_model and not parts.is_video:  # NHWC is 4-D; Wan's patch embedding is 3-D
         # cuDNN's bf16 convolutions run in NHWC (BENCHMARKS.md); the full-UNet reference copy runs every step too.
         # FSDP and DeepSpeed need the trained UNet contiguous, and then the reference stays NCHW as well: other bf16
         # convolution kernels would make it differ from the model at step 0 (a first loss other than log 2). The
@@ -388,9 +399,10 @@ def main(args):
     scorer = load_reward(args.choice_model, paths=args.reward_paths, device=device, dtype=dtype) \
         if args.choice_model else None
     resolution = args.resolution or parts.default_resolution
-    latent_shape = parts.latent_shape(resolution)
+    latent_shape = data.preencoded.latent_shape if data.preencoded else parts.latent_shape(resolution)
     n_images = 1 if args.sft else 2  # images per row that the loss sees (winner, loser)
-    logger.info(f"{parts.name} at {resolution}px, {'SFT' if args.sft else 'DPO'}, "
+    size = "the pre-encoded size" if data.preencoded else f"{resolution}px"
+    logger.info(f"{parts.name} at {size}, {'SFT' if args.sft else 'DPO'}, "
                 f"{'LoRA rank ' + str(args.lora_rank) if args.use_lora else 'full UNet'}, beta {args.beta_dpo}, "
                 f"loss {args.loss_type}, choice model {args.choice_model}")
     dataset = build_dataset(args, data, resolution, scorer, n_images, run, parts.vae)
@@ -408,11 +420,14 @@ def main(args):
                                                    args.timestep_bias_portion, args.timestep_bias_begin,
                                                    args.timestep_bias_end))
     guidance = args.train_guidance_scale  # FLUX.1-dev: its guidance embedding's value in the training passes
-    validation_prompts = args.validation_prompts or [dataset_prompt(dataset, i) for i in range(min(2, len(dataset)))]
-    # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
-    run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, frozen_unet,
-                                              args.use_lora or frozen_unet is not None, validation_prompts, scorer,
-                                              resolution, step, run.stop_requested))
+    if parts.is_video:  # the grids are of images, and a pre-encoded run has no text encoder to prompt a sampler
+        logger.info(f"no validation samples for {parts.name} video: sample the saved LoRA / transformer with WanPipeline")
+    else:
+        validation_prompts = args.validation_prompts or [dataset_prompt(dataset, i) for i in range(min(2, len(dataset)))]
+        # no grid at step 0: every grid shows the base model (adapters off, or the frozen copy) beside the trained one
+        run.on_validation(lambda step: validation(args, run.accelerator, parts, trained, frozen_unet,
+                                                  args.use_lora or frozen_unet is not None, validation_prompts, scorer,
+                                                  resolution, step, run.stop_requested))
     run.add_step_check(lambda logs: check_bad_rows(run.totals["bad_rows"], args.max_bad_rows))
 
     for step in run.steps():
@@ -423,7 +438,8 @@ def main(args):
             g = step_generator(args.seed, step, micro)
             timesteps = noising.draw(run.global_batch, g)[run.rows]
             noise = torch.randn(run.global_batch, *latent_shape, generator=g)[run.rows]
-            offset = torch.randn(run.global_batch, latent_shape[0], 1, 1, generator=g)[run.rows]
+            offset = torch.randn(run.global_batch, latent_shape[0], *[1] * (len(latent_shape) - 1),
+                                 generator=g)[run.rows]  # per channel: (B, C, 1, 1), videos (B, C, 1, 1, 1)
             posterior_eps = torch.randn(run.global_batch, 2, *latent_shape, generator=g)[run.rows]  # VAE posterior
             noise = (noise + args.noise_offset * offset).to(device)  # offset noise: crosslabs.org/blog/diffusion-with-offset-noise
             timesteps = timesteps.to(device)
@@ -472,6 +488,7 @@ class TrainingData:
     n_ties: int
     pairs: bool          # pairs, or plain image-caption rows
     use_labels: bool     # the label column orders the pairs (no --choice_model)
+    preencoded: object = None  # utils.preencoded.PreencodedData: a folder of python -m utils.preencode
 
 
 def open_training_data(args) -> TrainingData:
@@ -479,7 +496,14 @@ def open_training_data(args) -> TrainingData:
     first rows until one is readable (images decoded, caption checked; at most utils.data.PROBE_ROWS): a wrong path,
     column or image fails in seconds, in one line, before the models load, while an unreadable row among readable
     ones is left to training (skipped and counted). With --scan_data the scan reads every row and decides. SFT
-    without a scorer never reads the loser."""
+    without a scorer never reads the loser. A folder of `python -m utils.preencode` (its manifest.json) holds latents
+    and prompt embeddings instead (utils/preencoded.py)."""
+    if is_preencoded(args.dataset_name):
+        pre = open_preencoded(args.dataset_name, args.max_train_samples, args.seed)
+        check_preencoded_args(args, pre)
+        return TrainingData(pre, None, f"--dataset_name {args.dataset_name} (pre-encoded)", [],
+                            np.arange(len(pre.index)), pre.winner_first, pre.n_ties, pre.manifest["pairs"],
+                            pre.manifest["pairs"], pre)
     ds, base_dir, where = open_image_dataset(args.dataset_name, args.train_data_dir, args.split, args.cache_dir)
     pairs = not args.image_column  # plain image-caption data has one image per row (--sft only)
     image_columns = [args.image_0_column, args.image_1_column] if pairs else [args.image_column]
@@ -501,7 +525,9 @@ def open_training_data(args) -> TrainingData:
 
 def build_dataset(args, data: TrainingData, resolution: int, scorer, n_images: int, run, vae):
     """The training rows as a dataset of augmented, collatable items; --scan_data drops (or lists) the unreadable
-    rows first; --cache_latents encodes every row once."""
+    rows first; --cache_latents encodes every row once. Pre-encoded data: its stored posteriors and embeddings."""
+    if data.preencoded:
+        return data.preencoded.dataset(n_images, args.proportion_empty_prompts, args.seed)
     dataset = ImagePairDataset(
         data.ds, data.image_columns, args.caption_column, data.rows, data.winner_first, resolution, args.random_crop,
         not args.no_hflip, args.proportion_empty_prompts, args.seed, base_dir=data.base_dir,

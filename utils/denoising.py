@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from . import UsageError
-from .flow import DEFAULT_WEIGHTING, FlowTrainingTimesteps, flow_noise, per_sample_mean
+from .flow import DEFAULT_WEIGHTING, FlowConditioning, FlowTrainingTimesteps, flow_noise, per_sample_mean
 from .models import encode_prompts, latent_scaling, sdxl_time_ids
 
 # diffusers' SD3 / FLUX training examples' defaults of the logit-normal and mode densities
@@ -165,8 +165,9 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, ca
     The first `n_images` images of each row are used (SFT: the winner). `posterior_eps` (B, >=n, C, h, w) draws
     the VAE posterior sample. SDXL time ids come from each image's own original size and crop. `cache`
     (--latent_cache): the posteriors of images seen before come from there, the others are encoded into it.
+    Pre-encoded videos (utils/preencoded.py) carry their posteriors and prompt embeddings.
     """
-    device = parts.text_encoders[0].device
+    device = parts.vae.device
     if cache is not None:
         mean, std, batch = cache.moments(lambda pixels: vae_moments(parts.vae, pixels), batch, n_images, device)
     elif "pixels" in batch:
@@ -180,6 +181,9 @@ def encode_batch(parts, batch, posterior_eps, n_images: int, resolution: int, ca
     def per_image(key):  # (B, n, 2) -> n*B rows, in the order of the latents
         return batch[key][:, :n_images].transpose(0, 1).flatten(0, 1).tolist()
 
+    if "prompt_embeds" in batch:  # in the VAE's dtype, as a text encoder's output would be
+        embeds = batch["prompt_embeds"].to(device, parts.vae.dtype)
+        return latents, FlowConditioning(parts.family, embeds, None).repeat(n_images)
     time_ids = sdxl_time_ids(per_image("original_size"), per_image("crop"), [(resolution, resolution)] * len(latents))
     cond = encode_prompts(parts, batch["caption"], device, resolution).repeat(n_images).with_time_ids(time_ids)
     return latents, cond

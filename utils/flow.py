@@ -105,16 +105,18 @@ def _tokenizer_name(encoder_name: str) -> str:
     return encoder_name.replace("text_encoder", "tokenizer")
 
 
-def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None) -> dict:
+def load_flow_parts(path: str, family: str, revision=None, variant=None, vae=None, text_encoders: bool = True) -> dict:
     """All parts through the stock pipeline's `from_pretrained` (the path users' hub ids take), in fp32, as the
     fields of a `utils.models.PipelineParts`. `vae`: a VAE of the family's `vae_class` to use instead of the pipeline's
     own (--pretrained_vae_model_name_or_path). Wan's multistep scheduler is replaced by the Euler scheduler of its shift
-    (`euler_scheduler`)."""
+    (`euler_scheduler`). `text_encoders=False`: none loaded (empty lists)."""
+    names = ENCODER_NAMES[family] if text_encoders else ()
     kwargs = {"vae": vae} if vae is not None else {}
+    if not text_encoders:  # from_pretrained skips a component passed as None
+        kwargs.update({n: None for name in ENCODER_NAMES[family] for n in (name, _tokenizer_name(name))})
     if family == "flux":
         avoid_cudnn_attention()
     pipe = pipeline_class(family).from_pretrained(path, revision=revision, variant=variant, **kwargs)
-    names = ENCODER_NAMES[family]
     scheduler = euler_scheduler(pipe.scheduler) if family == "wan" else pipe.scheduler
     return dict(path=path, is_sdxl=False, unet=pipe.transformer, vae=pipe.vae, scheduler=scheduler,
                 text_encoders=[getattr(pipe, n) for n in names],

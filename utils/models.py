@@ -170,13 +170,14 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's times
 
 
 def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name_or_path=None,
-                        timestep_spacing: Optional[str] = None) -> PipelineParts:
+                        timestep_spacing: Optional[str] = None, text_encoders: bool = True) -> PipelineParts:
     """Load UNet (or transformer), VAE, scheduler, text encoder(s) and tokenizer(s) in fp32 (training casts the frozen
     parts). The family comes from model_index.json: SD3 / FLUX / Wan pipelines load through utils.flow.
 
     `timestep_spacing` (SD1.5 / SDXL): how DDIM spaces its sampling timesteps, in place of the scheduler config's own
     (SD's "leading" ends 50 steps at t = 1; "trailing" ends 40 steps at t = 24, where NeMo-Aligner's SDXL sampler makes
-    its last model call). Flow models' Euler schedulers take none."""
+    its last model call). Flow models' Euler schedulers take none. `text_encoders=False` (Wan, training on pre-encoded
+    prompts, utils/preencoded.py): no tokenizer or text encoder, which for Wan's UMT5-XXL saves 11 GB."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -191,7 +192,7 @@ def load_pipeline_parts(name_or_path: str, revision=None, variant=None, vae_name
         vae = None
         if vae_name_or_path:
             vae = vae_class(family).from_pretrained(resolve_model_path(vae_name_or_path), **kw)
-        return PipelineParts(**load_flow_parts(path, family, revision, variant, vae))
+        return PipelineParts(**load_flow_parts(path, family, revision, variant, vae, text_encoders))
     sdxl = is_sdxl_index(index)
     # DDIM is the sampler of DRaFT and the scheduler whose noise schedule DPO trains against.
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
