@@ -350,10 +350,10 @@ def check_family_args(args, family: str, is_sdxl: bool):
 
 # --------------------------------------------------------------------------- main
 def main(args):
-    # ---- data first, before accelerate logs a line: a wrong path or column fails in seconds, in one line
-    data = open_training_data(args)
-    # the model's family from its model_index.json (no weights yet): flags that cannot work with it fail here
+    # ---- before accelerate logs a line, in seconds and one line each: the model's family from its model_index.json
+    # (no weights yet) rules out flags and data it cannot train on (Wan: raw videos), then a wrong path or column
     check_family_args(args, *read_family(args.pretrained_model_name_or_path, args.revision))
+    data = open_training_data(args)
 
     # ---- set-up
     run = Run(args, "sft" if args.sft else "dpo", "SFT" if args.sft else "DPO", shown=("loss", "implicit_acc"),

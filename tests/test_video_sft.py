@@ -223,3 +223,11 @@ def test_manifest_of_another_model_or_single_videos_for_dpo_is_refused(encoded, 
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="another VAE than the one of --pretrained_model_name_or_path tiny-wan"):
         _train(folder, tmp_path / "out", "--sft")
+
+
+def test_wan_on_the_raw_videos_captions_file_points_at_the_preencoding_step(videos, tmp_path):
+    """The raw videos' captions file (file, caption) passed to a Wan run: the family check comes before the data's
+    columns, so the error names the pre-encoding step rather than a missing image column. Mutation this fails under:
+    in train_dpo.py main, open_training_data before check_family_args (the error is then the column check's)."""
+    with pytest.raises(UsageError, match="trains on pre-encoded videos: run python -m utils.preencode"):
+        _train(videos / "captions.jsonl", tmp_path / "out", "--sft")
