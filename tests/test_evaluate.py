@@ -179,7 +179,7 @@ def test_same_seed_same_base_image_with_other_batch_size_and_two_processes(evalu
     (["--models", "base=EMPTY"], "not 'base'"),
     (["--reward_models", "no_such_reward"], "unknown reward 'no_such_reward'"),
     (["--num_seeds", "1"], "--num_seeds must be >= 2"),
-    (["--judges", "no_such_judge"], "unknown judge 'no_such_judge'; registered judges: toyworld_acc"),
+    (["--judges", "no_such_judge"], "unknown judge 'no_such_judge'; registered judges: toyworld_acc, toyvideo_acc"),
     (["--models", "novalue"], "NAME=PATH"),
     (["--toyworld_accuracy", "--prompts", "animals"], "the toyworld_acc judge reads toy-world prompts"),
 ])

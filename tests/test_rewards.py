@@ -66,9 +66,9 @@ PROMPTS = ["a red apple on a table", "a photo of a dog", "a blue sky", "an astro
 # --------------------------------------------------------------------------- registry and specs
 def test_list_rewards():
     # the built-in ones first; then the toy plugin's: toyclip (learned, its weights committed:
-    # tests/test_toyworld_models.py) and its pixel judge
+    # tests/test_toyworld_models.py) and its pixel judges (images, videos)
     no_gradient = ["jpeg_incompressibility", "jpeg_compressibility", "http"]
-    assert list_rewards() == LEARNED + WEIGHT_FREE + no_gradient + ["toyclip", "toyworld_judge"]
+    assert list_rewards() == LEARNED + WEIGHT_FREE + no_gradient + ["toyclip", "toyworld_judge", "toyvideo_judge"]
 
 
 def test_parse_reward_spec():

@@ -88,7 +88,7 @@ def test_toyworld_judge_scores_one_where_count_colour_and_shape_all_match():
 def test_the_registry_knows_each_kind_before_loading():
     """The flag train_draftp.py checks comes from register_reward, so nothing loads to decide it."""
     no_gradient = {name for name in list_rewards() if not reward_is_differentiable(name)}
-    assert no_gradient == {"jpeg_compressibility", "jpeg_incompressibility", "http", "toyworld_judge"}
+    assert no_gradient == {"jpeg_compressibility", "jpeg_incompressibility", "http", "toyworld_judge", "toyvideo_judge"}
     assert reward_is_differentiable("brightness:1.0,saturation:0.5")
     assert not reward_is_differentiable("brightness:1.0,jpeg_compressibility:0.5")
 

@@ -4,6 +4,7 @@
                    code (`tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-sd2`, `tiny-wan`), for the tests
 - tiny_rewards.py  tiny scoring-model checkpoints in the real file formats, for the loaders' tests
 - world.py         the procedural captioned toy world and its pixel judge
+- video_world.py   the toy video world (the same shapes moving left, right, up, down or standing still) and its judge
 - models.py        the toy world's own models (`toy-sd`, `toy-sd3`, `toyclip`, committed in assets/) and their
                    trainers
 - synthetic.py     synthetic preference sets
@@ -11,7 +12,8 @@
 The package is a plugin (utils/plugins.py), loaded by default: importing it registers its pipelines (`tiny-*`, built
 on first use; `toy-sd`, `toy-sd3`), its scorers (`toyclip`; `toyworld_judge`, the pixel judge as a reward without a
 gradient), its judge for evaluate.py's --judges (`toyworld_acc`) and its prompt set (`toyworld`) with the product's
-registries, as a user's own plugin would. The product code imports nothing from here.
+registries, as a user's own plugin would; the video world likewise registers `toyvideo_judge`, `toyvideo_acc` and
+`toyvideo`. The product code imports nothing from here.
 """
 from ..data import register_prompt_set
 from ..models import register_pipeline
@@ -36,9 +38,11 @@ for _name in TINY_NAMES:
 
 
 def _register_prompt_set():
+    from .video_world import video_prompt_set
     from .world import prompt_set
 
     register_prompt_set("toyworld", prompt_set())  # the toy world's 54 count x colour x shape prompts
+    register_prompt_set("toyvideo", video_prompt_set())  # 270: count x colour x shape x direction
 
 
 _register_prompt_set()
@@ -59,16 +63,26 @@ def _judge_scene(image, prompt: str) -> float:
     return prompt_accuracy(image, prompt)["all"]
 
 
-def _toy_prompt_check(what: str):
-    """check_prompts of the judge: every prompt names a shape (`what` names the judge or reward in the error)."""
+# what each world's prompts must name, and an example for the error
+_TOY_PROMPTS = {False: ("toy-world", ("shape",), "'two red circles'"),
+                True: ("toy-video", ("shape", "direction"), "'two red circles moving left'")}
+
+
+def _toy_prompt_check(what: str, video: bool = False):
+    """check_prompts of the judge: every prompt names a shape, a video prompt a direction too (`what` names the judge
+    or reward in the error)."""
 
     def check(prompts):
+        from .video_world import parse_video_prompt
         from .world import parse_prompt
 
-        not_toy = [p for p in prompts if parse_prompt(p)["shape"] is None]
+        parse = parse_video_prompt if video else parse_prompt
+        world, needs, example = _TOY_PROMPTS[video]
+        not_toy = [p for p in prompts if any(parse(p)[k] is None for k in needs)]
         if not_toy:
-            raise UsageError(f"the {what} reads toy-world prompts (a count, colour and shape, e.g. 'two red circles'); "
-                             f"{len(not_toy)} of the prompts name no shape, e.g. {not_toy[0]!r}")
+            raise UsageError(f"the {what} reads {world} prompts (a count, colour and {' and '.join(needs)}, e.g. "
+                             f"{example}); {len(not_toy)} of the prompts name no {' or no '.join(needs)}, e.g. "
+                             f"{not_toy[0]!r}")
 
     return check
 
@@ -78,4 +92,27 @@ def _toy_prompt_check(what: str):
 register_judge("toyworld_acc", _judge_scene, _toy_prompt_check("toyworld_acc judge"))
 register_reward("toyworld_judge",
                 lambda name, path: JudgeReward(name, Judge(_judge_scene, _toy_prompt_check(f"{name} reward"))),
+                learned=False, differentiable=False)
+
+
+def _judge_clip(video, prompt: str) -> float:
+    from .video_world import clip_accuracy
+
+    return clip_accuracy(video, prompt)["all"]
+
+
+class _VideoJudgeReward(JudgeReward):
+    """score(videos, prompts): one video per prompt in any of the video judge's formats (utils/toy/video_world.py),
+    not a PIL image, so the judge takes it as it is."""
+
+    def _score_pil(self, videos, prompts):
+        self.judge.check_prompts(prompts)
+        return [self.judge.judge(video, prompt) for video, prompt in zip(videos, prompts)]
+
+
+# The video world's judge, the same two faces: 1.0 when count, colour, shape and the direction of motion are all right
+register_judge("toyvideo_acc", _judge_clip, _toy_prompt_check("toyvideo_acc judge", video=True))
+register_reward("toyvideo_judge",
+                lambda name, path: _VideoJudgeReward(name, Judge(_judge_clip,
+                                                                 _toy_prompt_check(f"{name} reward", video=True))),
                 learned=False, differentiable=False)

@@ -63,9 +63,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     text = str(rng.choice(PREFIXES)) + subject(scene.count, scene.color, scene.shape)
     if scene.region != "anywhere" and rng.random() < 0.5:
         text += " " + REGION_WORDS[scene.region]
-    if rng.random() < 1 / 3:
-        text += f" on a {scene.background} background"
-    return text
+    return text + background_words(scene.background, rng)
+
+
+def background_words(background: str, rng: np.random.Generator) -> str:
+    """" on a black background" a third of the time, else nothing."""
+    return f" on a {background} background" if rng.random() < 1 / 3 else ""
 
 
 def _region_box(region: str, size: int):
@@ -96,34 +99,60 @@ def _apart(shape: str, dy: float, dx: float, r_sum: float) -> bool:
     return dy ** 2 + dx ** 2 > (r_sum + gap) ** 2
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndarray:
-    """(size, size, 3) uint8: the scene's shapes at random, non-overlapping places within its region."""
-    big = size * SUPERSAMPLE
-    canvas = np.empty((big, big, 3), np.float32)
-    canvas[:] = BACKGROUNDS[scene.background]
-    color = np.array(COLORS[scene.color], np.float32)
-    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32) + 0.5
-    y0, x0, y1, x1 = (v * SUPERSAMPLE for v in _region_box(scene.region, size))
-    placed = []  # (cy, cx, r)
+def place(count: int, draw, apart, what) -> list:
+    """`count` candidates of draw() (None: no room for that one) that are pairwise apart(a, b)."""
+    placed = []
     for attempt in range(1000):
-        if len(placed) == scene.count:
-            break
+        if len(placed) == count:
+            return placed
         if attempt % 100 == 99:
             placed = []  # the first shapes can leave no room for the rest (1 in ~5000 scenes of 3): start over
-        # bigger shapes for fewer of them; radius in pixels of the 64 px image
-        r = rng.uniform(5.0, 9.0 if scene.count > 1 else 12.0) * SUPERSAMPLE
-        margin = r + SUPERSAMPLE
-        if y1 - y0 <= 2 * margin or x1 - x0 <= 2 * margin:
-            continue
-        cy, cx = rng.uniform(y0 + margin, y1 - margin), rng.uniform(x0 + margin, x1 - margin)
-        if all(_apart(scene.shape, cy - py, cx - px, r + pr) for py, px, pr in placed):
-            placed.append((cy, cx, r))
-    else:
-        raise RuntimeError(f"could not place {scene}")  # never seen: the restarts above always find room
-    for cy, cx, r in placed:
-        canvas[_shape_mask(scene.shape, cy, cx, r, yy, xx)] = color
+        candidate = draw()
+        if candidate is not None and all(apart(candidate, other) for other in placed):
+            placed.append(candidate)
+    raise RuntimeError(f"could not place {what}")  # never seen: the restarts above always find room
+
+
+def shape_radius(count: int, rng: np.random.Generator, smallest: float = 5.0) -> float:
+    """A shape's radius in supersampled pixels: bigger shapes for fewer of them (5-9 px of the image, one: 5-12)."""
+    return rng.uniform(smallest, 9.0 if count > 1 else 12.0) * SUPERSAMPLE
+
+
+def supersample_grid(size: int):
+    """(yy, xx): the supersampled canvas's pixel centres."""
+    big = size * SUPERSAMPLE
+    return np.mgrid[0:big, 0:big].astype(np.float32) + 0.5
+
+
+def draw_shapes(shape: str, color: str, background: str, centres, size: int, grid=None) -> np.ndarray:
+    """(size, size, 3) uint8: shapes at `centres` ((cy, cx, r) in supersampled pixels) on the background.
+    `grid`: supersample_grid(size), passed in by callers that draw many frames."""
+    big = size * SUPERSAMPLE
+    yy, xx = grid if grid is not None else supersample_grid(size)
+    canvas = np.empty((big, big, 3), np.float32)
+    canvas[:] = BACKGROUNDS[background]
+    for cy, cx, r in centres:
+        canvas[_shape_mask(shape, cy, cx, r, yy, xx)] = COLORS[color]
     small = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return small.round().clip(0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndarray:
+    """(size, size, 3) uint8: the scene's shapes at random, non-overlapping places within its region."""
+    y0, x0, y1, x1 = (v * SUPERSAMPLE for v in _region_box(scene.region, size))
+
+    def draw():
+        r = shape_radius(scene.count, rng)
+        margin = r + SUPERSAMPLE
+        if y1 - y0 <= 2 * margin or x1 - x0 <= 2 * margin:
+            return None
+        return rng.uniform(y0 + margin, y1 - margin), rng.uniform(x0 + margin, x1 - margin), r
+
+    def apart(a, b):
+        return _apart(scene.shape, a[0] - b[0], a[1] - b[1], a[2] + b[2])
+
+    centres = place(scene.count, draw, apart, scene)
+    return draw_shapes(scene.shape, scene.color, scene.background, centres, size)
 
 
 SHARDS = 16  # the set is drawn in this many independently seeded shards, so it can be written in parallel
@@ -173,6 +202,31 @@ def _nearest(rgb: np.ndarray, table: Dict[str, tuple]) -> str:
     return names[int(np.argmin([np.sum((rgb - np.array(table[n], np.float32)) ** 2) for n in names]))]
 
 
+def find_objects(img: np.ndarray, min_pixels: int = 12):
+    """(background RGB, objects): the median border pixel, and the (y, x) pixel lists of the connected groups
+    (8-neighbourhood) of at least `min_pixels` pixels that differ from it by more than 60 (RGB distance)."""
+    from scipy import ndimage
+
+    img = img.astype(np.float32)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    mask = np.sqrt(((img - bg) ** 2).sum(-1)) > 60
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    objects = [np.argwhere(labels == i) for i in range(1, n + 1)]
+    return bg, [o for o in objects if len(o) >= min_pixels]
+
+
+def fill(obj: np.ndarray) -> float:
+    """How much of its bounding box an object ((y, x) pixel list) fills."""
+    height, width = obj.max(0) - obj.min(0) + 1
+    return len(obj) / float(height * width)
+
+
+def shape_of(fill: float) -> str:
+    """triangle ~0.5, circle ~0.79, square ~1."""
+    return "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
+
+
 def read_scene(image: np.ndarray, min_pixels: int = 12) -> Dict[str, Optional[object]]:
     """Read count, colour, shape and region back from an image (H, W, 3) uint8, without any learned model.
 
@@ -183,26 +237,20 @@ def read_scene(image: np.ndarray, min_pixels: int = 12) -> Dict[str, Optional[ob
     Good enough to tell whether a generated image shows what its prompt says (the tests check it against the
     drawn scenes); the fields are None where nothing was found.
     """
-    from scipy import ndimage
+    return describe(image, *find_objects(image, min_pixels))
 
+
+def describe(image: np.ndarray, bg: np.ndarray, objects: list) -> Dict[str, Optional[object]]:
+    """read_scene's reading of the image from what find_objects found in it."""
     img = image.astype(np.float32)
     size = img.shape[0]
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bg = np.median(border, axis=0)
-    mask = np.sqrt(((img - bg) ** 2).sum(-1)) > 60
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    objects = [np.argwhere(labels == i) for i in range(1, n + 1)]
-    objects = [o for o in objects if len(o) >= min_pixels]
     out = {"count": len(objects), "color": None, "shape": None, "regions": [],
            "background": _nearest(bg, BACKGROUNDS)}
     if not objects:
         return out
     pixels = img[np.concatenate(objects)[:, 0], np.concatenate(objects)[:, 1]]
     out["color"] = _nearest(np.median(pixels, axis=0), COLORS)
-    largest = max(objects, key=len)
-    height, width = largest.max(0) - largest.min(0) + 1
-    fill = len(largest) / float(height * width)
-    out["shape"] = "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
+    out["shape"] = shape_of(fill(max(objects, key=len)))
     centres = np.array([o.mean(0) for o in objects])  # (n, 2): y, x
     half = (size - 1) / 2
     out["regions"] = [region for region, inside in (("left", centres[:, 1] < half), ("right", centres[:, 1] > half),
@@ -228,7 +276,11 @@ def parse_prompt(prompt: str) -> Dict[str, Optional[object]]:
 def prompt_accuracy(image: np.ndarray, prompt: str) -> Dict[str, float]:
     """1.0 / 0.0 for each attribute the prompt names (count, color, shape, region, background), and `all`
     (every named attribute right)."""
-    want, got = parse_prompt(prompt), read_scene(image)
+    return score_reading(parse_prompt(prompt), read_scene(image))
+
+
+def score_reading(want: Dict[str, Optional[object]], got: Dict[str, object]) -> Dict[str, float]:
+    """1.0 / 0.0 for each attribute `want` names (a region is right when it holds every shape), and `all`."""
     scores = {k: float(v in got["regions"] if k == "region" else got[k] == v) for k, v in want.items() if v is not None}
     scores["all"] = float(all(scores.values())) if scores else 0.0
     return scores
