@@ -3,7 +3,7 @@ import io
 import json
 import logging
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ BUILTIN_PROMPT_SETS = {
 }
 
 
-def register_prompt_set(name: str, prompts: List[str]):
-    """Make `name` a prompt set of --prompts (plugins, utils/plugins.py)."""
-    BUILTIN_PROMPT_SETS[name] = list(prompts)
+def register_prompt_set(name: str, prompts: Union[List[str], Callable[[], List[str]]]):
+    """Make `name` a prompt set of --prompts (plugins, utils/plugins.py): the prompts, or a function that returns them
+    when the set is first asked for (a plugin need not import its modules when it is loaded)."""
+    BUILTIN_PROMPT_SETS[name] = prompts if callable(prompts) else list(prompts)
 
 
 def prompt_sets() -> List[str]:
@@ -46,6 +47,8 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", max_
     with one warning naming its lines (as a .txt file's blank lines: a missing caption, not a prompt to train on);
     a number, list or object where the prompt belongs is an error (the wrong column or format)."""
     if source in prompt_sets():
+        if callable(BUILTIN_PROMPT_SETS[source]):
+            BUILTIN_PROMPT_SETS[source] = list(BUILTIN_PROMPT_SETS[source]())
         prompts = list(BUILTIN_PROMPT_SETS[source])
     elif source.endswith(".txt"):
         prompts = [line.strip() for line in _read_utf8_lines(source) if line.strip()]

@@ -37,12 +37,17 @@ for _name in TINY_NAMES:
     register_pipeline(_name, _tiny_builder(_name))
 
 
+def _video_prompt_set():
+    from .video_world import video_prompt_set  # on first use: `python -m utils.toy.video_world` runs it as a script
+
+    return video_prompt_set()
+
+
 def _register_prompt_set():
-    from .video_world import video_prompt_set
     from .world import prompt_set
 
     register_prompt_set("toyworld", prompt_set())  # the toy world's 54 count x colour x shape prompts
-    register_prompt_set("toyvideo", video_prompt_set())  # 270: count x colour x shape x direction
+    register_prompt_set("toyvideo", _video_prompt_set)  # 270: count x colour x shape x direction
 
 
 _register_prompt_set()
