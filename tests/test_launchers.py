@@ -16,9 +16,10 @@ LAUNCHERS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "la
                    if "slurm" not in p.parts)  # launchers/slurm/ wraps these (tests/test_distributed.py)
 RECIPES = ["alignprop_sd15.sh", "ddpo_sd15.sh", "dpo_flux.sh", "dpo_sd15.sh", "dpo_sdxl.sh", "draft_k1_sd15.sh",
            "draft_lv_sd15.sh", "draftp_sd15.sh", "draftp_sd21.sh", "draftp_sd35.sh", "draftp_sdxl.sh", "draftp_wan.sh",
-           "flow_grpo_sd35.sh", "nft_sd35.sh", "sft_sd15.sh"]
+           "flow_grpo_sd35.sh", "nft_sd35.sh", "sft_sd15.sh", "sft_wan.sh"]
 TINY = ["alignprop.sh", "ddpo.sh", "dpo.sh", "dpo_flux.sh", "dpo_sdxl.sh", "draft_k1.sh", "draft_lv.sh", "draftp.sh",
-        "draftp_sd2.sh", "draftp_sd3.sh", "draftp_sdxl.sh", "draftp_wan.sh", "flow_grpo.sh", "nft.sh", "sft.sh"]
+        "draftp_sd2.sh", "draftp_sd3.sh", "draftp_sdxl.sh", "draftp_wan.sh", "flow_grpo.sh", "nft.sh", "sft.sh",
+        "sft_wan.sh"]
 
 
 def test_every_recipe_has_a_launcher_and_a_tiny_variant():
@@ -98,6 +99,14 @@ def test_draftp_wan_passes_its_sources_values(tmp_path):
     # NeMo-Aligner's DRaFT+ method values; its kl_coeff 1.0 scaled by the last step's gain as for SD3.5
     assert (a.truncation_steps, a.learning_rate, a.max_grad_norm, a.reward_model, a.lora_rank) == (1, 1e-4, 10, "pickscore", 32)
     assert a.kl_coeff == 0.2 and a.train_batch_size * a.gradient_accumulation_steps == 4
+
+
+def test_sft_wan_passes_nemo_automodels_values(tmp_path):
+    _, a = launch("launchers/sft_wan.sh", tmp_path)  # DATA exists: no encoding step
+    assert (a.pretrained_model_name_or_path, a.sft, a.use_lora) == ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", True, False)
+    # NeMo AutoModel's wan2_1_t2v_flow.yaml: AdamW 5e-6, weight decay 0.01, uniform t on the shift-3 sigmas, seed 42
+    assert (a.learning_rate, a.adam_weight_decay, a.adam_beta1, a.adam_beta2) == (5e-6, 0.01, 0.9, 0.999)
+    assert (a.weighting_scheme, a.seed, a.checkpointing_steps, a.train_batch_size) == ("none", 42, 50, 1)
 
 
 @pytest.mark.parametrize("launcher, scored", [("launchers/draftp_sdxl.sh", "pred_x0"), ("launchers/draft_k1_sd15.sh", "pred_x0"),
