@@ -23,6 +23,16 @@ Writes to --output_dir: results.csv and results.md (one row per model: mean and 
 images, diversity), reward_vs_diversity.png, grids/<model>.png (rows = prompts, columns = seeds) and comparison.png
 (rows = models, columns = prompts at the first seed), labelled, each image's scores under it, with a sidecar json
 each; images/<model>/p<prompt>_s<seed>.png, scores.jsonl (one line per image) and args.json.
+
+Video models (Wan 2.1) draw --num_frames frames per prompt x seed, seeded as images are (noise (1, C, f, h, w)). Each
+image reward is the mean of its score on --reward_frames evenly spaced frames (default all; scores.jsonl keeps each
+frame's under '<reward>_frames'), judges such as toyvideo_acc take the whole video, and diversity compares the middle
+frames. They write videos/<model>/p<prompt>_s<seed>.gif and, for each of the first --grid_prompts prompts,
+grids/p<prompt>.gif (rows = seeds, columns = models, all videos at the same frame) and comparison.gif.
+
+    python evaluate.py --pretrained_model_name_or_path tiny-wan --models lora=outputs/draftp-tiny-wan \
+        --prompts toyvideo --max_prompts 8 --num_frames 5 --resolution 32 --reward_models brightness \
+        --judges toyvideo_acc --diversity pixel --output_dir outputs/eval-tiny-wan
 """
 import csv
 import json
@@ -38,7 +48,8 @@ from tqdm.auto import tqdm
 from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
-from utils.grids import format_score, save_grid
+from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES
+from utils.grids import format_score, read_gif, save_animated_grid, save_gif, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           read_family, warn_long_prompts, weights_subfolder)
 from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
@@ -48,6 +59,7 @@ from utils.train import run_main
 from utils.train.cli import HelpFormatter, add_model_args, add_prompt_args, add_reward_model_paths, parse_name_paths
 from utils.train.distributed import check_mixed_precision, compute_dtype
 from utils.train.outcome import save_args
+from utils.video_rewards import evenly_spaced_frames, score_frames
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
@@ -87,6 +99,13 @@ def parse_args(argv=None):
                         f"({SAMPLING_DEFAULTS_HELP['guidance_scale']})")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--batch_size", type=int, default=8, help="images per UNet call, per process")
+    g = parser.add_argument_group("video (Wan 2.1)")
+    g.add_argument("--num_frames", type=int, default=None,
+                   help=f"frames per video, 1 + 4k; default: the pipeline's ({DEFAULT_NUM_FRAMES['wan']}). Video "
+                        f"models only")
+    g.add_argument("--reward_frames", type=int, default=None,
+                   help="each image reward is averaged over this many evenly spaced frames of each video, first and "
+                        "last included; default: all. Video models only")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="dtype of every model (default: what `accelerate config` says)")
     g = parser.add_argument_group("output")
@@ -102,7 +121,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be checked before a model is loaded."""
-    for name in ("num_inference_steps", "batch_size", "num_seeds", "grid_prompts"):
+    for name in ("num_inference_steps", "batch_size", "num_seeds", "grid_prompts", "num_frames", "reward_frames"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # None: the family's default
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -132,6 +151,26 @@ def check_args(args):
         prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
         for name in args.judges:
             load_judge(name).check_prompts(prompts)  # an unknown judge or prompts it cannot judge: one line
+
+
+def resolve_frames(args, family: str):
+    """The video flags from the family (model_index.json): the pipeline's frame count and all frames scored where
+    not given; an image family takes neither."""
+    if family not in VIDEO_FAMILIES:
+        for flag in ("--num_frames", "--reward_frames"):
+            if getattr(args, flag[2:]) is not None:
+                raise UsageError(f"{flag} is for video models (Wan 2.1); this model makes images: drop {flag}")
+        return
+    args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
+    args.reward_frames = min(args.reward_frames or args.num_frames, args.num_frames)
+
+
+def sample_shape(parts, resolution: int, args) -> tuple:
+    """The latents' shape, (C, h, w) or a video's (C, f, h, w); a frame count the VAE cannot take names the flag."""
+    try:
+        return parts.latent_shape(resolution, args.num_frames)
+    except UsageError as e:
+        raise UsageError(f"--num_frames: {e}") from None
 
 
 def output_kind(path: str) -> str:
@@ -179,7 +218,8 @@ class ModelSwitcher:
 
 @torch.no_grad()
 def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype, desc="images", show_progress=True):
-    """Yield (items of the batch, uint8 images (B, H, W, 3)) for `items` = [(prompt index, seed), ...].
+    """Yield (items of the batch, uint8 images (B, H, W, 3) or videos (B, F, H, W, 3)) for `items` = [(prompt
+    index, seed), ...].
 
     A progress bar on stderr (`desc`, in images) counts each batch once the caller is done with it."""
     resolution = latent_shape[-1] * parts.vae_scale_factor
@@ -192,9 +232,49 @@ def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dt
             cond = cfg_conditioning(encode_prompts(parts, texts, device, resolution), uncond, args.guidance_scale)
             latents = sample_latents(unet, parts.scheduler, cond, x_T.to(device, dtype), args.num_inference_steps,
                                      args.guidance_scale).latents
-            images = decode_latents(parts.vae, latents)  # (B, 3, H, W) in [0, 1]
-            yield batch, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            images = decode_latents(parts.vae, latents)  # (B, 3, H, W), videos (B, F, 3, H, W), in [0, 1]
+            yield batch, (images * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
             progress.update(len(batch))
+
+
+def score_samples(samples: np.ndarray, texts, scorers, frame_ids, args) -> dict:
+    """{column: a value per sample} for uint8 images (B, H, W, 3) or videos (B, F, H, W, 3): each reward, a video's
+    averaged over its frames `frame_ids` (each frame's scores under '<reward>_frames'), and each judge."""
+    from PIL import Image
+
+    scores = {}
+    for spec, scorer in scorers.items():
+        if samples.ndim == 4:
+            scores[spec] = scorer.score([Image.fromarray(im) for im in samples], texts)
+            continue
+        per_frame = score_frames(scorer, samples, texts, frame_ids)
+        scores[spec] = [float(np.mean(values)) for values in per_frame]
+        scores[f"{spec}_frames"] = per_frame
+    for judge in args.judges:
+        scores[judge] = [load_judge(judge).judge(sample, text) for sample, text in zip(samples, texts)]
+    return scores
+
+
+def save_sample(sample: np.ndarray, path: str):
+    """An image as PNG; a video (F, H, W, 3) as an animated GIF."""
+    from PIL import Image
+
+    if sample.ndim == 4:
+        save_gif(path, sample)
+    else:
+        Image.fromarray(sample).save(path)
+
+
+def read_sample(path: str) -> np.ndarray:
+    from PIL import Image
+
+    return read_gif(path) if path.endswith(".gif") else np.asarray(Image.open(path).convert("RGB"))
+
+
+def diversity_image(sample: np.ndarray) -> np.ndarray:
+    """What diversity compares: the image, or a video's middle frame (LPIPS compares images, and one frame per video
+    costs what an image does)."""
+    return sample[len(sample) // 2] if sample.ndim == 4 else sample
 
 
 def diversity_of(images: np.ndarray, args, lpips_model) -> float:
@@ -237,8 +317,10 @@ def write_tables(rows, args):
         cells = [row["model"], *[f"{row[r + '_mean']:.4f} ± {row[r + '_std']:.4f}" for r in rewards],
                  *[f"{row[d]:.4f}" for d in diversity], str(row["images"])]
         lines.append("| " + " | ".join(cells) + " |")
+    video = (f"; {args.num_frames} frames per video, rewards averaged over {args.reward_frames} of them, diversity of "
+             f"the middle frames" if args.num_frames else "")
     note = (f"\n{len(rows)} models; {args.num_seeds} seeds per prompt; {args.num_inference_steps} sampling steps, guidance "
-            f"{args.guidance_scale}; diversity: {args.diversity}. Paths are in results.csv.\n")
+            f"{args.guidance_scale}; diversity: {args.diversity}{video}. Paths are in results.csv.\n")
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n" + note)
 
@@ -269,25 +351,32 @@ def plot_reward_vs_diversity(rows, args):
 
 def write_grids(records, model_names, columns, args):
     """grids/<model>.png: rows = the first --grid_prompts prompts, columns = seeds; comparison.png: rows = models,
-    columns = the same prompts at the first seed. From the saved images, each with its scores (`columns`) under it."""
-    from PIL import Image
-
+    columns = the same prompts at the first seed. From the saved images, each with its scores (`columns`) under it.
+    Videos: grids/p<prompt>.gif for each of those prompts (rows = seeds, columns = models) and comparison.gif."""
+    video = "video" in records[0]
+    file_key = "video" if video else "image"
     prompt_ids = sorted({r["prompt_index"] for r in records})[: args.grid_prompts]
     seeds = sorted({r["seed"] for r in records})
     by_key = {(r["model"], r["prompt_index"], r["seed"]): r for r in records}
     prompts = [by_key[(model_names[0], p, seeds[0])]["prompt"] for p in prompt_ids]
 
     def grid(stem, keys, row_labels, col_labels, title):
-        tiles = np.stack([np.asarray(Image.open(os.path.join(args.output_dir, by_key[k]["image"])).convert("RGB"))
-                          for k in keys])
+        files = [by_key[k][file_key] for k in keys]
+        tiles = np.stack([read_sample(os.path.join(args.output_dir, f)) for f in files])  # (N, [F,] H, W, 3)
         captions = ["\n".join(f"{c} {format_score(by_key[k][c])}" for c in columns) for k in keys]
-        sidecar = {"rows": row_labels, "columns": col_labels, "images": [by_key[k]["image"] for k in keys]}
-        save_grid(os.path.join(args.output_dir, stem), tiles.transpose(0, 3, 1, 2) / 255, row_labels, col_labels,
-                  captions, title, sidecar)
+        sidecar = {"rows": row_labels, "columns": col_labels, f"{file_key}s": files}
+        save = save_animated_grid if video else save_grid
+        save(os.path.join(args.output_dir, stem), np.moveaxis(tiles, -1, -3) / 255, row_labels, col_labels, captions,
+             title, sidecar)
 
-    for name in model_names:
-        grid(os.path.join("grids", name), [(name, p, s) for p in prompt_ids for s in seeds], prompts,
-             [f"seed {s}" for s in seeds], title=name)
+    if video:  # base and trained side by side, a prompt at a time
+        for p, prompt in zip(prompt_ids, prompts):
+            grid(os.path.join("grids", f"p{p:04d}"), [(name, p, s) for s in seeds for name in model_names],
+                 [f"seed {s}" for s in seeds], model_names, title=prompt)
+    else:
+        for name in model_names:
+            grid(os.path.join("grids", name), [(name, p, s) for p in prompt_ids for s in seeds], prompts,
+                 [f"seed {s}" for s in seeds], title=name)
     grid("comparison", [(name, p, seeds[0]) for name in model_names for p in prompt_ids], model_names, prompts,
          title=f"seed {seeds[0]}")
 
@@ -296,15 +385,15 @@ def write_grids(records, model_names, columns, args):
 def main(args):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from PIL import Image
-
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_mixed_precision(accelerator)
     device, dtype = accelerator.device, compute_dtype(accelerator)
     # the family's steps and guidance where not given (model_index.json only), before args.json is written
-    resolve_sampling_defaults(args, *read_family(args.pretrained_model_name_or_path, args.revision))
+    family, is_sdxl = read_family(args.pretrained_model_name_or_path, args.revision)
+    resolve_sampling_defaults(args, family, is_sdxl)
+    resolve_frames(args, family)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, args.output_dir)
@@ -324,13 +413,16 @@ def main(args):
     parts.unet.requires_grad_(False).eval().to(device, dtype)
     switcher = ModelSwitcher(parts, device, dtype)
     resolution = args.resolution or parts.default_resolution
-    latent_shape = parts.latent_shape(resolution)
+    latent_shape = sample_shape(parts, resolution, args)
+    frame_ids = evenly_spaced_frames(args.num_frames, args.reward_frames) if parts.is_video else None
+    kind, ext = ("videos", "gif") if parts.is_video else ("images", "png")
     uncond = encode_prompts(parts, [""], device, resolution)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
     warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once
     seeds = [args.seed + j for j in range(args.num_seeds)]
     models = {"base": None, **args.model_paths}
-    logger.info(f"{len(models)} models x {len(prompts)} prompts x {len(seeds)} seeds at {resolution}px on "
+    frames = f", {args.num_frames} frames ({args.reward_frames} scored)" if parts.is_video else ""
+    logger.info(f"{len(models)} models x {len(prompts)} prompts x {len(seeds)} seeds at {resolution}px{frames} on "
                 f"{accelerator.num_processes} process(es); rewards {', '.join(args.reward_models)}; diversity {args.diversity}")
 
     # ---- generate, score, measure diversity: each process takes its share of the prompts
@@ -338,23 +430,19 @@ def main(args):
     with accelerator.split_between_processes(list(range(len(prompts)))) as my_prompts:
         items = [(i, s) for i in my_prompts for s in seeds]
         for name, path in models.items():
-            image_dir = os.path.join(args.output_dir, "images", name)
-            os.makedirs(image_dir, exist_ok=True)
+            os.makedirs(os.path.join(args.output_dir, kind, name), exist_ok=True)
             unet = switcher.unet(name, path)
             pending = {}  # prompt index -> its finished images, until all N are there
             for batch, images in generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dtype,
                                           desc=name, show_progress=accelerator.is_local_main_process):
-                pils = [Image.fromarray(im) for im in images]
-                texts = [prompts[i] for i, _ in batch]
-                scores = {spec: scorer.score(pils, texts) for spec, scorer in scorers.items()}
-                for judge in args.judges:
-                    scores[judge] = [load_judge(judge).judge(im, text) for im, text in zip(images, texts)]
-                for k, ((i, seed), pil) in enumerate(zip(batch, pils)):
-                    rel = os.path.join("images", name, f"p{i:04d}_s{seed}.png")
-                    pil.save(os.path.join(args.output_dir, rel))
-                    records.append({"model": name, "prompt_index": i, "prompt": prompts[i], "seed": seed, "image": rel,
+                scores = score_samples(images, [prompts[i] for i, _ in batch], scorers, frame_ids, args)
+                for k, (i, seed) in enumerate(batch):
+                    rel = os.path.join(kind, name, f"p{i:04d}_s{seed}.{ext}")
+                    save_sample(images[k], os.path.join(args.output_dir, rel))
+                    records.append({"model": name, "prompt_index": i, "prompt": prompts[i], "seed": seed,
+                                    kind[:-1]: rel, **({"frames": frame_ids} if frame_ids else {}),
                                     **{column: values[k] for column, values in scores.items()}})
-                    pending.setdefault(i, []).append(images[k])
+                    pending.setdefault(i, []).append(diversity_image(images[k]))
                     if len(pending[i]) == len(seeds) and args.diversity != "none":
                         diversities.append({"model": name, "prompt_index": i,
                                             "diversity": diversity_of(np.stack(pending.pop(i)), args, lpips_model)})
@@ -373,7 +461,8 @@ def main(args):
         write_tables(rows, args)
         plot_reward_vs_diversity(rows, args)
         write_grids(records, list(models), columns, args)
-        logger.info(f"wrote results.csv, results.md, reward_vs_diversity.png, grids/ and comparison.png to {args.output_dir}")
+        logger.info(f"wrote results.csv, results.md, reward_vs_diversity.png, grids/ and comparison.{ext} to "
+                    f"{args.output_dir}")
         # the results table is the output (stdout, e.g. `evaluate.py ... > results.md`); logs and bars go to stderr
         with open(os.path.join(args.output_dir, "results.md")) as f:
             print(f.read(), end="", flush=True)

@@ -3,7 +3,8 @@ image, drawn with Pillow's built-in font (no font file needed; `ImageFont.load_d
 
 Images narrower than MIN_CELL pixels are scaled up by a whole factor with nearest-neighbour, so a 64 px toy-world image
 becomes a 128 px cell whose pixels are the original's, each repeated: `read_cells` gets the exact images back from the
-PNG with the geometry that `save_grid` keeps in the grid's sidecar json.
+PNG with the geometry that `save_grid` keeps in the grid's sidecar json. Videos make animated GIF grids
+(`save_animated_grid`), every cell at the same frame.
 """
 import json
 import math
@@ -18,6 +19,7 @@ MIN_CELL = 128  # px: a readable cell width for a column label of a few words
 GAP = 4  # px between cells and around the label areas
 MAX_COLUMN_LINES = 3  # a long prompt over a column is wrapped to this many lines, then cut with "..."
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
+GIF_FRAME_MS = 60  # a GIF frame lasts whole hundredths of a second: about Wan's 16 frames per second
 
 
 @lru_cache(maxsize=None)
@@ -160,12 +162,49 @@ def save_grid(stem: str, images, row_labels: Sequence[str], col_labels: Sequence
     """Write <stem>.png (labelled_grid) and <stem>.json: `sidecar` plus "grid", the geometry that read_cells takes.
     Returns the PIL image (for the trackers)."""
     grid = labelled_grid(images, row_labels, col_labels, captions, title)
+    _write_sidecar(stem, images, row_labels, col_labels, captions, title, sidecar)
+    grid.save(stem + ".png")
+    return grid
+
+
+def save_animated_grid(stem: str, videos, row_labels: Sequence[str], col_labels: Sequence[str],
+                       captions: Optional[Sequence[str]] = None, title: Optional[str] = None,
+                       sidecar: Optional[dict] = None):
+    """save_grid for videos (rows * cols, F, 3, H, W) in [0, 1]: <stem>.gif, whose frame k is the labelled grid of
+    every video's frame k (all videos in step), and <stem>.json. Returns the grid's frames (PIL images)."""
+    frames = [labelled_grid(videos[:, k], row_labels, col_labels, captions, title) for k in range(videos.shape[1])]
+    _write_sidecar(stem, videos, row_labels, col_labels, captions, title, sidecar)
+    save_gif(stem + ".gif", frames)
+    return frames
+
+
+def _write_sidecar(stem, images, row_labels, col_labels, captions, title, sidecar):
     geometry = grid_geometry(*images.shape[-2:], row_labels, col_labels, captions, title)
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    grid.save(stem + ".png")
     with open(stem + ".json", "w") as f:
         json.dump({**(sidecar or {}), "grid": geometry.to_dict()}, f, indent=1)
-    return grid
+
+
+def save_gif(path: str, frames, frame_ms: int = GIF_FRAME_MS) -> None:
+    """A looping animated GIF of `frames` (uint8 (H, W, 3) arrays or PIL images). GIF keeps 256 colours per frame:
+    a file to look at, not the scored pixels."""
+    from PIL import Image
+
+    frames = [Image.fromarray(f) if isinstance(f, np.ndarray) else f for f in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+
+
+def read_gif(path: str, frame_ms: int = GIF_FRAME_MS) -> np.ndarray:
+    """Every frame of a save_gif file, uint8 (F, H, W, 3): Pillow writes a run of identical frames as one frame
+    shown for the run's time, which is repeated here."""
+    from PIL import Image, ImageSequence
+
+    frames = []
+    with Image.open(path) as gif:
+        for frame in ImageSequence.Iterator(gif):
+            repeats = max(1, round(frame.info.get("duration", frame_ms) / frame_ms))
+            frames += [np.asarray(frame.convert("RGB"))] * repeats
+    return np.stack(frames)
 
 
 def read_cells(image, geometry: dict) -> np.ndarray:

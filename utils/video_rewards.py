@@ -1,5 +1,6 @@
 """Rewards of videos from the image rewards of utils/rewards.py: the image reward averaged over a subset of a video's
-frames, and a temporal-consistency term. Training (train_draftp.py) and evaluation share them."""
+frames, and a temporal-consistency term. Training (train_draftp.py, with gradient) and evaluation (evaluate.py, each
+frame's score) share them."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -15,13 +16,36 @@ def draw_reward_frames(num_frames: int, count: int, generator: torch.Generator) 
     return sorted(torch.randperm(num_frames, generator=generator)[:count].tolist())
 
 
+def evenly_spaced_frames(num_frames: int, count: int) -> List[int]:
+    """`count` frame indices spread evenly over `num_frames`, first and last included (one: the first); all frames
+    where `count` >= `num_frames`. Evaluation scores the same frames of every video."""
+    if count >= num_frames:
+        return list(range(num_frames))
+    return torch.linspace(0, num_frames - 1, count).round().long().tolist()
+
+
+def frame_prompts(prompts: Sequence[str], n: int) -> List[str]:
+    """Each prompt n times: the prompts of the flattened (B * n) frames of B videos."""
+    return [p for p in prompts for _ in range(n)]
+
+
+def score_frames(scorer, videos, prompts: Sequence[str], frame_ids: Sequence[int]) -> List[List[float]]:
+    """The image score of frames `frame_ids` of each video, without gradient, through `scorer.score` on the 8-bit
+    frames as evaluate.py scores images: uint8 videos (B, F, H, W, 3) -> B lists of n scores."""
+    from PIL import Image
+
+    n = len(frame_ids)
+    scores = scorer.score([Image.fromarray(video[f]) for video in videos for f in frame_ids], frame_prompts(prompts, n))
+    return [scores[k * n : (k + 1) * n] for k in range(len(videos))]
+
+
 def frame_reward(scorer, frames: torch.Tensor, prompts: Sequence[str],
                  frame_ids: Sequence[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The image reward `scorer` of frames `frame_ids` of each video, averaged over those frames: frames (B, F, 3, H, W)
     in [0, 1] -> (B,), and each weighted part's (B,) (`scorer.parts`). Differentiable w.r.t. the frames."""
     chosen = frames[:, list(frame_ids)]  # (B, n, 3, H, W)
     batch, n = chosen.shape[:2]
-    reward, parts = scorer.parts(chosen.flatten(0, 1), [p for p in prompts for _ in range(n)])  # (B * n,)
+    reward, parts = scorer.parts(chosen.flatten(0, 1), frame_prompts(prompts, n))  # (B * n,)
 
     def per_video(r):
         return r.float().view(batch, n).mean(1)
