@@ -55,6 +55,22 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
 
 
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_put_back():
+    """Every test leaves SIGTERM, SIGUSR1 and SIGINT as it found them. A test that builds a Run (utils/train/run.py)
+    installs the stop handlers, which only set a flag; left in place, they made a process pool that a later test
+    forked (datasets' num_proc) survive Pool.terminate's SIGTERM, and the pool's join waited for ever (seen: a worker
+    stuck on the pool's queue lock, the suite hung)."""
+    import signal
+
+    from utils.train.guards import STOP_SIGNALS
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path() -> str:
     """Folder of the saved tiny SD1.5-style pipeline (built on first use, then cached on disk)."""

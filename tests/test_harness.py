@@ -1,10 +1,14 @@
 """The test helpers that start processes: a stuck command must fail its test, not hold the suite."""
 import os
+import signal
 import time
 
 import pytest
 
 from conftest import run_command
+from utils.train.guards import STOP_SIGNALS, StopRequest
+
+HANDLERS_AT_COLLECTION = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
 
 def test_a_command_past_its_timeout_fails_and_its_whole_process_group_is_killed(tmp_path):
@@ -36,3 +40,15 @@ def running(pid) -> bool:
 def test_a_finished_command_returns_its_output_and_exit_code():
     proc = run_command(["bash", "-c", "echo out; echo err >&2; exit 3"], 30)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+
+
+def test_a_test_may_install_the_stop_handlers_as_a_run_does():
+    StopRequest()  # what Run() does: SIGTERM, SIGUSR1 and SIGINT now only set a flag
+    assert signal.getsignal(signal.SIGTERM) != HANDLERS_AT_COLLECTION[signal.SIGTERM]
+
+
+def test_the_next_test_finds_the_handlers_as_they_were():
+    """conftest.stop_signal_handlers_put_back, after the test above (a file's tests run in order): a SIGTERM left
+    caught would keep a later test's forked pool workers alive through Pool.terminate. Mutation this fails under:
+    the fixture's loop that puts the handlers back removed."""
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == HANDLERS_AT_COLLECTION

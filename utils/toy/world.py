@@ -292,8 +292,10 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="pixels (square)")
+    parser.add_argument("--num_proc", type=int, default=None,
+                        help=f"processes drawing the shards (default: up to {SHARDS}, one per CPU); the rows are the same")
     args = parser.parse_args(argv)
-    build_dataset(args.output_dir, args.num_images, args.seed, args.resolution)
+    build_dataset(args.output_dir, args.num_images, args.seed, args.resolution, args.num_proc)
     print(f"wrote {args.num_images} images to {args.output_dir}")
 
 
