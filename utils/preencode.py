@@ -100,7 +100,8 @@ def read_frames(value, base_dir, num_frames: int, stride: int) -> torch.Tensor:
                 if len(frames) == num_frames:
                     break
     except (av.FFmpegError, OSError, IndexError) as e:  # IndexError: no video stream
-        raise BadRow(f"unreadable video ({type(e).__name__}: {str(e).strip()[:120]})") from None
+        named = f" {value}" if isinstance(value, str) else ""  # the row's own entry: the error's text may be cut
+        raise BadRow(f"unreadable video{named} ({type(e).__name__}: {str(e).strip()[:120]})") from None
     if len(frames) < num_frames:
         raise BadRow(f"{len(frames)} frames at --frame_stride {stride}, fewer than --num_frames {num_frames} "
                      f"(needs {(num_frames - 1) * stride + 1} frames)")
