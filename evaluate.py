@@ -48,13 +48,13 @@ from tqdm.auto import tqdm
 from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
-from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES
+from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES, refuse_video_flags
 from utils.grids import format_score, read_gif, save_animated_grid, save_gif, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           read_family, warn_long_prompts, weights_subfolder)
 from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
 from utils.sampling import (SAMPLING_DEFAULTS_HELP, cfg_conditioning, decode_latents, resolve_sampling_defaults,
-                            sample_latents)
+                            sample_latents, sampling_setup)
 from utils.train import run_main
 from utils.train.cli import HelpFormatter, add_model_args, add_prompt_args, add_reward_model_paths, parse_name_paths
 from utils.train.distributed import check_mixed_precision, compute_dtype
@@ -156,21 +156,11 @@ def check_args(args):
 def resolve_frames(args, family: str):
     """The video flags from the family (model_index.json): the pipeline's frame count and all frames scored where
     not given; an image family takes neither."""
+    refuse_video_flags(family, [flag for flag in ("--num_frames", "--reward_frames") if getattr(args, flag[2:]) is not None])
     if family not in VIDEO_FAMILIES:
-        for flag in ("--num_frames", "--reward_frames"):
-            if getattr(args, flag[2:]) is not None:
-                raise UsageError(f"{flag} is for video models (Wan 2.1); this model makes images: drop {flag}")
         return
     args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
     args.reward_frames = min(args.reward_frames or args.num_frames, args.num_frames)
-
-
-def sample_shape(parts, resolution: int, args) -> tuple:
-    """The latents' shape, (C, h, w) or a video's (C, f, h, w); a frame count the VAE cannot take names the flag."""
-    try:
-        return parts.latent_shape(resolution, args.num_frames)
-    except UsageError as e:
-        raise UsageError(f"--num_frames: {e}") from None
 
 
 def output_kind(path: str) -> str:
@@ -412,11 +402,9 @@ def main(args):
     freeze_frozen_parts(parts, device, dtype)
     parts.unet.requires_grad_(False).eval().to(device, dtype)
     switcher = ModelSwitcher(parts, device, dtype)
-    resolution = args.resolution or parts.default_resolution
-    latent_shape = sample_shape(parts, resolution, args)
+    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device, args.num_frames)
     frame_ids = evenly_spaced_frames(args.num_frames, args.reward_frames) if parts.is_video else None
     kind, ext = ("videos", "gif") if parts.is_video else ("images", "png")
-    uncond = encode_prompts(parts, [""], device, resolution)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
     warn_long_prompts(parts, prompts)  # the text encoders cut them: say so once
     seeds = [args.seed + j for j in range(args.num_seeds)]

@@ -49,7 +49,7 @@ from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
 from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
-from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES
+from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES, refuse_video_flags
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (TIMESTEP_SPACINGS, add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
                           load_pipeline_parts, read_family, reference_model, warn_long_prompts)
@@ -64,7 +64,7 @@ from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_
                              check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
 from utils.train.distributed import shards_parameters
 from utils.train.validation import log_validation
-from utils.video_rewards import draw_reward_frames, video_reward
+from utils.video_rewards import draw_reward_frames, evenly_spaced_frames, video_reward
 
 
 logger = logging.getLogger("train_draftp")
@@ -240,12 +240,10 @@ def resolve_family_defaults(args):
 def resolve_video_defaults(args, family: str):
     """The video flags: the pipeline's frame count where not given, the frames scored capped at it; an image family
     takes none of them."""
+    refuse_video_flags(family, [flag for flag, unset in (("--num_frames", args.num_frames is None),
+                                                         ("--reward_frames", args.reward_frames is None),
+                                                         ("--temporal_weight", args.temporal_weight == 0)) if not unset])
     if family not in VIDEO_FAMILIES:
-        given = [flag for flag, unset in (("--num_frames", args.num_frames is None),
-                                          ("--reward_frames", args.reward_frames is None),
-                                          ("--temporal_weight", args.temporal_weight == 0)) if not unset]
-        if given:
-            raise UsageError(f"{given[0]} is for video models (Wan 2.1); this model makes images: drop {given[0]}")
         return
     args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
     args.reward_frames = min(args.reward_frames or DEFAULT_REWARD_FRAMES, args.num_frames)
@@ -255,10 +253,8 @@ def check_family_args(args, parts):
     """What only the loaded model's family can tell: flow models sample deterministically, true CFG is FLUX's."""
     if parts.is_flow and args.eta > 0:
         raise UsageError(f"--eta {args.eta}: {parts.name} samples with a deterministic Euler scheduler; pass --eta 0")
-    if parts.is_video and (args.num_frames - 1) % parts.vae.config.scale_factor_temporal:
-        temporal = parts.vae.config.scale_factor_temporal
-        raise UsageError(f"--num_frames {args.num_frames}: {parts.name}'s VAE takes 1 + {temporal} k frames (e.g. "
-                         f"{DEFAULT_NUM_FRAMES[parts.family]}, its pipeline's default)")
+    if parts.is_video:  # a frame count its VAE cannot take fails here, before the reward model loads
+        parts.latent_shape(parts.default_resolution, args.num_frames)
     if args.true_cfg_scale > 1 and parts.family != "flux":
         raise UsageError(f"--true_cfg_scale is FLUX's (its guidance is an embedding); {parts.name} guides with "
                          f"--guidance_scale")
@@ -388,8 +384,7 @@ def validation_frames(images: dict, prompts, seeds, count: int = 4):
     """Videos as a grid of images: `count` frames spread evenly over each video (first and last included) side by
     side, one column each, labelled with the prompt and the frame. images {row: (P, F, 3, H, W)} -> {row: (P * n, 3,
     H, W)}, and the columns' prompts and seeds."""
-    num_frames = next(iter(images.values())).shape[1]
-    shown = torch.linspace(0, num_frames - 1, min(count, num_frames)).round().long().unique().tolist()
+    shown = evenly_spaced_frames(next(iter(images.values())).shape[1], count)
     flat = {name: v[:, shown].flatten(0, 1) for name, v in images.items()}
     return (flat, [f"{p} (frame {k})" for p in prompts for k in shown], [s for s in seeds for _ in shown])
 

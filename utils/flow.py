@@ -30,6 +30,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from . import UsageError
+
 # model_index.json's `_class_name` -> family; anything else is SD1.5 / SDXL (utils.models)
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "WanPipeline": "wan"}
 FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1", "wan": "Wan 2.1"}
@@ -37,6 +39,13 @@ FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX.1", "wan": "Wan 2.1"}
 # 21 latent frames)
 VIDEO_FAMILIES = ("wan",)
 DEFAULT_NUM_FRAMES = {"wan": 81}
+
+
+def refuse_video_flags(family: str, given: List[str]):
+    """The scripts' video flags `given` on the command line are for video families; an image family takes none."""
+    if family not in VIDEO_FAMILIES and given:
+        raise UsageError(f"{given[0]} is for video models (Wan 2.1); this model makes images: drop {given[0]}")
+
 # The joint-attention projections of the image stream (to_*) and of the text stream (add_*, to_add_out), the
 # defaults of diffusers' DreamBooth LoRA script for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
 # FLUX's single-stream blocks have to_q/k/v but no to_out (their output is proj_out, shared with the MLP).

@@ -90,8 +90,8 @@ class PipelineParts:
         num_frames = num_frames or DEFAULT_NUM_FRAMES[self.family]
         temporal = self.vae.config.scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % temporal:
-            raise UsageError(f"{num_frames} frames: {self.name}'s VAE takes 1 + {temporal} k frames (e.g. "
-                             f"{DEFAULT_NUM_FRAMES[self.family]}, its pipeline's default)")
+            raise UsageError(f"--num_frames: {num_frames} frames: {self.name}'s VAE takes 1 + {temporal} k frames "
+                             f"(e.g. {DEFAULT_NUM_FRAMES[self.family]}, its pipeline's default)")
         return (self.vae.config.z_dim, (num_frames - 1) // temporal + 1, side, side)
 
 
