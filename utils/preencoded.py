@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import UsageError
-from .data import AUGMENT_TAG, check_enough_rows
+from .data import AUGMENT_TAG, check_enough_rows, select_pairs
 from .seeding import step_generator
 
 MANIFEST = "manifest.json"
@@ -97,9 +97,9 @@ class PreencodedData:
 
 
 def open_preencoded(folder: str, max_samples, seed: int) -> PreencodedData:
-    """Read the manifest and each shard's labels and captions (no latents); pairs with a tie are dropped and pairs
-    whose second video won are swapped, as `utils.data.select_pairs` does for images; `max_samples` keeps a seeded
-    random subset."""
+    """Read the manifest and each shard's labels and captions (no latents); the rows and their order as
+    `utils.data.select_pairs` chooses them for images: pairs with a tie dropped, pairs whose second video won
+    swapped, `max_samples` a seeded random subset."""
     from safetensors import safe_open
 
     manifest = read_manifest(folder)
@@ -111,13 +111,9 @@ def open_preencoded(folder: str, max_samples, seed: int) -> PreencodedData:
                 labels += f.get_tensor("label_0").tolist()
         index += [(shard["file"], i) for i in range(len(shard_captions))]
         captions += shard_captions
-    labels = np.asarray(labels if manifest["pairs"] else [1.0] * len(index))
-    keep = labels != 0.5
-    rows = np.nonzero(keep)[0]
-    if max_samples is not None and max_samples < len(rows):
-        rows = np.sort(rows[np.random.default_rng(seed).permutation(len(rows))[:max_samples]])
-    return PreencodedData(folder, manifest, [index[r] for r in rows], labels[rows] > 0.5,
-                          [captions[r] for r in rows], int((~keep).sum()))
+    rows, winner_first, n_ties = (select_pairs({"label_0": labels}, "label_0", max_samples, seed) if manifest["pairs"]
+                                  else select_pairs(index, None, max_samples, seed))
+    return PreencodedData(folder, manifest, [index[r] for r in rows], winner_first, [captions[r] for r in rows], n_ties)
 
 
 def check_preencoded_args(args, data: PreencodedData):
