@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -117,13 +118,27 @@ def launch(config, flags, output_dir, max_steps, resume, log_path, timeout=240, 
            "--main_process_port", str(29500 + zlib.crc32(output_dir.encode()) % 1000), *flags,
            "--output_dir", output_dir, "--max_train_steps", str(max_steps), "--checkpointing_steps", str(checkpointing_steps),
            *(["--resume_from_checkpoint", "latest"] if resume else [])]
+    return run_logged(cmd, log_path, timeout)
+
+
+def run_logged(cmd, log_path, timeout, cwd=ROOT, env=None):
+    """Run `cmd` in a process group of its own with its output in log_path. The group is killed at the end, and at
+    `timeout`: accelerate launch's training process or a peer's data-loader workers must not hold the GPU or the CPU
+    through the next run. Returns (exit code, 124 on timeout; wall seconds)."""
     started = time.time()
     with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
-            log.write(f"\ntimed out after {timeout} s\n")
             code = 124
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if code == 124:
+            log.write(f"\ntimed out after {timeout} s\n")
     return code, time.time() - started
 
 
@@ -198,10 +213,10 @@ def write_table(rows, out):
         resume = "exact" if resume == 0 else resume if resume == "-" else f"{resume:.1e}"
         lines.append(f"| {r['config']} | {r['script']} | {r['mode']} | {r['status']} | {r.get('s_per_step', '-')} | "
                      f"{r.get('peak_gib', '-')} | {first} | {resume} |")
-    write_table(out, "distributed.md", lines)
+    write_markdown(out, "distributed.md", lines)
 
 
-def write_table(out: str, name: str, lines):
+def write_markdown(out: str, name: str, lines):
     """A markdown table into OUT/name (rewritten after every run: a call cut short keeps it) and to stdout."""
     with open(os.path.join(out, name), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -64,8 +64,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -75,8 +73,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from distributed import build_pairs, last_error_line, read_metrics  # noqa: E402
-from distributed import write_table as write_markdown  # noqa: E402
+from distributed import build_pairs, last_error_line, read_metrics, run_logged, write_markdown  # noqa: E402
 
 # --------------------------------------------------------------------------- architectures (the hub configs)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -273,27 +270,6 @@ def first_row_watcher(metrics_path, started):
 def log_tail(log_path, lines=40):
     with open(log_path) as f:
         return f.read().splitlines()[-lines:]
-
-
-def run_logged(cmd, log_path, timeout, cwd=ROOT, env=None):
-    """Run `cmd` in a process group of its own with its output in log_path. The group is killed at the end, and at
-    `timeout`: accelerate launch's training process or a peer's data-loader workers must not hold the GPU or the CPU
-    through the next run. Returns (exit code, 124 on timeout; wall seconds)."""
-    started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            code = 124
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        if code == 124:
-            log.write(f"\ntimed out after {timeout} s\n")
-    return code, time.time() - started
 
 
 def summarize(row, steps, items, log, code):
