@@ -2,7 +2,6 @@
 the judge that reads count, colour, shape and direction back from the frames, and the mp4 clip and pair sets."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_command
 from utils import UsageError
 from utils.data import load_prompts
 from utils.rewards import load_judge, load_reward
@@ -129,8 +129,9 @@ def test_mp4_clip_set_keeps_the_judges_verdicts(tmp_path):
 
 def test_pairs_labels_agree_with_the_judge(tmp_path):
     out = str(tmp_path / "pairs")
-    subprocess.run([sys.executable, "-m", "utils.toy.video_world", "--output_dir", out, "--num_clips", "10",
-                    "--num_frames", str(FRAMES), "--seed", "1", "--pairs"], check=True, capture_output=True)
+    proc = run_command([sys.executable, "-m", "utils.toy.video_world", "--output_dir", out, "--num_clips", "10",
+                        "--num_frames", str(FRAMES), "--seed", "1", "--pairs"], 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "pairs.jsonl"))]
     assert len(rows) == 10 and all(set(r) == {"video_0", "video_1", "label_0", "caption"} for r in rows)
     assert {r["label_0"] for r in rows} == {0.0, 1.0}  # the right clip sits on either side
