@@ -1,14 +1,17 @@
 """Video SFT / DPO on pre-encoded data (Wan 2.1, tiny-wan): `python -m utils.preencode` on small mp4 files written here
-with PyAV (manifest, bad videos, resume, the stored numbers against the VAE and UMT5 run by hand), then train_dpo.py on
-the folder (the first SFT loss against the flow-matching loss computed by hand, the LoRA loading into WanPipeline, DPO
-on pairs, a manifest of another model refused).
+with PyAV (manifest, bad videos, resume, the stored numbers against the VAE and UMT5 run by hand; the same clips as
+webdataset .tar shards give the same shards as the captions file), then train_dpo.py on the folder (the first SFT
+loss against the flow-matching loss computed by hand, the LoRA loading into WanPipeline, DPO on pairs, a manifest of
+another model refused).
 
 Two processes of the pre-encoder are not run here: each takes every n-th shard by the same code path, and starting
 them costs more than this file's whole budget on a 2-core machine."""
+import io
 import json
 import math
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -148,6 +151,95 @@ def test_rerun_skips_finished_shards_and_rewrites_a_partial_one(encoded, videos,
     with pytest.raises(UsageError, match="--output_dir .* other settings"):
         _preencode("--dataset_name", videos / "captions.jsonl", "--rows_per_shard", SHARD_ROWS, "--output_dir", folder,
                    "--num_frames", 1)
+
+
+# --------------------------------------------------------------------------- webdataset shards
+def _write_tar(path, members):
+    """A webdataset shard: (name, bytes) members in order, each sample's members next to each other."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def tar_shards(videos, tmp_path_factory):
+    """The captions file's rows (3 clips, then broken.mp4) as webdataset shards of 2 samples: txt/ with key.txt
+    captions, json/ with key.json {"caption", "fps"}; and pairs.jsonl's pairs as key.video_0.mp4, key.video_1.mp4 and
+    key.json {"caption", "label_0"} in pairs/."""
+    root = tmp_path_factory.mktemp("webdataset")
+    rows = [json.loads(line) for line in open(videos / "captions.jsonl")]
+    for kind in ("txt", "json"):
+        (root / kind).mkdir()
+        for k in range(0, len(rows), 2):
+            members = []
+            for r in rows[k:k + 2]:
+                key = r["file"][:-len(".mp4")]
+                caption = r["caption"] if kind == "txt" else json.dumps({"caption": r["caption"], "fps": 8})
+                members += [(f"{key}.mp4", (videos / r["file"]).read_bytes()), (f"{key}.{kind}", caption.encode())]
+            _write_tar(root / kind / f"clips-{k // 2:03d}.tar", members)
+    (root / "pairs").mkdir()
+    _write_tar(root / "pairs" / "pairs-000.tar", [
+        member for k, r in enumerate(json.loads(line) for line in open(videos / "pairs.jsonl")) for member in (
+            (f"pair{k}.video_0.mp4", (videos / r["video_0"]).read_bytes()),
+            (f"pair{k}.video_1.mp4", (videos / r["video_1"]).read_bytes()),
+            (f"pair{k}.json", json.dumps({"caption": r["caption"], "label_0": r["label_0"]}).encode()))])
+    return root
+
+
+def _same_shards(folder, expected, num_shards):
+    """Every tensor of each shard equal (float32 throughout: bit for bit), and the same captions and source rows."""
+    from safetensors import safe_open
+
+    for k in range(num_shards):
+        got, want = _shard(folder, k), _shard(expected, k)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"shard {k} {name}")
+        mine, theirs = (safe_open(os.path.join(f, f"shard-{k:05d}.safetensors"), "pt").metadata()
+                        for f in (folder, expected))
+        assert (mine["captions"], mine["rows"]) == (theirs["captions"], theirs["rows"])
+
+
+def test_webdataset_glob_of_txt_shards_gives_the_captions_files_latents(tar_shards, encoded, tmp_path):
+    """A glob of .tar shards (key.mp4 + key.txt) read with the default columns mp4 and txt: the same shards, bad row
+    and row count as the same clips through captions.jsonl."""
+    out = tmp_path / "wds"
+    _preencode("--dataset_name", tar_shards / "txt" / "clips-*.tar", "--rows_per_shard", SHARD_ROWS,
+               "--cache_dir", tmp_path / "cache", "--output_dir", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["columns"] == {"video": ["mp4"], "caption": "txt"} and manifest["num_rows"] == N_CLIPS
+    [(row, reason)] = manifest["bad_rows"]
+    assert row == N_CLIPS and "unreadable video" in reason
+    _same_shards(out, encoded, 2)
+
+
+def test_webdataset_folder_of_json_shards_reads_json_caption_and_the_column_flags(tar_shards, encoded, tmp_path):
+    """A folder of .tar shards whose captions are key.json: the default caption column is json.caption; a caption
+    flag naming no column lists the json fields found; a glob matching nothing is refused."""
+    out = tmp_path / "wds"
+    _preencode("--dataset_name", tar_shards / "json", "--rows_per_shard", SHARD_ROWS, "--cache_dir", tmp_path / "cache",
+               "--output_dir", out)
+    assert json.loads((out / "manifest.json").read_text())["columns"] == {"video": ["mp4"], "caption": "json.caption"}
+    _same_shards(out, encoded, 2)
+    with pytest.raises(UsageError, match="has no column 'json.text' \\(found: mp4, json.caption, json.fps.*"
+                                         "set --caption_column"):
+        _preencode("--dataset_name", tar_shards / "json", "--caption_column", "json.text", "--cache_dir",
+                   tmp_path / "cache", "--output_dir", tmp_path / "refused")
+    with pytest.raises(UsageError, match="no .tar file matches"):
+        _preencode("--dataset_name", tar_shards / "txt" / "other-*.tar", "--output_dir", tmp_path / "refused")
+
+
+def test_webdataset_pairs_give_the_pairs_files_latents(tar_shards, videos, tmp_path):
+    """Pairs as webdataset members key.video_0.mp4 / key.video_1.mp4 with caption and label in key.json, named by the
+    column flags: the same shard as pairs.jsonl."""
+    _preencode("--dataset_name", videos / "pairs.jsonl", "--pairs", "--output_dir", tmp_path / "jsonl")
+    _preencode("--dataset_name", tar_shards / "pairs" / "pairs-000.tar", "--pairs", "--video_0_column", "video_0.mp4",
+               "--video_1_column", "video_1.mp4", "--label_column", "json.label_0", "--cache_dir", tmp_path / "cache",
+               "--output_dir", tmp_path / "wds")
+    _same_shards(tmp_path / "wds", tmp_path / "jsonl", 1)
+    assert _shard(tmp_path / "wds", 0)["label_0"].tolist() == [1.0, 0.0, 0.5]
 
 
 # --------------------------------------------------------------------------- training on the folder

@@ -5,12 +5,14 @@ pre-encoded .meta files).
 
     python -m utils.preencode --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
         --dataset_name clips/captions.jsonl --num_frames 81 --height 480 --width 832 --output_dir data/wan-clips
+    python -m utils.preencode ... --dataset_name "shards/clips-*.tar"  # webdataset: key.mp4 + key.txt (or key.json)
     accelerate launch --num_processes 8 -m utils.preencode ...      # each process encodes every 8th shard
     accelerate launch train_dpo.py --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --sft \
         --dataset_name data/wan-clips --use_lora --mixed_precision bf16 ...
 
 Rerun the same command to resume: finished shards are skipped, a shard cut off mid-write is written again.
 """
+import glob
 import io
 import json
 import logging
@@ -37,16 +39,24 @@ def parse_args(argv=None):
     p.add_argument("--variant", default=None)
     p.add_argument("--dataset_name", required=True,
                    help="a captions file, one JSON object a line: {\"file\": \"clip001.mp4\", \"caption\": \"...\"} "
-                        "(paths relative to the file's folder, or to --video_folder); or any source train_dpo.py "
-                        "reads (parquet / csv / save_to_disk folder / hub id) whose video column holds paths or bytes")
+                        "(paths relative to the file's folder, or to --video_folder); webdataset .tar shards (a glob "
+                        "such as 'shards/*.tar', one .tar file, or a folder of them; read in sorted order through "
+                        "datasets' webdataset builder, which copies them into the datasets cache once); or any source "
+                        "train_dpo.py reads (parquet / csv / save_to_disk folder / hub id) whose video column holds "
+                        "paths or bytes")
     p.add_argument("--video_folder", default=None, help="folder that relative video paths start from")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split of a hub id or save_to_disk folder")
     p.add_argument("--cache_dir", default=None, help="datasets cache folder")
-    p.add_argument("--video_column", default="file", help="the video (path or bytes) of a row")
-    p.add_argument("--caption_column", default="caption")
+    p.add_argument("--video_column", default=None,
+                   help="the video (path or bytes) of a row (default: file; webdataset: mp4, the member key.mp4)")
+    p.add_argument("--caption_column", default=None,
+                   help="default: caption; webdataset: txt (the member key.txt) if the shards have one, else "
+                        "json.caption (the field 'caption' of key.json; any field f of it is the column json.f)")
     p.add_argument("--pairs", action="store_true",
                    help="preference pairs: --video_0_column, --video_1_column, --label_column and the caption; writes "
-                        "latents_0_* / latents_1_* / label_0 for train_dpo.py's DPO")
+                        "latents_0_* / latents_1_* / label_0 for train_dpo.py's DPO (webdataset members "
+                        "key.video_0.mp4 and a label in key.json: --video_0_column video_0.mp4 --label_column "
+                        "json.label_0)")
     p.add_argument("--video_0_column", default="video_0")
     p.add_argument("--video_1_column", default="video_1")
     p.add_argument("--label_column", default="label_0", help="1: the first video preferred, 0: the second, 0.5: tie")
@@ -75,6 +85,51 @@ def parse_args(argv=None):
     if min(args.frame_stride, args.rows_per_shard, args.batch_size) < 1:
         raise UsageError("--frame_stride, --rows_per_shard and --batch_size must be >= 1")
     return args
+
+
+# --------------------------------------------------------------------------- sources
+def webdataset_shards(source: str):
+    """The .tar shards that `source` names, sorted (the rows' order): a glob, one .tar file, or a folder holding .tar
+    files. None when `source` is no webdataset (a captions file, parquet, save_to_disk folder, hub id ...)."""
+    if glob.has_magic(source):
+        return sorted(glob.glob(os.path.expanduser(source)))
+    if source.lower().endswith(".tar"):
+        return [source]
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f))
+                                         for f in ("dataset_dict.json", "state.json")):
+        shards = sorted(glob.glob(os.path.join(glob.escape(source), "*.tar")))
+        return shards or None
+    return None
+
+
+def open_videos(args):
+    """(datasets.Dataset, base_dir, where): the source of --dataset_name, its video columns left undecoded (read_frames
+    decodes them, so that a broken video names its row), and the column flags left at None set to the source's
+    defaults."""
+    import datasets
+
+    shards = webdataset_shards(args.dataset_name)
+    if shards is None:
+        ds, base_dir, where = open_image_dataset(args.dataset_name, None, args.split, args.cache_dir)
+        args.video_column = args.video_column or "file"
+        args.caption_column = args.caption_column or "caption"
+    else:
+        where = f"--dataset_name {args.dataset_name}"
+        if not shards:
+            raise UsageError(f"{where}: no .tar file matches")
+        try:
+            ds = datasets.load_dataset("webdataset", data_files=shards, split="train", cache_dir=args.cache_dir)
+        except Exception as e:
+            raise UsageError(f"{where}: could not read the .tar shards as a webdataset ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+        ds = ds.flatten()  # a key.json member's fields become the columns json.<field>
+        base_dir = None  # videos are the members' bytes
+        args.video_column = args.video_column or "mp4"
+        args.caption_column = args.caption_column or ("txt" if "txt" in ds.column_names else "json.caption")
+    for column, feature in ds.features.items():
+        if isinstance(feature, datasets.Video) and feature.decode:
+            ds = ds.cast_column(column, datasets.Video(decode=False))  # {"bytes", "path"}
+    return ds, base_dir, where
 
 
 # --------------------------------------------------------------------------- videos
@@ -243,7 +298,8 @@ def main(args):
     from .flow import MAX_SEQUENCE_LENGTH, encode_wan_prompts
 
     state = PartialState()
-    ds, base_dir, where = open_image_dataset(args.dataset_name, None, args.split, args.cache_dir)
+    with state.main_process_first():  # one process converts the source into the datasets cache, the others reuse it
+        ds, base_dir, where = open_videos(args)
     base_dir = args.video_folder or base_dir
     video_columns = [args.video_0_column, args.video_1_column] if args.pairs else [args.video_column]
     columns = {"--caption_column": args.caption_column, **({"--label_column": args.label_column} if args.pairs else {}),
