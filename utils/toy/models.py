@@ -1,8 +1,10 @@
 """The toy world's models: a small SD1.5-layout pipeline (`toy-sd`), a small CLIP scorer (`toyclip`) and a small
 SD3-layout flow-matching pipeline (`toy-sd3`, experiments/toyworld_pretrain_flow.sh) built on toy-sd's VAE and text
-encoder.
+encoder; and a small Wan 2.1-layout text-to-video pipeline (`toy-wan`, experiments/toyworld_pretrain_wan.sh: its own
+video VAE trained on the clips of `utils/toy/video_world.py`, a random frozen UMT5 encoder, its transformer trained
+by train_dpo.py --sft on the pre-encoded clips).
 
-All three are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
+All three image models are trained here, offline, on the captioned images of `utils/toy/world.py`, and committed under
 `utils/toy/assets/` (toy-sd and toyclip a few MB each, toy-sd3 16 MB: its two CLIP slots hold copies of toy-sd's
 text encoder). `experiments/toyworld_pretrain.sh` runs toy-sd's and toyclip's whole chain,
 `experiments/toyworld_pretrain_flow.sh` toy-sd3's:
@@ -275,14 +277,15 @@ def build_toy_flow_pipeline(toy_sd_dir: str, transformer=None, seed: int = 0):
 
 def finish_pipeline(init_dir: str, sft_dir: str, out_dir: str):
     """Copy the initial pipeline to `out_dir` with the SFT-trained denoiser (sft_dir/unet, or sft_dir/transformer
-    for the flow pipeline) in place of the random one.
+    for the flow and video pipelines) in place of the random one.
 
     The denoiser is stored in float16 (half the size to commit); diffusers' from_pretrained loads it back as float32.
     The text encoders stay float32: transformers 5 would load float16 weights as float16."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    subfolder, cls = ("transformer", SD3Transformer2DModel) if (Path(sft_dir) / "transformer").is_dir() else \
-        ("unet", UNet2DConditionModel)
+    subfolder = "transformer" if (Path(sft_dir) / "transformer").is_dir() else "unet"
+    # the denoiser's own class (SD3Transformer2DModel, WanTransformer3DModel, UNet2DConditionModel), from its config
+    cls = getattr(diffusers, json.loads((Path(sft_dir) / subfolder / "config.json").read_text())["_class_name"])
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=Path(out_dir).parent))
     shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
@@ -291,6 +294,123 @@ def finish_pipeline(init_dir: str, sft_dir: str, out_dir: str):
     if Path(out_dir).exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+# --------------------------------------------------------------------------- the video pipeline (toy-wan)
+WAN_TEXT_WIDTH = 128  # the UMT5 encoder's width = the transformer's text_dim
+WAN_Z_DIM = 8
+
+
+def toy_wan_vae():
+    """Wan's causal 3D VAE (AutoencoderKLWan) at the toy world's size: base width 16, 8 latent channels, two levels
+    that each halve the side and the time after the first frame (4x spatial, 4x temporal as Wan's: 1 + 4k frames ->
+    1 + k latent frames). 0.64 M parameters. Wan's 8x would leave 8x8 latents of a 64 px frame, where a 6.5 px
+    triangle is one latent pixel; at 4x a 64 px clip is 16x16 latents, 8x8 tokens per latent frame."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=16, z_dim=WAN_Z_DIM, dim_mult=[1, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[True, True], latents_mean=[0.0] * WAN_Z_DIM,
+                            latents_std=[1.0] * WAN_Z_DIM, scale_factor_spatial=4, scale_factor_temporal=4)
+
+
+def load_clip_tensors(data_dir: str, max_clips=None):
+    """(clips uint8 (N, F, H, W, 3), captions list[str]) of a toy video folder (python -m utils.toy.video_world)."""
+    from .video_world import read_mp4
+
+    rows = [json.loads(line) for line in (Path(data_dir) / "captions.jsonl").read_text().splitlines() if line.strip()]
+    rows = rows[:max_clips] if max_clips else rows
+    clips = np.stack([read_mp4(str(Path(data_dir) / row["file"])) for row in rows])
+    return torch.from_numpy(clips), [row["caption"] for row in rows]
+
+
+def _clips_to_pixels(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> (B, 3, F, H, W) in [-1, 1], the VAE's input."""
+    return clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def train_wan_vae(clips: torch.Tensor, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, device: str = "cpu",
+                  seed: int = 0, log_every: int = 250):
+    """Train `toy_wan_vae()` as an autoencoder on toy clips (uint8 (N, F, H, W, 3)): MSE + a small KL (1e-6), as the
+    tiny image VAE (utils.toy.tiny.train_tiny_vae). Afterwards Wan's per-channel latents_mean / latents_std are set
+    to the posterior means' statistics over up to 256 clips, so that the transformer sees unit-variance latents."""
+    torch.manual_seed(seed)
+    vae = toy_wan_vae().to(device).train()
+    clips = clips.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for step in range(steps):
+        x = _clips_to_pixels(clips[torch.randint(len(clips), (batch_size,), generator=generator).to(device)])
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+            posterior = vae.encode(x).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+        loss = (reconstruction.float() - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"wan vae step {step} loss {loss.item():.5f}", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(_clips_to_pixels(clips[i:i + 16])).latent_dist.mode()
+                           for i in range(0, min(256, len(clips)), 16)])  # (n, C, f, h, w)
+    vae.register_to_config(latents_mean=means.mean((0, 2, 3, 4)).tolist(), latents_std=means.std((0, 2, 3, 4)).tolist())
+    return vae.cpu()
+
+
+@torch.no_grad()
+def wan_reconstruction_accuracy(vae, clips: torch.Tensor, captions: list, batch_size: int = 16, device: str = "cpu"):
+    """(the toy video judge's accuracy (`all`) on the VAE's reconstructions of `clips`, the same on the clips
+    themselves, pixel MSE in [-1, 1]): whether a model trained in this latent space can be judged at all."""
+    from .video_world import clip_accuracy
+
+    vae = vae.to(device).eval()
+    right, right_clean, errors = 0.0, 0.0, []
+    for i in range(0, len(clips), batch_size):
+        x = _clips_to_pixels(clips[i:i + batch_size]).to(device)
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)  # (B, 3, F, H, W)
+        errors.append((out - x).pow(2).mean((1, 2, 3, 4)).cpu())
+        for video, clean, caption in zip(out.add(1).div(2).permute(0, 2, 1, 3, 4).cpu(), clips[i:i + batch_size],
+                                         captions[i:i + batch_size]):
+            right += clip_accuracy(video, caption)["all"]  # video: (F, 3, H, W) in [0, 1]
+            right_clean += clip_accuracy(clean.numpy(), caption)["all"]
+    return right / len(clips), right_clean / len(clips), torch.cat(errors).mean().item()
+
+
+def toy_wan_transformer():
+    """Wan 2.1's DiT (WanTransformer3DModel) at the toy world's size: width 128 (4 heads of 32, which its rotary
+    embedding splits into 12 temporal and 10 + 10 spatial channels), 6 blocks, 1x2x2 patches over the VAE's 8
+    channels: 64 tokens per latent frame of a 64 px clip. 1.8 M parameters."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=WAN_Z_DIM,
+        out_channels=WAN_Z_DIM, text_dim=WAN_TEXT_WIDTH, freq_dim=64, ffn_dim=512, num_layers=6, rope_max_seq_len=64,
+    )
+
+
+def build_toy_wan_pipeline(vae_dir: str, transformer=None, seed: int = 0):
+    """WanPipeline around the trained toy VAE, a random transformer (unless given) and a random 2-layer UMT5 encoder
+    over the character-level T5 tokenizer (utils.toy.tiny.build_t5_tokenizer). The text encoder stays at its random
+    init and frozen: pre-encoding (python -m utils.preencode) stores its embeddings once, and a random T5 over
+    characters still gives every caption its own token sequence for the cross-attention to learn to read.
+    The scheduler is Wan's (UniPC over flow sigmas) with flow_shift 1: Wan's 3.0 is for 480p's 32,760 tokens a clip,
+    a 64 px clip of 9 frames has 192."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tiny import build_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=WAN_TEXT_WIDTH, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=1.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=AutoencoderKLWan.from_pretrained(vae_dir),
+                       scheduler=scheduler, transformer=transformer if transformer is not None else toy_wan_transformer())
 
 
 # --------------------------------------------------------------------------- command line
@@ -326,6 +446,21 @@ def main(argv=None):
     p.add_argument("--toy_sd", default=str(TOY_SD_PATH), help="the pipeline whose VAE and text encoder to reuse")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-wan-vae", help="Wan's video VAE (toy_wan_vae) on toy video clips, then the toy video "
+                                             "judge's accuracy on its reconstructions of held-out clips")
+    p.add_argument("--data", required=True, help="a toy video folder (python -m utils.toy.video_world)")
+    p.add_argument("--out", required=True, help="folder for AutoencoderKLWan.save_pretrained")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=16, help="clips per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max_clips", type=int, default=4000, help="train on the first N clips of the folder (in memory)")
+    p.add_argument("--held_out", type=int, default=200, help="of those, the last N are kept out for the judge check")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("init-wan-pipeline", help="a WanPipeline folder with the trained video VAE, a random UMT5 "
+                                                 "encoder and a random transformer")
+    p.add_argument("--vae", required=True, help="output of train-wan-vae")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("finish-pipeline", help="the initial pipeline with the SFT-trained UNet or transformer")
     p.add_argument("--init", required=True)
     p.add_argument("--unet", required=True, help="output_dir of train_dpo.py --sft (holds unet/ or transformer/)")
@@ -359,6 +494,17 @@ def main(argv=None):
         print(f"saved {args.out}: held-out retrieval top-1 {acc:.3f} among {min(1000, len(images) - n)} captions")
     elif args.command == "init-pipeline":
         build_toy_pipeline(args.vae, args.text_clip, seed=args.seed).save_pretrained(args.out)
+        print(f"saved {args.out}")
+    elif args.command == "train-wan-vae":
+        clips, captions = load_clip_tensors(args.data, args.max_clips)
+        n = len(clips) - max(1, min(args.held_out, len(clips) // 10))
+        vae = train_wan_vae(clips[:n], args.steps, args.batch_size, args.lr, device=device, seed=args.seed)
+        vae.save_pretrained(args.out)
+        acc, clean, mse = wan_reconstruction_accuracy(vae, clips[n:], captions[n:], device=device)
+        print(f"saved {args.out}: on {len(clips) - n} held-out clips the toy video judge reads {acc:.3f} of the "
+              f"reconstructions right ({clean:.3f} of the clips themselves), reconstruction MSE {mse:.5f} (in [-1,1])")
+    elif args.command == "init-wan-pipeline":
+        build_toy_wan_pipeline(args.vae, seed=args.seed).save_pretrained(args.out)
         print(f"saved {args.out}")
     elif args.command == "init-flow-pipeline":
         build_toy_flow_pipeline(args.toy_sd, seed=args.seed).save_pretrained(args.out)
