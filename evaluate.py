@@ -48,18 +48,19 @@ from tqdm.auto import tqdm
 from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
-from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES, refuse_video_flags
+from utils.flow import resolve_video_flags
 from utils.grids import format_score, read_gif, save_animated_grid, save_gif, save_grid
 from utils.models import (LORA_WEIGHT_NAME, build_pipeline, encode_prompts, freeze_frozen_parts, load_pipeline_parts,
                           read_family, warn_long_prompts, weights_subfolder)
-from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec
+from utils.rewards import list_judges, list_rewards, load_judge, load_reward, parse_reward_spec, to_uint8
 from utils.sampling import (SAMPLING_DEFAULTS_HELP, cfg_conditioning, decode_latents, resolve_sampling_defaults,
                             sample_latents, sampling_setup)
 from utils.train import run_main
-from utils.train.cli import HelpFormatter, add_model_args, add_prompt_args, add_reward_model_paths, parse_name_paths
+from utils.train.cli import (HelpFormatter, add_model_args, add_prompt_args, add_reward_model_paths, add_video_args,
+                             parse_name_paths)
 from utils.train.distributed import check_mixed_precision, compute_dtype
 from utils.train.outcome import save_args
-from utils.video_rewards import evenly_spaced_frames, score_frames
+from utils.video_rewards import evenly_spaced_frames, reads_videos, score_frames, score_videos
 
 logger = logging.getLogger("evaluate")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # model names become file names
@@ -99,15 +100,11 @@ def parse_args(argv=None):
                         f"({SAMPLING_DEFAULTS_HELP['guidance_scale']})")
     g.add_argument("--resolution", type=int, default=None, help="pixels; default: the model's own (512 SD1.5, 1024 SDXL)")
     g.add_argument("--batch_size", type=int, default=8, help="images per UNet call, per process")
-    g = parser.add_argument_group("video (Wan 2.1)")
-    g.add_argument("--num_frames", type=int, default=None,
-                   help=f"frames per video, 1 + 4k; default: the pipeline's ({DEFAULT_NUM_FRAMES['wan']}). Video "
-                        f"models only")
-    g.add_argument("--reward_frames", type=int, default=None,
-                   help="each image reward is averaged over this many evenly spaced frames of each video, first and "
-                        "last included; default: all. Video models only")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="dtype of every model (default: what `accelerate config` says)")
+    add_video_args(parser, "each image reward is averaged over this many evenly spaced frames of each video, first "
+                           "and last included; default: all (a reward that reads whole videos, such as toyvideo_judge, "
+                           "takes every frame)")
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", default="outputs/eval", help="where the tables, plot, grids and images go")
     g.add_argument("--grid_prompts", type=int, default=16,
@@ -151,16 +148,6 @@ def check_args(args):
         prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, args.max_prompts)
         for name in args.judges:
             load_judge(name).check_prompts(prompts)  # an unknown judge or prompts it cannot judge: one line
-
-
-def resolve_frames(args, family: str):
-    """The video flags from the family (model_index.json): the pipeline's frame count and all frames scored where
-    not given; an image family takes neither."""
-    refuse_video_flags(family, [flag for flag in ("--num_frames", "--reward_frames") if getattr(args, flag[2:]) is not None])
-    if family not in VIDEO_FAMILIES:
-        return
-    args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
-    args.reward_frames = min(args.reward_frames or args.num_frames, args.num_frames)
 
 
 def output_kind(path: str) -> str:
@@ -223,7 +210,7 @@ def generate(parts, unet, items, prompts, uncond, latent_shape, args, device, dt
             latents = sample_latents(unet, parts.scheduler, cond, x_T.to(device, dtype), args.num_inference_steps,
                                      args.guidance_scale).latents
             images = decode_latents(parts.vae, latents)  # (B, 3, H, W), videos (B, F, 3, H, W), in [0, 1]
-            yield batch, (images * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+            yield batch, to_uint8(images)
             progress.update(len(batch))
 
 
@@ -236,6 +223,9 @@ def score_samples(samples: np.ndarray, texts, scorers, frame_ids, args) -> dict:
     for spec, scorer in scorers.items():
         if samples.ndim == 4:
             scores[spec] = scorer.score([Image.fromarray(im) for im in samples], texts)
+            continue
+        if reads_videos(scorer):  # a video judge as a reward (or a sum with one): a score per video, none per frame
+            scores[spec] = score_videos(scorer, samples, texts, frame_ids)
             continue
         per_frame = score_frames(scorer, samples, texts, frame_ids)
         scores[spec] = [float(np.mean(values)) for values in per_frame]
@@ -383,7 +373,7 @@ def main(args):
     # the family's steps and guidance where not given (model_index.json only), before args.json is written
     family, is_sdxl = read_family(args.pretrained_model_name_or_path, args.revision)
     resolve_sampling_defaults(args, family, is_sdxl)
-    resolve_frames(args, family)
+    resolve_video_flags(args, family)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, args.output_dir)

@@ -49,7 +49,7 @@ from utils import UsageError
 from utils.cli import ArgumentParser
 from utils.data import load_prompts
 from utils.denoising import ZERO_TERMINAL_SNR_HELP, rescale_zero_terminal_snr
-from utils.flow import DEFAULT_NUM_FRAMES, VIDEO_FAMILIES, refuse_video_flags
+from utils.flow import resolve_video_flags
 from utils.fp8 import float8_sampling_unet, refresh_float8_weights
 from utils.models import (TIMESTEP_SPACINGS, add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy,
                           load_pipeline_parts, read_family, reference_model, warn_long_prompts)
@@ -61,10 +61,10 @@ from utils.speed import SAFE_TO_CHANGE_ON_RESUME as SPEED_FLAGS_SAFE_ON_RESUME
 from utils.speed import add_speed_args, apply_speed_options, check_speed_args, compile_training_unet, sampling_model
 from utils.train import Run, run_main
 from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_prompt_args, add_reward_args,
-                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
+                             add_video_args, check_common_args, describe_defaults, parse_int_pair, parse_name_paths)
 from utils.train.distributed import shards_parameters
 from utils.train.validation import log_validation
-from utils.video_rewards import draw_reward_frames, evenly_spaced_frames, video_reward
+from utils.video_rewards import draw_reward_frames, validation_frames, video_reward
 
 
 logger = logging.getLogger("train_draftp")
@@ -152,14 +152,10 @@ def parse_args(argv=None):
     g.add_argument("--log_kl", action="store_true",
                    help="compute and log the KL to the base model also when --kl_coeff is 0 (costs one frozen-model "
                         "forward per grad step; a full-UNet run keeps a frozen copy for it)")
-    g = parser.add_argument_group("video (Wan 2.1)")
-    g.add_argument("--num_frames", type=int, default=None,
-                   help="frames per video, 1 + 4k (Wan's VAE keeps the first frame and packs each 4 after it into one "
-                        "latent frame); default: the pipeline's (81). Video models only")
-    g.add_argument("--reward_frames", type=int, default=None,
-                   help=f"the image reward is averaged over this many frames of each video, drawn anew each step "
-                        f"(seeded by the step: a resume draws the same); default {DEFAULT_REWARD_FRAMES}, all frames "
-                        f"where the video has fewer. The decode with grad runs up to the last frame drawn (causal VAE)")
+    g = add_video_args(parser, f"the image reward is averaged over this many frames of each video, drawn anew each "
+                               f"step (seeded by the step: a resume draws the same); default {DEFAULT_REWARD_FRAMES}, "
+                               f"all frames where the video has fewer. The decode with grad runs up to the last frame "
+                               f"drawn (causal VAE)")
     g.add_argument("--temporal_weight", type=float, default=0.0,
                    help="weight of the temporal-consistency term added to the reward: minus the mean squared "
                         "difference of consecutive decoded frames (pixels in [0,1]; free, as those frames are decoded "
@@ -234,19 +230,8 @@ def resolve_family_defaults(args):
                          "flow-matching Euler scheduler's sigmas: drop --timestep_spacing")
     resolve_sampling_defaults(args, family, is_sdxl)
     check_steps(args)
-    resolve_video_defaults(args, family)
-
-
-def resolve_video_defaults(args, family: str):
-    """The video flags: the pipeline's frame count where not given, the frames scored capped at it; an image family
-    takes none of them."""
-    refuse_video_flags(family, [flag for flag, unset in (("--num_frames", args.num_frames is None),
-                                                         ("--reward_frames", args.reward_frames is None),
-                                                         ("--temporal_weight", args.temporal_weight == 0)) if not unset])
-    if family not in VIDEO_FAMILIES:
-        return
-    args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
-    args.reward_frames = min(args.reward_frames or DEFAULT_REWARD_FRAMES, args.num_frames)
+    resolve_video_flags(args, family, DEFAULT_REWARD_FRAMES,
+                        ["--temporal_weight"] if args.temporal_weight != 0 else [])
 
 
 def check_family_args(args, parts):
@@ -378,15 +363,6 @@ def score_latents(args, parts, scorer, latents, prompts, frame_ids=None):
         return (*scorer.parts(decode_latents(parts.vae, latents), prompts), None)
     return video_reward(parts.vae, scorer, latents, prompts, frame_ids, args.temporal_weight > 0,
                         args.vae_gradient_checkpointing)
-
-
-def validation_frames(images: dict, prompts, seeds, count: int = 4):
-    """Videos as a grid of images: `count` frames spread evenly over each video (first and last included) side by
-    side, one column each, labelled with the prompt and the frame. images {row: (P, F, 3, H, W)} -> {row: (P * n, 3,
-    H, W)}, and the columns' prompts and seeds."""
-    shown = evenly_spaced_frames(next(iter(images.values())).shape[1], count)
-    flat = {name: v[:, shown].flatten(0, 1) for name, v in images.items()}
-    return (flat, [f"{p} (frame {k})" for p in prompts for k in shown], [s for s in seeds for _ in shown])
 
 
 @torch.no_grad()

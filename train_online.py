@@ -39,13 +39,15 @@ from utils.data import load_prompts
 from utils.ema import WeightAverage, nft_decay
 from utils.models import (add_trainable_lora, encode_prompts, freeze_frozen_parts, frozen_copy, load_pipeline_parts,
                           read_family, reference_model)
-from utils.rewards import load_reward, parse_reward_spec, tensor_to_pil
+from utils.flow import per_sample_mean, resolve_video_flags
+from utils.rewards import load_reward, parse_reward_spec, tensor_to_pil, to_uint8
 from utils.sampling import cfg_conditioning, decode_latents, make_schedule, sample_trajectory, sampling_setup
 from utils.seeding import step_generator
 from utils.train import Run, run_main
 from utils.train.cli import (DEFAULTS_NOTE, HelpFormatter, add_common_args, add_prompt_args, add_reward_args,
-                             check_common_args, describe_defaults, parse_int_pair, parse_name_paths, set_help)
+                             add_video_args, check_common_args, describe_defaults, parse_int_pair, parse_name_paths, set_help)
 from utils.train.validation import log_validation
+from utils.video_rewards import evenly_spaced_frames, score_videos, validation_frames
 
 logger = logging.getLogger("train_online")
 
@@ -63,6 +65,11 @@ METHOD_DEFAULTS = {
     "ddpo": dict(num_inference_steps=50, guidance_scale=5.0, noise_level=1.0, kl_beta=0.0, clip_range=1e-4,
                  adv_clip_max=5.0, timestep_fraction=1.0, global_std=False),
 }
+
+
+# Frames an image reward scores per video when --reward_frames is not given: evenly spaced, the same frames of every
+# video, as evaluate.py scores them (without a graph, so more cost only scorer forwards)
+DEFAULT_REWARD_FRAMES = 4
 
 
 # --------------------------------------------------------------------------- the methods
@@ -90,7 +97,7 @@ def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range: float, a
 
 def step_mean_kl(mean, mean_ref, std) -> torch.Tensor:
     """The KL of two Gaussian steps with one std: mean over the batch of mean((mean - mean_ref)^2) / (2 std^2)."""
-    return ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)).mean() / (2 * std ** 2)
+    return per_sample_mean((mean - mean_ref) ** 2).mean() / (2 * std ** 2)
 
 
 def nft_loss(v, v_old, x_t, x0, t, advantages, beta: float, adv_clip_max: float):
@@ -98,12 +105,12 @@ def nft_loss(v, v_old, x_t, x0, t, advantages, beta: float, adv_clip_max: float)
     the old policy's v_old: v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v, x0+/- = x_t - t v+/-,
     r = clamp((clip(A) / c) / 2 + 0.5, 0, 1), loss = c * mean(r |x0+ - x_0|^2 / w+ + (1 - r) |x0- - x_0|^2 / w-) / beta,
     |.|^2 each sample's mean square, w the no-grad mean |x0 prediction - x_0| of each sample (at least 1e-5).
-    v, v_old, x_t, x0: (B, C, h, w); t, advantages: (B,)."""
-    t = t.view(-1, 1, 1, 1)
+    v, v_old, x_t, x0: (B, C, h, w), videos (B, C, f, h, w); t, advantages: (B,)."""
+    t = t.view(-1, *[1] * (x0.dim() - 1))
     c = adv_clip_max
     r = ((advantages.clamp(-c, c) / c) / 2 + 0.5).clamp(0, 1)
     v, v_old, x_t, x0 = v.float(), v_old.float(), x_t.float(), x0.float()
-    dims = (1, 2, 3)
+    dims = tuple(range(1, x0.dim()))
 
     def weighted_error(x0_pred):
         with torch.no_grad():
@@ -122,7 +129,7 @@ def parse_args(argv=None):
     add_common_args(parser)
     g = parser.add_argument_group("method")
     g.add_argument("--method", required=True, choices=list(METHODS),
-                   help="flow_grpo and nft train SD3 / SD3.5 / FLUX.1; ddpo trains SD1.5 / SDXL")
+                   help="flow_grpo and nft train SD3 / SD3.5 / FLUX.1 / Wan 2.1; ddpo trains SD1.5 / SDXL")
     g.add_argument("--group_size", type=int, default=24, help="G: images per prompt in each step, one group")
     g.add_argument("--updates_per_epoch", type=int, default=1,
                    help="optimizer updates on each step's samples, each over 1/U of them (Flow-GRPO's recipes: 2; "
@@ -155,6 +162,9 @@ def parse_args(argv=None):
     g.add_argument("--sde_window", type=parse_int_pair, default=None, metavar="START,END",
                    help="flow_grpo: stochastic (and trained) steps START..END-1 only, deterministic elsewhere "
                         "(Flow-GRPO-Fast); default: every step")
+    add_video_args(parser, f"an image reward is averaged over this many evenly spaced frames of each video, first "
+                           f"and last included (default {DEFAULT_REWARD_FRAMES}); a reward that reads whole videos, "
+                           f"such as toyvideo_judge, takes every frame")
     describe_defaults(parser, "Flow-GRPO's SD3.5-M recipes (config/base.py, config/grpo.py)", use_lora=True,
                       lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, max_grad_norm=1.0,
                       reward_model="pickscore")
@@ -196,7 +206,7 @@ def check_args(args):
 def check_family(args, family: str):
     wanted = METHODS[args.method]
     if (family == "sd") != (wanted == "sd"):
-        trains = "SD1.5 / SDXL" if wanted == "sd" else "SD3 / SD3.5 / FLUX.1"
+        trains = "SD1.5 / SDXL" if wanted == "sd" else "SD3 / SD3.5 / FLUX.1 / Wan 2.1"
         other = "ddpo" if wanted == "flow" else "flow_grpo or nft"
         raise UsageError(f"--method {args.method} trains {trains}; {args.pretrained_model_name_or_path} is another "
                          f"family (its model_index.json): use --method {other}")
@@ -215,7 +225,9 @@ class Batch:
 
 
 def main(args):
-    check_family(args, read_family(args.pretrained_model_name_or_path, args.revision)[0])
+    family = read_family(args.pretrained_model_name_or_path, args.revision)[0]
+    check_family(args, family)
+    resolve_video_flags(args, family, DEFAULT_REWARD_FRAMES)
     schedule_steps = stochastic_steps(args)
     trained_steps = schedule_steps[: max(1, int(len(schedule_steps) * args.timestep_fraction))]
     run = Run(args, "online", {"flow_grpo": "Flow-GRPO", "nft": "NFT", "ddpo": "DDPO"}[args.method],
@@ -243,7 +255,8 @@ def main(args):
         model.enable_gradient_checkpointing()
     scorer = load_reward(args.reward_model, paths=args.reward_paths, device=device, dtype=dtype)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
-    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device)
+    resolution, latent_shape, uncond = sampling_setup(parts, args.resolution, device, args.num_frames)
+    frame_ids = evenly_spaced_frames(args.num_frames, args.reward_frames) if parts.is_video else None
     logger.info(f"{parts.name} at {resolution}px, {args.method}, {images_per_step // args.group_size} prompts x "
                 f"{args.group_size} images per step, reward {args.reward_model}, stochastic steps {schedule_steps}, "
                 f"trained {trained_steps}")
@@ -260,7 +273,7 @@ def main(args):
     trained = run.trained
     reference = reference_model(trained, frozen) if args.kl_beta > 0 else None
     run.on_validation(lambda step: validation(args, run, parts, trained, scorer, uncond, latent_shape, resolution,
-                                              step, prompts))
+                                              step, prompts, frame_ids))
 
     def condition(ids):
         text = encode_prompts(parts, [prompts[i] for i in ids], device, resolution)
@@ -291,7 +304,7 @@ def main(args):
             # after its retries) ends the run on every process with the last step checkpointed, never a zero reward
             failure = None
             try:
-                scores = scorer.score(tensor_to_pil(images), [prompts[i] for i in ids])
+                scores = score_samples(scorer, images, [prompts[i] for i in ids], frame_ids)
             except UsageError as e:
                 failure, scores = e, [float("nan")] * len(ids)
             if run.any_process(failure is not None):
@@ -393,6 +406,14 @@ def nft_step(args, run, model, old_policy, reference, schedule, batch: Batch, j:
     return loss, logs
 
 
+def score_samples(scorer, images: torch.Tensor, prompts, frame_ids) -> list:
+    """One reward per sample, without a graph: images (B, 3, H, W) in [0, 1] as PIL images; videos (B, F, 3, H, W)
+    as uint8 arrays, an image reward averaged over frames `frame_ids` (utils.video_rewards.score_videos)."""
+    if images.dim() == 5:
+        return score_videos(scorer, to_uint8(images), prompts, frame_ids)
+    return scorer.score(tensor_to_pil(images), prompts)
+
+
 def gather_rewards(run, local: torch.Tensor) -> torch.Tensor:
     """(S, b) rewards of this process -> (S, n * b) of all processes, in the global order (batch, process, row)."""
     gathered = run.accelerator.gather(local.to(run.device).unsqueeze(0))  # (n, S, b)
@@ -400,9 +421,10 @@ def gather_rewards(run, local: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation(args, run, parts, trained, scorer, uncond, latent_shape, resolution, step, prompts):
+def validation(args, run, parts, trained, scorer, uncond, latent_shape, resolution, step, prompts, frame_ids):
     """Fixed prompts and seeds, sampled deterministically: the base model's images (first row) beside the trained
-    model's (second row), each with its reward."""
+    model's (second row), each with its reward. Videos: each shown as 4 of its frames side by side, each frame under
+    its video's reward."""
     accelerator = run.accelerator
     if accelerator.is_main_process:
         shown = args.validation_prompts or prompts[:2]
@@ -425,7 +447,11 @@ def validation(args, run, parts, trained, scorer, uncond, latent_shape, resoluti
                 images[name] = decode_latents(parts.vae, chain.latents[:, -1])
         if len(images) == len(models):
             rows = list(images)
-            scores = {name: [round(s, 5) for s in scorer.score(tensor_to_pil(images[name]), shown)] for name in rows}
+            scores = {name: [round(s, 5) for s in score_samples(scorer, images[name], shown, frame_ids)] for name in rows}
+            if parts.is_video:
+                images, shown, seeds = validation_frames(images, shown, seeds)
+                frames_per_video = len(shown) // len(scores[rows[0]])
+                scores = {name: [s for s in values for _ in range(frames_per_video)] for name, values in scores.items()}
             log_validation(accelerator, args.output_dir, step, torch.cat([images[n] for n in rows]), rows, shown,
                            info={"seeds": seeds, "rewards": scores}, scores=scores)
     accelerator.wait_for_everyone()

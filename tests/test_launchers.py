@@ -193,6 +193,19 @@ def test_flow_grpo_sd35_passes_flow_grpos_pickscore_recipe(tmp_path):
     assert (a.timestep_fraction, a.global_std, a.lora_rank, a.lora_alpha, a.learning_rate) == (0.99, True, 32, 64, 3e-4)
 
 
+def test_flow_grpo_sd35_geneval_recipe_scores_through_the_reward_server(tmp_path):
+    """RECIPE=geneval: config/grpo.py geneval_sd3's beta 0.04, the http reward at GENEVAL_URL, prompts from GenEval's
+    metadata file; without GENEVAL_URL the launcher stops before launching, naming it."""
+    _, a = launch("launchers/flow_grpo_sd35.sh", tmp_path, {"RECIPE": "geneval", "GENEVAL_URL": "http://127.0.0.1:18085/"})
+    assert (a.reward_model, a.reward_model_paths, a.kl_beta) == ("http", ["http=http://127.0.0.1:18085/"], 0.04)
+    assert (a.prompts, a.prompt_column, a.group_size, a.guidance_scale) == (
+        "dataset/geneval/train_metadata.jsonl", "prompt", 24, 4.5)
+    env = {**os.environ, "RECIPE": "geneval", "LAUNCHER": "false"}
+    env.pop("GENEVAL_URL", None)
+    proc = run_command(["bash", REPO_ROOT / "launchers/flow_grpo_sd35.sh"], 60, cwd=tmp_path, env=env)
+    assert proc.returncode != 0 and "GENEVAL_URL" in proc.stderr
+
+
 def test_the_tiny_online_launcher_trains(tmp_path):
     """launchers/tiny/flow_grpo.sh end to end (one process, 2 steps): weights and metrics written."""
     env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "MAX_STEPS": "2",

@@ -46,6 +46,18 @@ def refuse_video_flags(family: str, given: List[str]):
     if family not in VIDEO_FAMILIES and given:
         raise UsageError(f"{given[0]} is for video models (Wan 2.1); this model makes images: drop {given[0]}")
 
+
+def resolve_video_flags(args, family: str, default_reward_frames: int = None, other_flags: List[str] = ()):
+    """`--num_frames` / `--reward_frames` from the family (model_index.json): the pipeline's frame count where not
+    given, and `default_reward_frames` frames scored (None: all), capped at the frame count. An image family takes
+    neither, nor any of `other_flags` (a script's further video flags given on the command line)."""
+    given = [flag for flag in ("--num_frames", "--reward_frames") if getattr(args, flag[2:]) is not None]
+    refuse_video_flags(family, given + list(other_flags))
+    if family not in VIDEO_FAMILIES:
+        return
+    args.num_frames = args.num_frames or DEFAULT_NUM_FRAMES[family]
+    args.reward_frames = min(args.reward_frames or default_reward_frames or args.num_frames, args.num_frames)
+
 # The joint-attention projections of the image stream (to_*) and of the text stream (add_*, to_add_out), the
 # defaults of diffusers' DreamBooth LoRA script for SD3 (train_dreambooth_lora_sd3.py, --lora_layers unset).
 # FLUX's single-stream blocks have to_q/k/v but no to_out (their output is proj_out, shared with the MLP).

@@ -276,6 +276,7 @@ class Reward(torch.nn.Module):
 
     batch_size = 16
     differentiable = True  # __call__ gives a reward that back-propagates to the images (DRaFT needs this)
+    takes_videos = False  # ``score`` takes whole videos (uint8 (F, H, W, 3) arrays), not images: a video judge
 
     def __init__(self, name: str):
         super().__init__()
@@ -452,13 +453,17 @@ class ColorMatch(_PixelReward):
 
 
 # --------------------------------------------------------------------------- rewards without a gradient
+def to_uint8(images: torch.Tensor):
+    """(..., 3, H, W) in [0,1] (images, or videos (B, F, 3, H, W)) -> a uint8 numpy array (..., H, W, 3), rounded as
+    diffusers' pipelines and DDPO do ((x * 255).round())."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
 def tensor_to_pil(images: torch.Tensor) -> list:
-    """(B,3,H,W) in [0,1] -> RGB PIL images, rounded to uint8 as diffusers' pipelines and DDPO do ((x * 255).round()),
-    for scorers that read PIL images (``score``)."""
+    """(B,3,H,W) in [0,1] -> RGB PIL images (`to_uint8`), for scorers that read PIL images (``score``)."""
     from PIL import Image
 
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]  # (H, W, 3) each
+    return [Image.fromarray(a) for a in to_uint8(images)]  # (H, W, 3) each
 
 
 def no_gradient_error(names: Sequence[str], spec: Optional[str] = None) -> UsageError:

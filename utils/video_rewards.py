@@ -1,10 +1,12 @@
 """Rewards of videos from the image rewards of utils/rewards.py: the image reward averaged over a subset of a video's
 frames, and a temporal-consistency term. Training (train_draftp.py, with gradient) and evaluation (evaluate.py, each
 frame's score) share them."""
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from .rewards import WeightedSum
 from .wan_decode import decode_first_frames
 
 
@@ -37,6 +39,33 @@ def score_frames(scorer, videos, prompts: Sequence[str], frame_ids: Sequence[int
     n = len(frame_ids)
     scores = scorer.score([Image.fromarray(video[f]) for video in videos for f in frame_ids], frame_prompts(prompts, n))
     return [scores[k * n : (k + 1) * n] for k in range(len(videos))]
+
+
+def score_videos(scorer, videos, prompts: Sequence[str], frame_ids: Sequence[int]) -> List[float]:
+    """One score per video, without gradient: a reward that reads whole videos (`takes_videos`, e.g. the toy video
+    judge) takes each uint8 video (F, H, W, 3) as it is, an image reward is averaged over frames `frame_ids`
+    (`score_frames`), and a weighted sum scores each of its parts its own way."""
+    if isinstance(scorer, WeightedSum):
+        per_part = [[scorer.weights[part.name] * v for v in score_videos(part, videos, prompts, frame_ids)]
+                    for part in scorer.scorers]
+        return [math.fsum(values) for values in zip(*per_part)]
+    if scorer.takes_videos:
+        return scorer.score(list(videos), prompts)
+    return [math.fsum(scores) / len(scores) for scores in score_frames(scorer, videos, prompts, frame_ids)]
+
+
+def reads_videos(scorer) -> bool:
+    """Whether `scorer`, or a part of its weighted sum, scores whole videos rather than frames."""
+    return any(part.takes_videos for part in (scorer.scorers if isinstance(scorer, WeightedSum) else [scorer]))
+
+
+def validation_frames(images: dict, prompts, seeds, count: int = 4):
+    """Videos as a grid of images: `count` frames spread evenly over each video (first and last included) side by
+    side, one column each, labelled with the prompt and the frame. images {row: (P, F, 3, H, W)} -> {row: (P * n, 3,
+    H, W)}, and the columns' prompts and seeds."""
+    shown = evenly_spaced_frames(next(iter(images.values())).shape[1], count)
+    flat = {name: v[:, shown].flatten(0, 1) for name, v in images.items()}
+    return (flat, [f"{p} (frame {k})" for p in prompts for k in shown], [s for s in seeds for _ in shown])
 
 
 def frame_reward(scorer, frames: torch.Tensor, prompts: Sequence[str],

@@ -110,6 +110,8 @@ class _VideoJudgeReward(JudgeReward):
     """score(videos, prompts): one video per prompt in any of the video judge's formats (utils/toy/video_world.py),
     not a PIL image, so the judge takes it as it is."""
 
+    takes_videos = True
+
     def _score_pil(self, videos, prompts):
         self.judge.check_prompts(prompts)
         return [self.judge.judge(video, prompt) for video, prompt in zip(videos, prompts)]

@@ -120,6 +120,18 @@ def add_reward_args(parser: argparse.ArgumentParser, what: str = ""):
     return g
 
 
+def add_video_args(parser: argparse.ArgumentParser, reward_frames_help: str):
+    """--num_frames and --reward_frames (video models only), `reward_frames_help` saying which frames a script scores."""
+    from ..flow import DEFAULT_NUM_FRAMES
+
+    g = parser.add_argument_group("video (Wan 2.1)")
+    g.add_argument("--num_frames", type=int, default=None,
+                   help=f"frames per video, 1 + 4k (Wan's VAE keeps the first frame and packs each 4 after it into one "
+                        f"latent frame); default: the pipeline's ({DEFAULT_NUM_FRAMES['wan']}). Video models only")
+    g.add_argument("--reward_frames", type=int, default=None, help=reward_frames_help + ". Video models only")
+    return g
+
+
 def parse_int_pair(text: str):
     """"A,B" -> (A, B), two integers (--truncation_steps_random MIN,MAX, --sde_window START,END)."""
     try:
