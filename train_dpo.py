@@ -49,9 +49,10 @@ import torch.nn.functional as F
 
 from utils import UsageError
 from utils.cli import ArgumentParser
-from utils.data import (CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, GlobalBatchSampler, ImagePairDataset,
-                        PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows, check_some_row_readable,
-                        collate_images, next_batch, open_image_dataset, require_columns, select_pairs)
+from utils.data import (CAPTION_COLUMN, LABEL_COLUMN, PAIR_COLUMNS, BucketBatchSampler, GlobalBatchSampler,
+                        ImagePairDataset, PosteriorCache, SkipCachedSampler, check_bad_rows, check_enough_rows,
+                        check_some_row_readable, collate_images, next_batch, open_image_dataset, require_columns,
+                        select_pairs)
 from utils.denoising import (FLOW_TIMESTEP_DEFAULTS, TIMESTEP_BIAS_STRATEGIES, ZERO_TERMINAL_SNR_HELP,
                              default_train_guidance, encode_batch, family_noising, per_sample_error,
                              rescale_zero_terminal_snr, timestep_bias_weights)
@@ -401,7 +402,8 @@ def main(args):
     resolution = args.resolution or parts.default_resolution
     latent_shape = data.preencoded.latent_shape if data.preencoded else parts.latent_shape(resolution)
     n_images = 1 if args.sft else 2  # images per row that the loss sees (winner, loser)
-    size = "the pre-encoded size" if data.preencoded else f"{resolution}px"
+    size = f"{resolution}px" if not data.preencoded else "the pre-encoded size" if latent_shape else \
+        f"the pre-encoded size buckets {', '.join(data.preencoded.bucket_names)} (one per batch)"
     logger.info(f"{parts.name} at {size}, {'SFT' if args.sft else 'DPO'}, "
                 f"{'LoRA rank ' + str(args.lora_rank) if args.use_lora else 'full UNet'}, beta {args.beta_dpo}, "
                 f"loss {args.loss_type}, choice model {args.choice_model}")
@@ -410,7 +412,8 @@ def main(args):
     # ---- optimizer, accelerate, resume, and this process's batches from the step we start at
     unet = run.prepare(unet, frozen_unet, is_sdxl=parts.is_sdxl, defer_loss_check=args.defer_loss_check)
     trained = run.trained
-    loader, cache = make_loader(args, run, dataset, parts.vae.dtype, latent_shape, n_images)
+    loader, cache = make_loader(args, run, dataset, parts.vae.dtype, latent_shape, n_images,
+                                data.preencoded.buckets if data.preencoded else None)
     train_unet = compile_training_unet(unet, args.compile_unet)  # the loss's forward; `unet` keeps DDP's no_sync
     reference_unet = reference_model(trained, frozen_unet)  # LoRA: adapters off; full: the frozen copy
     noising = family_noising(parts, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
@@ -433,20 +436,24 @@ def main(args):
     for step in run.steps():
         bad_rows = 0
         for micro in run.micro_steps():
+            with run.waiting_for_data():
+                batch = next_batch(loader)
+            # pre-encoded size buckets: the whole global batch is of one bucket (BucketBatchSampler), whose shape
+            # this process's latents give
+            shape = latent_shape or tuple(batch["latent_mean"].shape[2:])  # (C, f, h, w)
+
             # ---- noise and timesteps drawn for the whole global batch from (seed, step, micro), then sliced,
             # so resume and any number of processes see the same numbers
             g = step_generator(args.seed, step, micro)
             timesteps = noising.draw(run.global_batch, g)[run.rows]
-            noise = torch.randn(run.global_batch, *latent_shape, generator=g)[run.rows]
-            offset = torch.randn(run.global_batch, latent_shape[0], *[1] * (len(latent_shape) - 1),
+            noise = torch.randn(run.global_batch, *shape, generator=g)[run.rows]
+            offset = torch.randn(run.global_batch, shape[0], *[1] * (len(shape) - 1),
                                  generator=g)[run.rows]  # per channel: (B, C, 1, 1), videos (B, C, 1, 1, 1)
-            posterior_eps = torch.randn(run.global_batch, 2, *latent_shape, generator=g)[run.rows]  # VAE posterior
+            posterior_eps = torch.randn(run.global_batch, 2, *shape, generator=g)[run.rows]  # VAE posterior
             noise = (noise + args.noise_offset * offset).to(device)  # offset noise: crosslabs.org/blog/diffusion-with-offset-noise
             timesteps = timesteps.to(device)
 
             # ---- encode: order by the scoring model, images -> latents, captions -> text conditioning
-            with run.waiting_for_data():
-                batch = next_batch(loader)
             bad_rows += sum(len(b) for b in batch.get("bad_rows", []))  # replaced by readable rows in the dataset
             if "pil" in batch:
                 batch = swap_pairs(batch, choose_winners(scorer, batch))
@@ -541,11 +548,17 @@ def build_dataset(args, data: TrainingData, resolution: int, scorer, n_images: i
     return dataset
 
 
-def make_loader(args, run, dataset, vae_dtype, latent_shape, n_images: int):
+def make_loader(args, run, dataset, vae_dtype, latent_shape, n_images: int, buckets=None):
     """This process's batches (our own sharding, not accelerate's: its slice of each global batch, from the step the
-    run starts at) and the VAE posterior cache (--latent_cache; None when off)."""
-    sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, run.num_processes, run.process_index, args.seed,
-                                 run.start_step * args.gradient_accumulation_steps)
+    run starts at) and the VAE posterior cache (--latent_cache; None when off). `buckets` (pre-encoded size buckets,
+    each row's): every global batch from one bucket."""
+    start = run.start_step * args.gradient_accumulation_steps
+    if buckets is None:
+        sampler = GlobalBatchSampler(len(dataset), args.train_batch_size, run.num_processes, run.process_index,
+                                     args.seed, start)
+    else:
+        sampler = BucketBatchSampler(buckets, args.train_batch_size, run.num_processes, run.process_index, args.seed,
+                                     start)
     # one posterior per image and flip: not with a crop per draw, a scorer reading every image, or latents cached
     cacheable = not (args.cache_latents or args.random_crop or args.choice_model)
     cache = None

@@ -139,6 +139,7 @@ def _prompts_from_datasets(source, column, split):
 PAIR_COLUMNS = ("jpg_0", "jpg_1")  # Pick-a-Pic v2 column names: the defaults of the column flags
 LABEL_COLUMN, CAPTION_COLUMN = "label_0", "caption"
 AUGMENT_TAG, PERMUTE_TAG = 104729, 7919  # make the data streams' seeds differ from the noise stream's
+BUCKET_TAG = 6563  # the order of the size buckets' batches (BucketBatchSampler)
 CACHE_STEP = -1  # micro-step of the keys used to build a latent cache: one fixed augmentation per row
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -592,6 +593,42 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             positions = self.global_positions(micro_step)
             yield [(int(positions[r]), micro_step, r) for r in self.mine]
             micro_step += 1
+
+
+class BucketBatchSampler(GlobalBatchSampler):
+    """GlobalBatchSampler for rows of several sizes (pre-encoded video buckets, `groups`: each position's bucket):
+    every global batch comes from one bucket, so its latents stack and share one noise shape on every process.
+
+    Each epoch permutes the positions of each bucket (seeded by epoch and bucket) and cuts them into global batches,
+    the last incomplete one of each bucket dropped (GlobalBatchSampler drops the epoch's); a seeded permutation of all
+    these batches then orders the epoch. The batch of a micro-step is a function of (seed, micro_step), so resuming at
+    `start_micro_step` and any number of processes with the same global batch see the same rows."""
+
+    def __init__(self, groups, per_process: int, num_processes: int = 1, process_index: int = 0, seed: int = 0,
+                 start_micro_step: int = 0):
+        self.groups = np.asarray(groups)
+        self.global_batch = per_process * num_processes
+        self.per_epoch = int((np.bincount(self.groups) // self.global_batch).sum())
+        if self.per_epoch == 0:
+            raise UsageError(f"no bucket holds one global batch ({num_processes} processes x --train_batch_size "
+                             f"{per_process}) of rows: every batch comes from one bucket")
+        self.num_rows, self.seed, self.start = len(self.groups), seed, start_micro_step
+        self.mine = range(process_index * per_process, (process_index + 1) * per_process)
+        self._epoch, self._batches = None, None
+
+    def global_positions(self, micro_step: int) -> torch.Tensor:
+        epoch, k = divmod(micro_step, self.per_epoch)
+        if self._epoch != epoch:
+            batches = []
+            for group in np.unique(self.groups):
+                positions = torch.from_numpy(np.nonzero(self.groups == group)[0])
+                g = step_generator(self.seed, PERMUTE_TAG, epoch, int(group))
+                positions = positions[torch.randperm(len(positions), generator=g)]
+                batches += [positions[i:i + self.global_batch]
+                            for i in range(0, len(positions) - self.global_batch + 1, self.global_batch)]
+            order = torch.randperm(len(batches), generator=step_generator(self.seed, BUCKET_TAG, epoch))
+            self._epoch, self._batches = epoch, [batches[i] for i in order]
+        return self._batches[k]
 
 
 def next_batch(iterator):

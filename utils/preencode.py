@@ -6,6 +6,7 @@ pre-encoded .meta files).
     python -m utils.preencode --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
         --dataset_name clips/captions.jsonl --num_frames 81 --height 480 --width 832 --output_dir data/wan-clips
     python -m utils.preencode ... --dataset_name "shards/clips-*.tar"  # webdataset: key.mp4 + key.txt (or key.json)
+    python -m utils.preencode ... --buckets 480x832 832x480 624x624   # size buckets instead of --height / --width
     accelerate launch --num_processes 8 -m utils.preencode ...      # each process encodes every 8th shard
     accelerate launch train_dpo.py --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --sft \
         --dataset_name data/wan-clips --use_lora --mixed_precision bf16 ...
@@ -17,6 +18,8 @@ import io
 import json
 import logging
 import os
+import re
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from .preencoded import EMPTY_PROMPT, FORMAT, MANIFEST, config_hash, module_fing
 
 logger = logging.getLogger("preencode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIZE_MULTIPLE = 16  # pixels: Wan's VAE downsamples 8x and its transformer packs 2x2 latents into one token
 
 
 def parse_args(argv=None):
@@ -65,6 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=None, help="pixels (default --resolution, else WanPipeline's 480)")
     p.add_argument("--width", type=int, default=None, help="pixels (default --resolution, else WanPipeline's 832)")
     p.add_argument("--resolution", type=int, default=None, help="square videos of this side")
+    p.add_argument("--buckets", nargs="+", default=None, metavar="HxW",
+                   help="size buckets in pixels instead of one size, e.g. 480x832 832x480 624x624 (multiples of 16): "
+                        "each video goes to the bucket whose aspect ratio is nearest its own (on a tie, the one listed "
+                        "first; pairs: the first video's bucket, both videos cropped to it), is scaled to cover it and "
+                        "cropped at the centre; each shard holds one bucket, and train_dpo.py draws every batch from "
+                        "one bucket")
     p.add_argument("--rows_per_shard", type=int, default=64, help="rows per safetensors shard (the unit of resume)")
     p.add_argument("--batch_size", type=int, default=1, help="videos per VAE / text-encoder call, per process")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
@@ -74,6 +84,11 @@ def parse_args(argv=None):
                         "by a process in this run (default: no limit)")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
+    if args.buckets is not None:
+        given = [f"--{f}" for f in ("height", "width", "resolution") if getattr(args, f)]
+        if given:
+            raise UsageError(f"{', '.join(given)} and --buckets: the buckets are the sizes; drop {', '.join(given)}")
+        args.buckets = parse_buckets(args.buckets)
     args.height = args.height or args.resolution or 480
     args.width = args.width or args.resolution or 832
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
@@ -84,7 +99,46 @@ def parse_args(argv=None):
                          f"{args.height} x {args.width}")
     if min(args.frame_stride, args.rows_per_shard, args.batch_size) < 1:
         raise UsageError("--frame_stride, --rows_per_shard and --batch_size must be >= 1")
+    if args.buckets is not None:
+        args.height = args.width = None  # each bucket has its own size
     return args
+
+
+def parse_buckets(values) -> list:
+    """[(height, width)] of --buckets' HxW values, checked: both positive multiples of SIZE_MULTIPLE, no two buckets of
+    one aspect ratio (the later one would never be chosen)."""
+    def nearest(n):
+        return max(SIZE_MULTIPLE, round(n / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+    buckets = []
+    for value in values:
+        m = re.fullmatch(r"(\d+)x(\d+)", value)
+        if not m or any(int(n) % SIZE_MULTIPLE or int(n) < SIZE_MULTIPLE for n in m.groups()):
+            right = f"e.g. {nearest(int(m[1]))}x{nearest(int(m[2]))}" if m else "e.g. 480x832"
+            raise UsageError(f"--buckets {value}: each bucket is HEIGHTxWIDTH in pixels, both positive multiples of "
+                             f"{SIZE_MULTIPLE} (Wan's 8x VAE times its 2x2 patches): {right}")
+        buckets.append((int(m[1]), int(m[2])))
+    for i, (h, w) in enumerate(buckets):
+        for h2, w2 in buckets[:i]:
+            if h * w2 == w * h2:
+                raise UsageError(f"--buckets {h2}x{w2} and {h}x{w} have one aspect ratio: every video would go to the "
+                                 f"first; keep one")
+    return buckets
+
+
+def bucket_name(bucket) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+def nearest_bucket(height: int, width: int, buckets) -> int:
+    """The index of the bucket whose aspect ratio is nearest height / width: the smallest ratio of the two aspect
+    ratios, larger over smaller (|log| distance: 2:1 is as far from 1:1 as 1:2 is), compared exactly as fractions; on a
+    tie (a square video between 480x832 and 832x480) the bucket listed first."""
+    def distance(bucket):
+        a, b = height * bucket[1], width * bucket[0]
+        return Fraction(max(a, b), min(a, b))
+
+    return min(range(len(buckets)), key=lambda i: distance(buckets[i]))
 
 
 # --------------------------------------------------------------------------- sources
@@ -176,40 +230,15 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
 
 
 # --------------------------------------------------------------------------- encoding
-@torch.no_grad()
-def encode_rows(parts, args, ds, rows, base_dir, video_columns):
-    """Encode the readable rows of `rows`: (tensors of the shard, captions, source rows kept, [(row, reason)] bad)."""
+def pack_rows(rows: dict, pairs: bool, n_videos: int, dtype, parts):
+    """The tensors of one shard from the moments, captions and labels of its rows (`encode_rows`' lists)."""
     from .flow import MAX_SEQUENCE_LENGTH, encode_wan_prompts
 
-    means, stds, labels, captions, kept, bad = [], [], [], [], [], []
-    for start in range(0, len(rows), args.batch_size):
-        videos = []
-        for row in rows[start:start + args.batch_size]:
-            item = ds[int(row)]
-            try:
-                caption = item[args.caption_column]
-                if not isinstance(caption, str):
-                    raise BadRow(f"caption is {type(caption).__name__}, not a string")
-                pixels = [resize_center_crop(read_frames(item[c], base_dir, args.num_frames, args.frame_stride),
-                                             args.height, args.width) for c in video_columns]
-            except BadRow as e:
-                bad.append((int(row), str(e)))
-                logger.warning(f"row {row} skipped: {e}")
-                continue
-            videos.append(torch.stack(pixels))  # (n, 3, F, H, W)
-            captions.append(caption)
-            kept.append(int(row))
-            if args.pairs:
-                labels.append(float(item[args.label_column]))
-        if videos:
-            mean, std = vae_moments(parts.vae, torch.stack(videos))  # each (B, n, C, f, h, w) float32
-            means.append(mean)
-            stds.append(std)
-    dtype = DTYPES[args.dtype]
     tensors = {}
-    for v in range(len(video_columns)):
-        for name, parts_list in (("mean", means), ("std", stds)):
-            tensors[f"latents_{v}_{name}"] = (torch.cat(parts_list)[:, v] if parts_list else torch.zeros(0)).to(dtype)
+    for v in range(n_videos):
+        for name in ("mean", "std"):
+            tensors[f"latents_{v}_{name}"] = (torch.cat(rows[name])[:, v] if rows[name] else torch.zeros(0)).to(dtype)
+    captions = rows["captions"]
     device = next(parts.text_encoders[0].parameters()).device
     embeds = encode_wan_prompts(parts.tokenizers[0], parts.text_encoders[0], captions, MAX_SEQUENCE_LENGTH["wan"],
                                 device) if captions else torch.zeros(0, 0, 1)
@@ -217,17 +246,61 @@ def encode_rows(parts, args, ds, rows, base_dir, video_columns):
     # the rows past every prompt's end are zeros: keep the longest prompt's tokens only (a 20-token caption: 25x less)
     tensors["prompt_embeds"] = embeds[:, :int(lengths.max()) if len(lengths) else 0].to("cpu", dtype).contiguous()
     tensors["prompt_length"] = lengths.cpu()
-    if args.pairs:
-        tensors["label_0"] = torch.tensor(labels, dtype=torch.float32)
-    return {k: v.cpu().contiguous() for k, v in tensors.items()}, captions, kept, bad
+    if pairs:
+        tensors["label_0"] = torch.tensor(rows["labels"], dtype=torch.float32)
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
 
 
-def settings_of(args, parts, latent_shape) -> dict:
+@torch.no_grad()
+def encode_rows(parts, args, ds, rows, base_dir, video_columns):
+    """Encode the readable rows of `rows`, `args.batch_size` source rows at a time (with --buckets, those rows' videos
+    of each bucket in one VAE call). Returns ({bucket index: (tensors of its shard, captions, source rows kept)},
+    [(row, reason)] bad); bucket 0 with no rows when none was readable (the file that records the bad rows)."""
+    def no_rows():
+        return {"mean": [], "std": [], "labels": [], "captions": [], "kept": []}
+
+    sizes = args.buckets or [(args.height, args.width)]
+    found, bad = {}, []
+    for start in range(0, len(rows), args.batch_size):
+        videos = {}  # bucket index -> [(n, 3, F, H, W)]
+        for row in rows[start:start + args.batch_size]:
+            item = ds[int(row)]
+            try:
+                caption = item[args.caption_column]
+                if not isinstance(caption, str):
+                    raise BadRow(f"caption is {type(caption).__name__}, not a string")
+                frames = [read_frames(item[c], base_dir, args.num_frames, args.frame_stride) for c in video_columns]
+            except BadRow as e:
+                bad.append((int(row), str(e)))
+                logger.warning(f"row {row} skipped: {e}")
+                continue
+            b = nearest_bucket(*frames[0].shape[1:3], sizes) if args.buckets else 0  # pairs: the first video's
+            videos.setdefault(b, []).append(torch.stack([resize_center_crop(f, *sizes[b]) for f in frames]))
+            kept = found.setdefault(b, no_rows())
+            kept["captions"].append(caption)
+            kept["kept"].append(int(row))
+            if args.pairs:
+                kept["labels"].append(float(item[args.label_column]))
+        for b, batch in videos.items():
+            mean, std = vae_moments(parts.vae, torch.stack(batch))  # each (B, n, C, f, h, w) float32
+            found[b]["mean"].append(mean)
+            found[b]["std"].append(std)
+    found = found or {0: no_rows()}
+    shards = {b: (pack_rows(found[b], args.pairs, len(video_columns), DTYPES[args.dtype], parts), found[b]["captions"],
+                  found[b]["kept"]) for b in sorted(found)}
+    return shards, bad
+
+
+def settings_of(args, parts, latent_shape, bucket_shapes=None) -> dict:
     """What the shards' numbers depend on: a resume with other settings is refused, and training checks the VAE and
-    text encoder (`utils.preencoded.check_encoders`)."""
+    text encoder (`utils.preencoded.check_encoders`). With --buckets, `latent_shape` is None and `bucket_shapes` holds
+    each bucket's latent shape."""
     from .flow import MAX_SEQUENCE_LENGTH
 
     text_encoder = parts.text_encoders[0]
+    buckets = {} if args.buckets is None else {"buckets": [
+        {"size": bucket_name(b), "height": b[0], "width": b[1], "latent_shape": list(shape)}
+        for b, shape in zip(args.buckets, bucket_shapes)]}
     return {
         "format": FORMAT, "family": parts.family, "model": args.pretrained_model_name_or_path,
         "revision": args.revision, "variant": args.variant,
@@ -238,8 +311,8 @@ def settings_of(args, parts, latent_shape) -> dict:
         "columns": {"video": [args.video_0_column, args.video_1_column] if args.pairs else [args.video_column],
                     "caption": args.caption_column, **({"label": args.label_column} if args.pairs else {})},
         "num_frames": args.num_frames, "frame_stride": args.frame_stride, "height": args.height, "width": args.width,
-        "latent_shape": list(latent_shape), "dtype": args.dtype, "max_sequence_length": MAX_SEQUENCE_LENGTH["wan"],
-        "rows_per_shard": args.rows_per_shard,
+        "latent_shape": None if latent_shape is None else list(latent_shape), **buckets, "dtype": args.dtype,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH["wan"], "rows_per_shard": args.rows_per_shard,
         # The posterior's mean and std, not one sample: training draws a fresh sample every time it sees a video, as
         # train_dpo.py does from pixels (and finetrainers from its precomputed moments); one fixed sample would train
         # on the same latent every epoch. Costs twice the disk of a sample.
@@ -247,8 +320,25 @@ def settings_of(args, parts, latent_shape) -> dict:
     }
 
 
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
+def shard_name(k: int, bucket=None) -> str:
+    """Shard k holds source rows k * rows_per_shard onwards; with --buckets, those of them in `bucket`."""
+    return f"shard-{k:05d}.safetensors" if bucket is None else f"shard-{k:05d}-{bucket_name(bucket)}.safetensors"
+
+
+def chunk_files(folder: str, k: int, bucketed: bool):
+    """The shard files of source rows k * rows_per_shard onwards once all are written, else None. With --buckets they
+    are one file per bucket that holds any of those rows, each naming all of them (their metadata's "chunk"): a run cut
+    off between two of them writes them all again."""
+    from safetensors import safe_open
+
+    if not bucketed:
+        return [shard_name(k)] if os.path.exists(os.path.join(folder, shard_name(k))) else None
+    written = sorted(glob.glob(os.path.join(glob.escape(folder), f"shard-{k:05d}-*.safetensors")))
+    if not written:
+        return None
+    with safe_open(written[0], "pt") as f:
+        files = json.loads(f.metadata()["chunk"])
+    return files if all(os.path.exists(os.path.join(folder, name)) for name in files) else None
 
 
 def check_earlier_shards(folder: str, settings: dict):
@@ -259,31 +349,46 @@ def check_earlier_shards(folder: str, settings: dict):
     for name in sorted(os.listdir(folder)):
         if name.startswith("shard-") and name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), "pt") as f:
-                if json.loads(f.metadata()["settings"]) != settings:
-                    raise UsageError(f"--output_dir {folder} holds shards encoded with other settings (model, frames, "
-                                     f"size, source, columns or dtype: {name}); use another --output_dir or empty it")
+                theirs = json.loads(f.metadata()["settings"])
+            if theirs != settings:
+                differ = sorted(k for k in {**theirs, **settings} if theirs.get(k) != settings.get(k))
+                raise UsageError(f"--output_dir {folder} holds shards encoded with other settings ({name}: "
+                                 f"{', '.join(differ)}; e.g. model, frames, size or --buckets, source, columns or "
+                                 f"dtype); use another --output_dir or empty it")
 
 
-def write_shard(path: str, tensors: dict, settings: dict, captions, kept, bad):
+def write_shard(path: str, tensors: dict, settings: dict, captions, kept, bad, **bucketed):
+    """One shard file; with --buckets, `bucketed` puts its "bucket" and the "chunk" of files written with it in its
+    metadata."""
     from safetensors.torch import save_file
 
     tmp = path + ".partial"  # rewritten by a rerun; renamed only when complete
     save_file(tensors, tmp, metadata={"settings": json.dumps(settings), "captions": json.dumps(captions),
-                                      "rows": json.dumps(kept), "bad": json.dumps(bad)})
+                                      "rows": json.dumps(kept), "bad": json.dumps(bad),
+                                      **{k: json.dumps(v) for k, v in bucketed.items()}})
     os.replace(tmp, path)
 
 
 def write_manifest(folder: str, settings: dict, num_shards: int):
-    """The main process, once every shard is written: the settings, each shard's rows, the bad rows."""
+    """The main process, once every shard is written: the settings, each shard's rows (and bucket, with its latent
+    shape), the bad rows, and with --buckets how many rows each bucket holds."""
     from safetensors import safe_open
 
+    buckets = {b["size"]: b for b in settings.get("buckets", [])}
     shards, bad = [], []
     for k in range(num_shards):
-        with safe_open(os.path.join(folder, shard_name(k)), "pt") as f:
-            meta = f.metadata()
-        shards.append({"file": shard_name(k), "rows": len(json.loads(meta["rows"]))})
-        bad += json.loads(meta["bad"])
+        for name in chunk_files(folder, k, bool(buckets)):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                meta = f.metadata()
+            shards.append({"file": name, "rows": len(json.loads(meta["rows"]))})
+            if buckets:
+                bucket = json.loads(meta["bucket"])
+                shards[-1].update(bucket=bucket, latent_shape=buckets[bucket]["latent_shape"])
+            bad += json.loads(meta["bad"])
     manifest = {**settings, "num_rows": sum(s["rows"] for s in shards), "bad_rows": bad, "shards": shards}
+    if buckets:
+        manifest["buckets"] = [{**b, "rows": sum(s["rows"] for s in shards if s["bucket"] == b["size"])}
+                               for b in settings["buckets"]]
     with open(os.path.join(folder, MANIFEST + ".partial"), "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(os.path.join(folder, MANIFEST + ".partial"), os.path.join(folder, MANIFEST))
@@ -310,33 +415,47 @@ def main(args):
         raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: utils.preencode "
                          f"encodes videos for Wan 2.1 pipelines; this one is {family}")
     parts = load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
-    channels, frames = parts.latent_shape(args.height, args.num_frames)[:2]
-    latent_shape = (channels, frames, args.height // parts.vae_scale_factor, args.width // parts.vae_scale_factor)
-    settings = settings_of(args, parts, latent_shape)  # fingerprints of the float32 weights, before the cast
+    channels, frames = parts.latent_shape(args.height or SIZE_MULTIPLE, args.num_frames)[:2]
+    shapes = [(channels, frames, h // parts.vae_scale_factor, w // parts.vae_scale_factor)
+              for h, w in args.buckets or [(args.height, args.width)]]
+    latent_shape = None if args.buckets else shapes[0]
+    # fingerprints of the float32 weights, before the cast
+    settings = settings_of(args, parts, latent_shape, shapes if args.buckets else None)
     freeze_frozen_parts(parts, state.device, DTYPES[args.dtype])
     os.makedirs(args.output_dir, exist_ok=True)
     check_earlier_shards(args.output_dir, settings)
     num_shards = -(-len(ds) // args.rows_per_shard)
     mine = range(state.process_index, num_shards, state.num_processes)
     if state.is_main_process:
-        logger.info(f"{len(ds)} rows from {where} in {num_shards} shards of {args.rows_per_shard}; "
-                    f"{state.num_processes} processes; {args.num_frames} frames every {args.frame_stride} at "
-                    f"{args.height}x{args.width} -> latents {latent_shape}")
+        sizes = (f"{args.height}x{args.width} -> latents {latent_shape}" if not args.buckets else "buckets " +
+                 ", ".join(f"{bucket_name(b)} -> latents {shape}" for b, shape in zip(args.buckets, shapes)))
+        logger.info(f"{len(ds)} rows from {where} in {num_shards} shards of {args.rows_per_shard}"
+                    f"{' (one file per bucket each)' if args.buckets else ''}; {state.num_processes} processes; "
+                    f"{args.num_frames} frames every {args.frame_stride} at {sizes}")
         empty = encode_wan_prompts(parts.tokenizers[0], parts.text_encoders[0], [""], MAX_SEQUENCE_LENGTH["wan"],
                                    state.device)
         save_file({"prompt_embeds": empty.to("cpu", DTYPES[args.dtype]).contiguous()},
                   os.path.join(args.output_dir, EMPTY_PROMPT))
     n_bad = 0
     for k in mine:
-        path = os.path.join(args.output_dir, shard_name(k))
-        if os.path.exists(path):  # complete: shards are renamed into place when written
-            logger.info(f"{shard_name(k)} already written: skipped")
+        if chunk_files(args.output_dir, k, bool(args.buckets)):  # complete: shards are renamed into place when written
+            logger.info(f"{shard_name(k) if not args.buckets else f'shard-{k:05d}-*'} already written: skipped")
             continue
         rows = np.arange(k * args.rows_per_shard, min((k + 1) * args.rows_per_shard, len(ds)))
-        tensors, captions, kept, bad = encode_rows(parts, args, ds, rows, base_dir, video_columns)
-        write_shard(path, tensors, settings, captions, kept, bad)
+        shards, bad = encode_rows(parts, args, ds, rows, base_dir, video_columns)
+        if not args.buckets:
+            [(tensors, captions, kept)] = shards.values()
+            write_shard(os.path.join(args.output_dir, shard_name(k)), tensors, settings, captions, kept, bad)
+            logger.info(f"{shard_name(k)}: {len(kept)} rows, {len(bad)} skipped")
+        else:
+            names = [shard_name(k, args.buckets[b]) for b in shards]
+            for i, (b, (tensors, captions, kept)) in enumerate(shards.items()):  # the bad rows in the first file
+                write_shard(os.path.join(args.output_dir, names[i]), tensors, settings, captions, kept,
+                            bad if i == 0 else [], bucket=bucket_name(args.buckets[b]), chunk=names)
+            logger.info(f"{shard_name(k)}: " + ", ".join(f"{bucket_name(args.buckets[b])} {len(kept)} rows"
+                                                         for b, (_, _, kept) in shards.items()) +
+                        f", {len(bad)} skipped")
         n_bad += len(bad)
-        logger.info(f"{shard_name(k)}: {len(kept)} rows, {len(bad)} skipped")
         if args.max_bad_rows is not None and n_bad > args.max_bad_rows:
             raise UsageError(f"{n_bad} unreadable videos skipped by this process, more than --max_bad_rows "
                              f"{args.max_bad_rows} (each named above); fix or drop them, then rerun: finished shards "

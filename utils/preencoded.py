@@ -3,6 +3,7 @@ come from the run's own VAE and text encoder, and the dataset of stored VAE post
 train_dpo.py reads instead of pixels and captions."""
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from . import UsageError
 from .data import AUGMENT_TAG, check_enough_rows, select_pairs
 from .seeding import step_generator
 
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"  # the "" embedding: CFG dropout (--proportion_empty_prompts) in training
 FORMAT = 1
@@ -81,13 +83,19 @@ class PreencodedData:
     winner_first: np.ndarray
     captions: list
     n_ties: int
+    buckets: np.ndarray = None  # per kept row, its bucket's index in the manifest's "buckets" (None: one size)
 
     def __len__(self):  # rows in the folder, before ties are dropped
         return self.manifest["num_rows"]
 
     @property
-    def latent_shape(self) -> tuple:
-        return tuple(self.manifest["latent_shape"])
+    def latent_shape(self):
+        """(C, f, h, w) of every row; None for a folder of size buckets, whose batches each carry their own."""
+        return None if self.buckets is not None else tuple(self.manifest["latent_shape"])
+
+    @property
+    def bucket_names(self) -> list:
+        return [b["size"] for b in self.manifest.get("buckets", [])]
 
     def dataset(self, n_videos: int, proportion_empty: float, seed: int) -> "PreencodedDataset":
         from safetensors.torch import load_file
@@ -103,7 +111,8 @@ def open_preencoded(folder: str, max_samples, seed: int) -> PreencodedData:
     from safetensors import safe_open
 
     manifest = read_manifest(folder)
-    index, labels, captions = [], [], []
+    bucket_index = {b["size"]: i for i, b in enumerate(manifest.get("buckets", []))}
+    index, labels, captions, buckets = [], [], [], []
     for shard in manifest["shards"]:
         with safe_open(os.path.join(folder, shard["file"]), "pt") as f:
             shard_captions = json.loads(f.metadata()["captions"])
@@ -111,9 +120,12 @@ def open_preencoded(folder: str, max_samples, seed: int) -> PreencodedData:
                 labels += f.get_tensor("label_0").tolist()
         index += [(shard["file"], i) for i in range(len(shard_captions))]
         captions += shard_captions
+        if bucket_index:
+            buckets += [bucket_index[shard["bucket"]]] * len(shard_captions)
     rows, winner_first, n_ties = (select_pairs({"label_0": labels}, "label_0", max_samples, seed) if manifest["pairs"]
                                   else select_pairs(index, None, max_samples, seed))
-    return PreencodedData(folder, manifest, [index[r] for r in rows], winner_first, [captions[r] for r in rows], n_ties)
+    return PreencodedData(folder, manifest, [index[r] for r in rows], winner_first, [captions[r] for r in rows], n_ties,
+                          np.asarray(buckets, dtype=np.int64)[rows] if bucket_index else None)
 
 
 def check_preencoded_args(args, data: PreencodedData):
@@ -130,8 +142,26 @@ def check_preencoded_args(args, data: PreencodedData):
         raise UsageError(f"{', '.join(given)}: {where} is pre-encoded (latents and prompt embeddings, frames and size "
                          f"fixed at encoding; no pixels): drop them")
     args.latent_cache = "off"  # the posteriors are stored already
-    check_enough_rows(len(data.index), args.train_batch_size, int(os.environ.get("WORLD_SIZE", 1)), data.n_ties,
-                      "label_0")
+    num_processes = int(os.environ.get("WORLD_SIZE", 1))
+    check_enough_rows(len(data.index), args.train_batch_size, num_processes, data.n_ties, "label_0")
+    if data.buckets is not None:
+        check_bucket_rows(data.buckets, data.bucket_names, args.train_batch_size, num_processes, where)
+
+
+def check_bucket_rows(buckets, names, per_process: int, num_processes: int, where: str):
+    """Every global batch comes from one bucket: at least one bucket must hold a global batch; a bucket holding fewer
+    rows is never trained on (named in a warning), and each bucket's last incomplete global batch is left out of each
+    epoch (as `utils.data.GlobalBatchSampler` leaves out the epoch's)."""
+    counts = np.bincount(buckets, minlength=len(names))
+    global_batch = per_process * num_processes
+    held = ", ".join(f"{name} {n}" for name, n in zip(names, counts))
+    if counts.max() < global_batch:
+        raise UsageError(f"{where}: every batch comes from one size bucket, and none holds a global batch "
+                         f"({num_processes} processes x --train_batch_size {per_process}) of usable rows ({held})")
+    small = [f"{name} ({n} rows)" for name, n in zip(names, counts) if 0 < n < global_batch]
+    if small:
+        logger.warning(f"{where}: buckets {', '.join(small)} hold fewer rows than a global batch of {global_batch}: "
+                       f"never trained on")
 
 
 class PreencodedDataset(torch.utils.data.Dataset):
