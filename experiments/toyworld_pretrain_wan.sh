@@ -7,14 +7,14 @@
 # target, logit-normal timesteps shifted by the scheduler's flow_shift, 1.0 here). Writes utils/toy/assets/toy-wan,
 # then samples it on the toyvideo prompt set with evaluate.py and prints the toy video judge's accuracy.
 #
-# Defaults: 8000 clips of 9 frames at 64 px (python -m utils.toy.video_world, about 40 ms a clip on one CPU core);
-# the VAE 3000 steps x 16 clips at lr 1e-3 (cosine) on the first 4000 clips, checked on 200 held-out ones (the judge's
-# accuracy on its reconstructions is printed); the transformer 5000 steps x 64 clips, lr 5e-4 cosine, 10 % empty
-# captions, float32; evaluation: the 270 toyvideo prompts x 2 seeds, 20 steps. Not yet timed on a GPU; on a 2-core CPU
+# Defaults: 8000 clips of 9 frames at 64 px (python -m utils.toy.video_world in 8 processes, about 40 ms a clip on
+# one CPU core); the VAE 3000 steps x 16 clips at lr 1e-3 (cosine) on the first 4000 clips, checked on 200 held-out
+# ones (the judge's accuracy on its reconstructions is printed); the transformer 5000 steps x 64 clips, lr 5e-4
+# cosine, 10 % empty captions, float32; evaluation: the 270 toyvideo prompts x 2 seeds, 20 steps. Not yet timed on a GPU; on a 2-core CPU
 # (shared with other jobs) a VAE step of 4 clips of 5 frames took about 10 CPU seconds, an SFT step of 16 clips about 4.
 # A smoke run of the whole chain on a CPU (tests/test_toyworld_wan.py runs this):
-#   WORK=/tmp/tww TOY_WAN=/tmp/tww/toy-wan NUM_CLIPS=24 VAE_STEPS=2 VAE_BATCH_SIZE=2 SFT_STEPS=2 TRAIN_BATCH_SIZE=2 \
-#     EVAL_PROMPTS=2 EVAL_SEEDS=1 EVAL_STEPS=2 bash experiments/toyworld_pretrain_wan.sh
+#   WORK=/tmp/tww TOY_WAN=/tmp/tww/toy-wan NUM_CLIPS=8 CLIP_JOBS=2 NUM_FRAMES=5 VAE_STEPS=2 VAE_BATCH_SIZE=1 \
+#     SFT_STEPS=2 TRAIN_BATCH_SIZE=2 EVAL_PROMPTS=1 EVAL_SEEDS=1 EVAL_STEPS=2 bash experiments/toyworld_pretrain_wan.sh
 # Extra flags go to train_dpo.py; with --resume_from_checkpoint latest the SFT continues where it stopped (the data,
 # the VAE, the initial pipeline and the pre-encoded folder are kept whenever they exist).
 set -euo pipefail
@@ -23,6 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=${WORK:-outputs/toyworld-pretrain-wan}
 TOY_WAN=${TOY_WAN:-utils/toy/assets/toy-wan}
 NUM_CLIPS=${NUM_CLIPS:-8000}
+CLIP_JOBS=${CLIP_JOBS:-8}         # processes writing clips
 NUM_FRAMES=${NUM_FRAMES:-9}      # 1 + 4k: Wan's VAE keeps the first frame and packs 4 into each latent frame after it
 SIZE=${SIZE:-64}                 # pixels; a multiple of 16, at least video_world's MIN_SIZE (56)
 VAE_STEPS=${VAE_STEPS:-3000}
@@ -37,8 +38,22 @@ EVAL_SEEDS=${EVAL_SEEDS:-2}
 EVAL_STEPS=${EVAL_STEPS:-20}
 PYTHON=${PYTHON:-python}
 
-[ -e "$WORK/clips" ] || $PYTHON -m utils.toy.video_world --output_dir "$WORK/clips" --num_clips "$NUM_CLIPS" \
-  --num_frames "$NUM_FRAMES" --size "$SIZE" --seed 0
+if [ ! -e "$WORK/clips/captions.jsonl" ]; then
+  # CLIP_JOBS writers in parallel, writer i seeded i and writing its share into part<i>/; one captions file lists
+  # them all with paths relative to it
+  rm -rf "$WORK/clips"
+  pids=()
+  for ((i = 0; i < CLIP_JOBS; i++)); do
+    $PYTHON -m utils.toy.video_world --output_dir "$WORK/clips/part$i" --num_clips $(((NUM_CLIPS + i) / CLIP_JOBS)) \
+      --num_frames "$NUM_FRAMES" --size "$SIZE" --seed "$i" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  for ((i = 0; i < CLIP_JOBS; i++)); do
+    sed "s#\"file\": \"#\"file\": \"part$i/#" "$WORK/clips/part$i/captions.jsonl"
+  done > "$WORK/clips/captions.tmp"
+  mv "$WORK/clips/captions.tmp" "$WORK/clips/captions.jsonl"
+fi
 echo "[$SECONDS s] clips ready"
 [ -e "$WORK/vae" ] || $PYTHON -m utils.toy.models train-wan-vae --data "$WORK/clips" --out "$WORK/vae" \
   --steps "$VAE_STEPS" --batch_size "$VAE_BATCH_SIZE" --max_clips "$VAE_CLIPS"

@@ -18,12 +18,15 @@ def test_pretrain_wan_script_writes_a_pipeline_that_loads_and_samples(tmp_path):
 
     toy_wan = tmp_path / "toy-wan"
     env = {**os.environ, "WORK": str(tmp_path / "work"), "TOY_WAN": str(toy_wan), "PYTHON": sys.executable,
-           "NUM_CLIPS": "8", "NUM_FRAMES": str(NUM_FRAMES), "SIZE": str(SIZE), "VAE_STEPS": "2", "VAE_BATCH_SIZE": "1",
-           "SFT_STEPS": "2", "TRAIN_BATCH_SIZE": "2", "EVAL_PROMPTS": "1", "EVAL_SEEDS": "1", "EVAL_STEPS": "2"}
+           "NUM_CLIPS": "8", "CLIP_JOBS": "2", "NUM_FRAMES": str(NUM_FRAMES), "SIZE": str(SIZE), "VAE_STEPS": "2",
+           "VAE_BATCH_SIZE": "1", "SFT_STEPS": "2", "TRAIN_BATCH_SIZE": "2", "EVAL_PROMPTS": "1", "EVAL_SEEDS": "1",
+           "EVAL_STEPS": "2"}
     proc = run_command(["bash", REPO_ROOT / "experiments" / "toyworld_pretrain_wan.sh"], timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "held-out clips the toy video judge reads" in proc.stdout  # the VAE's reconstruction check ran
     assert "toyvideo_acc" in proc.stdout  # evaluate.py's table, printed at the end
+    captions = (tmp_path / "work" / "clips" / "captions.jsonl").read_text().splitlines()
+    assert len(captions) == 8 and '"file": "part1/clips/00000.mp4"' in captions[4]  # both writers' shares, merged
 
     # the SFT-trained transformer, not the initial random one, went into the pipeline (stored in float16)
     from diffusers import WanTransformer3DModel
