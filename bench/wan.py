@@ -7,10 +7,12 @@ loop (bench/plain_wan_sft.py) in the same call.
     python3 bench/wan.py --out $OUT/w --sections draftp --deadline 470 --draftp_flags "--compile_sampler off"
     python3 bench/wan.py --out /tmp/wan-tiny --tiny                                      # here: tiny-wan on the CPU
 
-draftp goes last in the GPU call: it is the longest run (it loads the 5.7 B text encoder, and its default
---compile_sampler auto compiles the sampling transformer with CUDA graphs during the warm-up step), so a call that
-meets its --deadline there has every other row. The GPU call needs .bench_assets (bench/distributed.py --write_assets:
-the CLIP tokenizer and processor of the PickScore-size scorer) for draftp. Videos are written and read with PyAV where
+The first line is the whole benchmark in one call on one H100 or H200 (diffusers and datasets from .whl on PYTHONPATH,
+.bench_assets carried); the second measures DRaFT+ alone without the sampler's compilation. draftp goes last in the
+GPU call: it is the longest run (it loads the 5.7 B text encoder, and its default --compile_sampler auto compiles the
+sampling transformer with CUDA graphs during the warm-up step), so a call that meets its --deadline there has every
+other row. draftp needs .bench_assets (bench/distributed.py --write_assets: the CLIP tokenizer and processor of the
+PickScore-size scorer). Videos are written and read with PyAV where
 it is installed; where it is not (the GPU machine: its 37 MB wheel does not fit the device tool's 64 MiB working tree
 beside the checkout, .whl and .bench_assets), they are written with OpenCV's MPEG-4 writer and the pre-encoder reads
 them through bench/opencv_av, a stand-in for the three PyAV calls it makes. Only the set-up reads videos.
