@@ -28,6 +28,7 @@ NUM_FRAMES=${NUM_FRAMES:-9}      # 1 + 4k: Wan's VAE keeps the first frame and p
 SIZE=${SIZE:-64}                 # pixels; a multiple of 16, at least video_world's MIN_SIZE (56)
 VAE_STEPS=${VAE_STEPS:-3000}
 VAE_BATCH_SIZE=${VAE_BATCH_SIZE:-16}
+VAE_LEARNING_RATE=${VAE_LEARNING_RATE:-1e-3}
 VAE_CLIPS=${VAE_CLIPS:-4000}     # the VAE trains on the first N clips, held in memory
 SFT_STEPS=${SFT_STEPS:-5000}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}
@@ -56,7 +57,7 @@ if [ ! -e "$WORK/clips/captions.jsonl" ]; then
 fi
 echo "[$SECONDS s] clips ready"
 [ -e "$WORK/vae" ] || $PYTHON -m utils.toy.models train-wan-vae --data "$WORK/clips" --out "$WORK/vae" \
-  --steps "$VAE_STEPS" --batch_size "$VAE_BATCH_SIZE" --max_clips "$VAE_CLIPS"
+  --steps "$VAE_STEPS" --batch_size "$VAE_BATCH_SIZE" --lr "$VAE_LEARNING_RATE" --max_clips "$VAE_CLIPS"
 [ -e "$WORK/init" ] || $PYTHON -m utils.toy.models init-wan-pipeline --vae "$WORK/vae" --out "$WORK/init"
 echo "[$SECONDS s] VAE and initial pipeline ready"
 # posteriors and caption embeddings once, in float32 (rerunning skips finished shards)
