@@ -4,6 +4,7 @@ The tiny pipelines are cached in the default folder (~/.cache/diffusion-align, o
 not in a per-session temporary one, so that they are built once and then reused by every test process and
 by the training scripts that the script tests start in subprocesses.
 """
+import json
 import logging
 import os
 import subprocess
@@ -205,6 +206,31 @@ def run_script(args, cwd=REPO_ROOT, expect_ok=True, timeout=600, launch=False, e
                     f"--- stdout (end) ---\n{proc.stdout[-3000:]}\n--- stderr (end) ---\n{proc.stderr[-6000:]}",
                     pytrace=False)
     return proc
+
+
+def write_square_clip(path, height: int, width: int, frames: int, background: int, k: int) -> None:
+    """An mp4 (MPEG-4, PyAV) of `frames` frames: a white square moving right over a background in channel k % 3 of
+    value `background` + 40 per frame, so that clips of other k or background differ in colour."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[:, :, k % 3] = 40 * i + background
+            frame[8:16, 4 * i:4 * i + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_jsonl(path, rows) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def free_port() -> int:

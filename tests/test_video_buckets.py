@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (assert_resumed, deterministic_metrics, frozen_tiny_parts, mark_rows_before_resume,
-                      run_main_in_process)
+                      run_main_in_process, write_jsonl, write_square_clip)
 from utils import UsageError
 from utils.toy.tiny import TINY_WAN_FRAMES
 
@@ -24,27 +24,6 @@ CLIPS = [("wide0", 32, 48), ("tall0", 48, 32), ("square", 32, 32), ("wide2", 32,
          ("wide1", 32, 48)]
 EXPECTED = {"32x48": ["wide0", "wide2", "wide1"], "48x32": ["tall0", "tall1"], "32x32": ["square"]}
 SHARD_ROWS = 4  # chunk 0: wide0, tall0, square, wide2 (three bucket files); chunk 1: tall1, wide1 (two)
-
-
-def _write_clip(path, height, width, k):
-    """6 frames of height x width: a white square moving right over a background whose colour depends on k."""
-    with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        for i in range(6):
-            frame = np.zeros((height, width, 3), np.uint8)
-            frame[:, :, k % 3] = 40 * i + 10 * k
-            frame[8:16, 4 * i:4 * i + 8] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _preencode(*flags):
@@ -64,11 +43,11 @@ def videos(tmp_path_factory):
     videos of two aspect ratios)."""
     folder = tmp_path_factory.mktemp("videos")
     for k, (name, height, width) in enumerate(CLIPS):
-        _write_clip(str(folder / f"{name}.mp4"), height, width, k)
-    _write_jsonl(folder / "captions.jsonl", [{"file": f"{n}.mp4", "caption": _caption(n)} for n, _, _ in CLIPS])
+        write_square_clip(folder / f"{name}.mp4", height, width, 6, 10 * k, k)
+    write_jsonl(folder / "captions.jsonl", [{"file": f"{n}.mp4", "caption": _caption(n)} for n, _, _ in CLIPS])
     for bucket, names in EXPECTED.items():
-        _write_jsonl(folder / f"{bucket}.jsonl", [{"file": f"{n}.mp4", "caption": _caption(n)} for n in names])
-    _write_jsonl(folder / "pairs.jsonl", [
+        write_jsonl(folder / f"{bucket}.jsonl", [{"file": f"{n}.mp4", "caption": _caption(n)} for n in names])
+    write_jsonl(folder / "pairs.jsonl", [
         {"video_0": "wide0.mp4", "video_1": "tall0.mp4", "label_0": 1.0, "caption": "wide first"},
         {"video_0": "tall1.mp4", "video_1": "wide1.mp4", "label_0": 0.0, "caption": "tall first"},
         {"video_0": "square.mp4", "video_1": "wide2.mp4", "label_0": 1.0, "caption": "square first"}])

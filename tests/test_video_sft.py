@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import frozen_tiny_parts, run_main_in_process
+from conftest import frozen_tiny_parts, run_main_in_process, write_jsonl, write_square_clip
 from utils import UsageError
 from utils.data import BadRow
 from utils.toy.tiny import TINY_WAN_FRAMES, TINY_WAN_RESOLUTION
@@ -26,27 +26,6 @@ av = pytest.importorskip("av")
 
 N_CLIPS, CLIP_FRAMES = 3, 6
 SHARD_ROWS = 2
-
-
-def _write_clip(path, k):
-    """A 32 px clip of CLIP_FRAMES frames: a white square moving right over a background whose colour depends on k."""
-    with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = TINY_WAN_RESOLUTION
-        stream.pix_fmt = "yuv420p"
-        for i in range(CLIP_FRAMES):
-            frame = np.zeros((TINY_WAN_RESOLUTION, TINY_WAN_RESOLUTION, 3), np.uint8)
-            frame[:, :, k % 3] = 40 * i
-            frame[8:16, 4 * i:4 * i + 8] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _preencode(*flags):
@@ -61,11 +40,11 @@ def videos(tmp_path_factory):
     """3 clips, a file that is no video, captions.jsonl (the folder layout) and pairs.jsonl (one pair a tie)."""
     folder = tmp_path_factory.mktemp("videos")
     for k in range(N_CLIPS):
-        _write_clip(str(folder / f"clip{k}.mp4"), k)
+        write_square_clip(folder / f"clip{k}.mp4", TINY_WAN_RESOLUTION, TINY_WAN_RESOLUTION, CLIP_FRAMES, 0, k)
     (folder / "broken.mp4").write_bytes(b"not a video")
-    _write_jsonl(folder / "captions.jsonl", [{"file": f"clip{k}.mp4", "caption": f"a square moving right {k}"}
+    write_jsonl(folder / "captions.jsonl", [{"file": f"clip{k}.mp4", "caption": f"a square moving right {k}"}
                                              for k in range(N_CLIPS)] + [{"file": "broken.mp4", "caption": "broken"}])
-    _write_jsonl(folder / "pairs.jsonl", [
+    write_jsonl(folder / "pairs.jsonl", [
         {"video_0": "clip0.mp4", "video_1": "clip1.mp4", "label_0": 1.0, "caption": "a square"},
         {"video_0": "clip1.mp4", "video_1": "clip2.mp4", "label_0": 0.0, "caption": "a moving square"},
         {"video_0": "clip2.mp4", "video_1": "clip0.mp4", "label_0": 0.5, "caption": "a tie"}])
