@@ -16,15 +16,19 @@ average over seeds and check the published DRaFT+ and Diffusion-DPO trends on th
 
 Writes to --output_dir: prompts.txt, args.json; seed<k>/pairs and seed<k>/heldout (Pick-a-Pic layout), seed<k>/<method>/
 (the run's output, train.log, wall_time.json), seed<k>/eval/ (evaluate.py's output, eval.log); trends.md, trends.csv,
-trends.json, reward_vs_diversity.png (curve.md, curve.json, accuracy_vs_minutes.png with --curve_every). A re-run keeps finished runs and evaluations and resumes interrupted runs.
+trends.json, reward_vs_diversity.png (curve.md, curve.json, accuracy_vs_minutes.png with --curve_every). A re-run keeps finished runs and evaluations and resumes interrupted runs. A stop signal
+(SIGTERM, Ctrl-C, SIGUSR1) reaches every run in flight, which checkpoints its last completed step; the experiment then
+exits 3, and the same command resumes them (a time-limited job or GPU call: `timeout -s TERM`, then run it again).
 """
 import argparse
 import concurrent.futures
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -48,8 +52,9 @@ from utils.seeding import step_generator  # noqa: E402
 from utils.train import run_main  # noqa: E402
 from utils.train.checkpoints import list_checkpoints  # noqa: E402
 from utils.train.cli import parse_name_paths  # noqa: E402
+from utils.train.guards import STOP_SIGNALS  # noqa: E402
 from utils.train.metrics import read_metrics  # noqa: E402
-from utils.train.outcome import save_args  # noqa: E402
+from utils.train.outcome import EXIT_STOPPED, Stopped, save_args  # noqa: E402
 
 # --------------------------------------------------------------------------- the methods, chosen once
 # family -> (script, its flags); "draftp" is one run per --kl_coeffs value, named draftp-<kl>. The placeholders
@@ -233,24 +238,75 @@ def curve_steps(args):
     return list(range(args.curve_every, args.max_train_steps, args.curve_every)) if args.curve_every else []
 
 
+class InFlight:
+    """The runs in flight, each in a process group of its own. A stop signal to the experiment (a scheduler's
+    SIGTERM, Ctrl-C, SLURM's SIGUSR1) goes on to each as SIGTERM, so that every run checkpoints its last completed
+    step and exits (the scripts' stop protocol, exit code 3), and no run starts after it: the same command run again
+    resumes them. A run's group is killed once the run ends, so no worker outlives it."""
+
+    def __init__(self):
+        self.groups, self.lock, self.stopping = set(), threading.Lock(), False
+
+    def install(self):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.stop)
+
+    def stop(self, signum=None, frame=None):
+        with self.lock:
+            self.stopping = True
+            for group in self.groups:
+                _signal_group(group, signal.SIGTERM)
+
+    def run(self, cmd, log, env) -> int:
+        with self.lock:
+            if self.stopping:
+                return EXIT_STOPPED
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            self.groups.add(proc.pid)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.groups.discard(proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(group: int, sig) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+IN_FLIGHT = InFlight()
+
+
 def run_logged(cmd, log_path, env):
-    """Run `cmd` in the repository root; output to `log_path`, wall time to wall_time.json beside it; exit code."""
+    """Run `cmd` in the repository root (IN_FLIGHT); output to `log_path`, wall time to wall_time.json beside it;
+    exit code."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     started = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = IN_FLIGHT.run(cmd, log, env)
     with open(os.path.join(os.path.dirname(log_path), "wall_time.json"), "w") as f:
         json.dump({"wall_seconds": round(time.time() - started, 1), "exit_code": code}, f)
     return code
 
 
 def run_all(jobs, tasks, env):
-    """Run the tasks `jobs` at a time; if any failed, stop the experiment naming their logs."""
+    """Run the tasks `jobs` at a time; if any failed, stop the experiment naming their logs; if told to stop, end
+    with the scripts' stop exit code once every run in flight has checkpointed."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(run_logged, cmd, log, env): (label, log) for label, cmd, log in filter(None, tasks)}
         for future in concurrent.futures.as_completed(futures):
             label, log = futures[future]
-            print(f"{label}: {'done' if future.result() == 0 else 'FAILED'}, log {log}", flush=True)
+            code = future.result()
+            print(f"{label}: {'done' if code == 0 else 'stopped' if code == EXIT_STOPPED else 'FAILED'}, log {log}",
+                  flush=True)
+    if IN_FLIGHT.stopping:
+        raise Stopped("the experiment was told to stop: its runs checkpointed their last completed step; run the same "
+                      "command again to resume them")
     failed = [f"{label} ({log})" for future, (label, log) in futures.items() if future.result() != 0]
     if failed:
         sys.exit(f"error: {len(failed)} run(s) failed: {'; '.join(failed)}. A re-run keeps the finished ones.")
@@ -597,6 +653,7 @@ def main(args):
         with open(path, "w") as f:
             f.write("\n".join(listed) + "\n")
     save_args(args, args.output_dir)
+    IN_FLIGHT.install()  # a stop signal: every run checkpoints and ends, and a re-run resumes them
     # Several processes on one machine: share the CPU threads out rather than oversubscribe them.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))}
     base = Base(args) if {"dpo", "sft"} & set(args.methods) else None

@@ -185,3 +185,47 @@ def test_online_methods_train_on_the_judge_and_are_evaluated_on_held_out_prompts
     assert (out / "accuracy_vs_minutes.png").is_file()
     rows = {r["method"]: r for r in read_csv(out / "trends.csv")}
     assert set(rows) == {"base", "flow_grpo", "nft"}
+
+
+def test_a_stop_signal_checkpoints_every_run_in_flight_and_a_rerun_resumes_them(tmp_path):
+    """SIGTERM to the experiment (a scheduler's, or a GPU call's time limit) while its online run trains: the run
+    gets it too, checkpoints its last completed step and exits 3, and the experiment exits 3 with one line saying how
+    to resume, leaving no process behind; the same command's training task then resumes from that checkpoint.
+    Mutation this fails under: InFlight.stop not signalling the groups (the run trains its 500 steps, the test's
+    time limit kills it, and no checkpoint exists)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import kill_process_group
+
+    flags = [str(f) for f in FLAGS]
+    flags[flags.index("tiny-sd")] = "tiny-sd3"
+    flags[flags.index("--methods") + 1: flags.index("--methods") + 1 + len(METHODS)] = ["flow_grpo"]
+    flags[flags.index("--max_train_steps") + 1] = "500"
+    flags += ["--online_prompts", "1", "--group_size", "2", "--output_dir", str(tmp_path / "out")]
+    run = tmp_path / "out" / "seed0" / "flow_grpo"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no step"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # the experiment only, as a scheduler signals the job's main process
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        kill_process_group(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "stopped: the experiment was told to stop" in stderr and "run the same command again" in stderr
+    status = json.loads((run / "run_status.json").read_text())
+    assert status["status"] == "stopped" and status["exit_code"] == 3
+    checkpoints = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{status['step']}"], checkpoints
+
+    module = load_script()
+    args = module.parse_args(flags)
+    args.prompts_file = args.eval_prompts_file = str(tmp_path / "out" / "prompts.txt")  # what main sets
+    label, cmd, _ = module.training_task(args, "flow_grpo", 0)
+    assert label.endswith("(resumed)") and cmd[-2:] == ["--resume_from_checkpoint", "latest"]
