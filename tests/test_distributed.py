@@ -65,6 +65,13 @@ def test_strategies_that_cannot_work_are_refused_naming_the_config_and_the_flag(
     for kind, name in ((DistributedType.FSDP, "FSDP2"), (DistributedType.DEEPSPEED, "DeepSpeed ZeRO-2")):
         with pytest.raises(UsageError, match=rf"--fp8_sampler works with one process or DDP, not with {name}"):
             check_distributed_setup(fake_accelerator(kind), args(fp8_sampler=True))
+    # weights averaged outside the module (utils.ema.WeightAverage): not of FSDP2's sharded parameters
+    check_distributed_setup(fake_accelerator(DistributedType.DEEPSPEED), args(ema_decay=0.999, method="nft"))
+    with pytest.raises(UsageError, match=r"--ema_decay under FSDP .* DeepSpeed ZeRO-2"):
+        check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(ema_decay=0.999))
+    with pytest.raises(UsageError, match=r"--method nft under FSDP .*deepspeed_zero2.yaml"):
+        check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(method="nft"))
+    check_distributed_setup(fake_accelerator(DistributedType.FSDP), args(method="flow_grpo"))
     assert strategy_name(fake_accelerator(DistributedType.DEEPSPEED)) == "DeepSpeed ZeRO-2"
 
 

@@ -43,9 +43,16 @@ def check_distributed_setup(accelerator, args):
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    # An average of the trained weights (utils.ema.WeightAverage) holds the module's parameters as they were before
+    # accelerate.prepare; FSDP2 replaces them with sharded ones, so the average would follow weights nothing trains
+    # and swap into weights nothing reads: a silently wrong average (NFT's old policy would be the trained model).
     if fsdp and args.ema_decay is not None:
         raise UsageError("--ema_decay under FSDP (launchers/accelerate/fsdp.yaml) is not supported: the average is kept "
                          "of whole weights, which FSDP shards; use DDP or DeepSpeed ZeRO-2, or drop --ema_decay")
+    if fsdp and getattr(args, "method", None) == "nft":
+        raise UsageError("--method nft under FSDP (launchers/accelerate/fsdp.yaml) is not supported: its old policy is "
+                         "an average of whole weights, which FSDP shards; use DDP (launchers/accelerate/ddp.yaml) or "
+                         "DeepSpeed ZeRO-2 (launchers/accelerate/deepspeed_zero2.yaml)")
     if fsdp and args.use_adafactor:
         # Measured on an H200: transformers' Adafactor mixes its factored row/column statistics (plain tensors) with
         # FSDP2's sharded gradients (DTensors) and fails at the first step; a row mean over a shard is not Adafactor.
