@@ -87,6 +87,65 @@ def test_clipped_loss_is_minus_the_mean_advantage_at_ratio_one_and_the_clip_stop
     assert float(logs["clipfrac"]) == pytest.approx(2 / 3)
 
 
+def test_the_flow_grpo_objective_raises_the_expected_reward_of_a_policy_it_trains():
+    """The whole Flow-GRPO update on a policy small enough to measure exactly: the velocity is one learned vector
+    (the same at every x and t), the reward -|x_0 - 1|^2. Groups of trajectories sampled with the SDE, advantages
+    from the group, the clipped objective at ratio 1 on every step's log-prob, Adam: after 60 updates the expected
+    reward (on 4096 fixed noises) has closed most of the gap from its start to the best this policy can reach.
+    Mutations this fails under: the loss's sign flipped (the reward falls), the log-prob of the step's mean instead of
+    the stored sample (no gradient), advantages not centred in their group."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0), "sd3", 4, (2, 2), "cpu")
+    theta = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.1)
+
+    def rollout(n, g, grad=False):
+        """x_T ~ N(0, 1) through the 4 SDE steps: the chain and each step's log-prob."""
+        x = torch.randn(n, 1, 2, 2, generator=g)
+        chain, log_probs = [x], []
+        for i in range(4):
+            v = theta.expand(n, -1, -1, -1) if grad else theta.detach().expand(n, -1, -1, -1)
+            x, log_prob, _, _ = schedule.stochastic_step(v, i, x, 0.7, noise=torch.randn(x.shape, generator=g))
+            chain.append(x)
+            log_probs.append(log_prob)
+        return chain, log_probs
+
+    def reward(x0):
+        return -((x0 - 1) ** 2).mean(dim=(1, 2, 3))
+
+    def expected_reward():
+        with torch.no_grad():
+            chain, _ = rollout(4096, torch.Generator().manual_seed(123))
+            return float(reward(chain[-1]).mean())
+
+    before = expected_reward()
+    g = torch.Generator().manual_seed(0)
+    for step in range(60):
+        with torch.no_grad():
+            chain, old_log_probs = rollout(32, g)
+        advantages = T.group_advantages(reward(chain[-1]), torch.zeros(32), global_std=False).float()
+        optimizer.zero_grad()
+        for j in range(4):  # the trained model's log-prob of each stored step, as policy_step computes it
+            _, log_prob, _, _ = schedule.stochastic_step(theta.expand(32, -1, -1, -1), j, chain[j], 0.7,
+                                                         prev_sample=chain[j + 1])
+            loss, _ = T.clipped_policy_loss(log_prob, old_log_probs[j], advantages, clip_range=1e-4, adv_clip_max=5.0)
+            (loss / 4).backward()
+        optimizer.step()
+    after = expected_reward()
+    # the best this policy can do: the velocity that maximises the same expected reward, found through the chain
+    # itself (reparameterised: x_0 is differentiable in theta for fixed noises)
+    trained = theta.detach().clone()
+    best = torch.optim.Adam([theta], lr=0.1)
+    for _ in range(200):
+        best.zero_grad()
+        chain, _ = rollout(4096, torch.Generator().manual_seed(123), grad=True)
+        (-reward(chain[-1]).mean()).backward()
+        best.step()
+    optimum = expected_reward()
+    assert (after - before) / (optimum - before) > 0.8, (before, after, optimum, trained)
+
+
 def test_group_advantages_use_each_prompts_statistics_or_the_global_std():
     rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
     prompts = torch.tensor([0, 0, 1, 1, 2, 2])
