@@ -95,10 +95,13 @@ ENCODE_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 # --------------------------------------------------------------------------- arguments
+TOY_WAN = "utils/toy/assets/toy-wan"  # the default base model, written by experiments/toyworld_pretrain_wan.sh
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("world")
-    g.add_argument("--pretrained_model_name_or_path", default="utils/toy/assets/toy-wan",
+    g.add_argument("--pretrained_model_name_or_path", default=TOY_WAN,
                    help="the base Wan pipeline of every method (experiments/toyworld_pretrain_wan.sh writes toy-wan)")
     g.add_argument("--reward_model", default="toyclip", help="DRaFT+'s per-frame reward and the evaluation's")
     g.add_argument("--reward_model_paths", nargs="*", default=[], metavar="NAME=PATH", help="passed to every script")
@@ -166,6 +169,9 @@ def parse_args(argv=None):
                          f"seeds of two experiment seeds' pairs would overlap)")
     if args.group_size < 2:
         raise UsageError(f"--group_size must be >= 2 (advantages compare the videos of one prompt), got {args.group_size}")
+    if args.pretrained_model_name_or_path == TOY_WAN and not os.path.isdir(os.path.join(REPO_ROOT, TOY_WAN)):
+        raise UsageError(f"{TOY_WAN} is not built yet: experiments/toyworld_pretrain_wan.sh trains it (minutes on one "
+                         f"GPU), or pass --pretrained_model_name_or_path (e.g. tiny-wan for a smoke test)")
     args.online_videos = args.online_prompts * args.group_size
     args.encode_dtype = ENCODE_DTYPES[args.mixed_precision]
     parse_reward_spec(args.reward_model)

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.test_toyworld_trends import load_script, run_in_process
 from utils import UsageError
 
@@ -138,3 +139,9 @@ def test_a_rerun_keeps_pairs_runs_and_evaluation(experiment):
 def test_bad_flags_are_usage_errors(flags, message):
     with pytest.raises(UsageError, match=message):
         load_script(SCRIPT).parse_args(flags)
+
+
+@pytest.mark.skipif((REPO_ROOT / "utils/toy/assets/toy-wan").is_dir(), reason="toy-wan is built")
+def test_the_default_base_names_the_script_that_builds_it():
+    with pytest.raises(UsageError, match="toy-wan is not built yet: experiments/toyworld_pretrain_wan.sh"):
+        load_script(SCRIPT).parse_args([])
