@@ -55,8 +55,9 @@ per second over the steps after the first (each step from the end of the one bef
 metrics.jsonl's step_seconds, the differences of a peer's steps.jsonl times; so sampling, reward and training of
 whole epochs), for a peer ours / peer in images/s, peak GiB (torch.cuda.max_memory_allocated), first loss, the first
 row, and on a failure the log's last lines. A run stopped by --timeout (or --deadline, the call's whole budget) is
-killed with its process group and still gives the rates of the steps it logged. OUT/logs/ holds each run's log and
-metrics.jsonl or steps.jsonl.
+killed with its process group and still gives the rates of the steps it logged. OUT/flow_logs.tar.gz holds each
+run's log and metrics.jsonl or steps.jsonl (one file: the device tool brings back at most 8), rewritten after every run
+from the logs/ folder beside the runs.
 """
 import argparse
 import importlib.machinery
@@ -534,9 +535,9 @@ def main():
                          f"{os.path.join(args.peers, repo)} (and carry the folder to the GPU machine)")
     if wanted_peers and not all(importlib.util.find_spec(m) for m in ("ml_collections", "absl")):
         parser.error("the peers need ml_collections and absl-py (wheels in .whl/)")
-    logs = os.path.join(args.out, "logs")
-    os.makedirs(logs, exist_ok=True)
     work = os.path.join(args.out, "runs") if args.smoke else "/tmp/bench-runs"
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs, exist_ok=True)
     steps = 2 if args.smoke else args.steps
     scorer = None
     rows = []
@@ -569,6 +570,7 @@ def main():
                 rows.append(measure(family, script, flags, work, logs, steps, timeout))
             add_ratios(rows)
             write_table(rows, args.out)
+            shutil.make_archive(os.path.join(args.out, "flow_logs"), "gztar", logs)
 
 
 if __name__ == "__main__":
