@@ -46,7 +46,6 @@ from utils import UsageError  # noqa: E402
 from utils.data import load_prompts  # noqa: E402
 from utils.grids import read_gif  # noqa: E402
 from utils.models import LORA_WEIGHT_NAME, freeze_frozen_parts, load_pipeline_parts  # noqa: E402
-from utils.rewards import parse_reward_spec  # noqa: E402
 from utils.sampling import sampling_setup  # noqa: E402
 from utils.toy.video_world import clip_accuracy, read_mp4, write_mp4  # noqa: E402
 from utils.train import run_main  # noqa: E402
@@ -150,32 +149,20 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="of every run and evaluation")
     g.add_argument("--output_dir", default="outputs/toyvideo-trends")
     args = parser.parse_args(argv)
-    for name in ("max_train_steps", "train_batch_size", "online_prompts", "jobs", "num_pairs", "num_frames",
-                 "num_inference_steps", "batch_size", "eval_seeds", "pair_candidates"):
-        least = 2 if name in ("eval_seeds", "pair_candidates") else 1  # diversity needs >= 2 eval seeds
-        if getattr(args, name) < least:
-            raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    image_trends.check_shared_args(args, ["num_frames"], "videos")
     if (args.num_frames - 1) % 4:
         raise UsageError(f"--num_frames must be 1 + 4k (Wan's VAE), got {args.num_frames}")
     args.reward_frames = args.reward_frames or args.num_frames
     if not 2 <= args.reward_frames <= args.num_frames:
         raise UsageError(f"--reward_frames must be in [2, --num_frames], got {args.reward_frames}")
-    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
-    if min(args.kl_coeffs) <= 0 or len({f"{kl:g}" for kl in args.kl_coeffs}) != len(args.kl_coeffs):
-        raise UsageError(f"--kl_coeffs must be distinct and > 0, got {args.kl_coeffs}")
     if args.num_pairs * args.pair_candidates >= image_trends.HELDOUT_OFFSET:
         raise UsageError(f"--num_pairs x --pair_candidates must stay under {image_trends.HELDOUT_OFFSET} (the image "
                          f"seeds of two experiment seeds' pairs would overlap)")
-    if args.group_size < 2:
-        raise UsageError(f"--group_size must be >= 2 (advantages compare the videos of one prompt), got {args.group_size}")
     if args.pretrained_model_name_or_path == TOY_WAN and not os.path.isdir(os.path.join(REPO_ROOT, TOY_WAN)):
         raise UsageError(f"{TOY_WAN} is not built yet: experiments/toyworld_pretrain_wan.sh trains it (minutes on one "
                          f"GPU), or pass --pretrained_model_name_or_path (e.g. tiny-wan for a smoke test)")
     args.online_videos = args.online_prompts * args.group_size
     args.encode_dtype = ENCODE_DTYPES[args.mixed_precision]
-    parse_reward_spec(args.reward_model)
-    parse_reward_spec(args.online_reward_model)
     return args
 
 

@@ -172,27 +172,36 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.curve_every < 0:
         raise UsageError(f"--curve_every must be >= 0, got {args.curve_every}")
-    for name in ("max_train_steps", "train_batch_size", "online_prompts", "jobs", "num_pairs", "num_heldout_pairs", "implicit_acc_draws",
-                 "num_inference_steps", "batch_size", "eval_seeds", "pair_candidates"):
-        least = 2 if name in ("eval_seeds", "pair_candidates") else 1  # diversity needs >= 2 eval seeds
-        if getattr(args, name) < least:
-            raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
-    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
-    if min(args.kl_coeffs) <= 0 or len({f"{kl:g}" for kl in args.kl_coeffs}) != len(args.kl_coeffs):
-        raise UsageError(f"--kl_coeffs must be distinct and > 0 (kl 0 is the draft method), got {args.kl_coeffs}")
+    check_shared_args(args, ["num_heldout_pairs", "implicit_acc_draws"], "images", " (kl 0 is the draft method)")
     if max(args.num_pairs, args.num_heldout_pairs) * args.pair_candidates >= HELDOUT_OFFSET:
         raise UsageError(f"--num_pairs x --pair_candidates must stay under {HELDOUT_OFFSET} (the image seeds of the "
                          f"training and the held-out pairs would overlap)")
     if {"dpo", "sft"} & set(args.methods) and args.num_pairs < args.train_batch_size:
         raise UsageError(f"--num_pairs ({args.num_pairs}) must be >= --train_batch_size ({args.train_batch_size})")
-    if args.group_size < 2:
-        raise UsageError(f"--group_size must be >= 2 (advantages compare the images of one prompt), got {args.group_size}")
     args.online_images = args.online_prompts * args.group_size
+    return args
+
+
+def check_shared_args(args, more_counts, samples: str, kl_note: str = ""):
+    """The checks of the flags this experiment and toyvideo_trends.py share: the counts (and `more_counts`) >= 1,
+    --eval_seeds and --pair_candidates >= 2 (diversity compares two samples, a pair has two), distinct seeds >= 0,
+    distinct DRaFT+ KL weights > 0 (`kl_note` added to that error), online groups of two or more `samples`, and the
+    reward names and paths (an unknown one fails here)."""
+    for name in ("max_train_steps", "train_batch_size", "online_prompts", "jobs", "num_pairs", "num_inference_steps",
+                 "batch_size", "eval_seeds", "pair_candidates", *more_counts):
+        least = 2 if name in ("eval_seeds", "pair_candidates") else 1
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    if min(args.kl_coeffs) <= 0 or len({f"{kl:g}" for kl in args.kl_coeffs}) != len(args.kl_coeffs):
+        raise UsageError(f"--kl_coeffs must be distinct and > 0{kl_note}, got {args.kl_coeffs}")
+    if args.group_size < 2:
+        raise UsageError(f"--group_size must be >= 2 (advantages compare the {samples} of one prompt), got "
+                         f"{args.group_size}")
     parse_reward_spec(args.reward_model)
     parse_reward_spec(args.online_reward_model)
     parse_name_paths(args.reward_model_paths)
-    return args
 
 
 # --------------------------------------------------------------------------- runs as subprocesses

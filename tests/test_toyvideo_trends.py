@@ -3,14 +3,13 @@ one held-out, 2 steps per method, --jobs 2): the judge's pairs, each run through
 the evaluation on the held-out prompt, the summary's tables and trend lines, and a re-run that keeps everything."""
 import csv
 import json
-import os
 import re
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_toyworld_trends import load_script, run_in_process
+from tests.test_toyworld_trends import assert_a_rerun_keeps, load_script, run_in_process
 from utils import UsageError
 
 SCRIPT = "experiments/toyvideo_trends.py"
@@ -122,11 +121,7 @@ def test_a_rerun_keeps_pairs_runs_and_evaluation(experiment):
     kept = [experiment / "seed0" / name / "pytorch_lora_weights.safetensors" for name in RUNS]
     kept += [experiment / "seed0" / "eval" / "results.csv", experiment / "seed0" / "pairs" / "pairs.jsonl",
              experiment / "seed0" / "pairs_encoded" / "manifest.json"]
-    before = [os.path.getmtime(p) for p in kept]
-    old_csv = (experiment / "trends.csv").read_text()
-    run_in_process(SCRIPT, [*FLAGS, "--output_dir", experiment])
-    assert [os.path.getmtime(p) for p in kept] == before
-    assert (experiment / "trends.csv").read_text() == old_csv
+    assert_a_rerun_keeps(SCRIPT, FLAGS, experiment, kept)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -135,6 +130,7 @@ def test_a_rerun_keeps_pairs_runs_and_evaluation(experiment):
     (["--pair_candidates", "1"], "--pair_candidates must be >= 2"),
     (["--kl_coeffs", "0"], "--kl_coeffs must be distinct and > 0"),
     (["--group_size", "1"], "--group_size must be >= 2"),
+    (["--reward_model_paths", "toyclip"], "--reward_model_paths expects NAME=PATH"),
 ])
 def test_bad_flags_are_usage_errors(flags, message):
     with pytest.raises(UsageError, match=message):

@@ -93,14 +93,20 @@ def assert_implicit_accuracy_of_a_trained_model(accuracy, seed_results):
     assert abs(seed_results["heldout_dpo_loss"] - math.log(2)) > 1e-6
 
 
+def assert_a_rerun_keeps(script, flags, experiment, kept):
+    """The same command again on a finished experiment: none of the `kept` files is written again, and the summary
+    (trends.csv) is the same."""
+    before = [os.path.getmtime(p) for p in kept]
+    old_csv = (experiment / "trends.csv").read_text()
+    run_in_process(script, [*flags, "--output_dir", experiment])
+    assert [os.path.getmtime(p) for p in kept] == before
+    assert (experiment / "trends.csv").read_text() == old_csv
+
+
 def test_a_rerun_keeps_finished_runs_and_evaluations(experiment):
     kept = [experiment / "seed0" / m / "pytorch_lora_weights.safetensors" for m in METHODS]
     kept += [experiment / "seed0" / "eval" / "results.csv", experiment / "seed0" / "pairs" / "state.json"]
-    before = [os.path.getmtime(p) for p in kept]
-    old_csv = (experiment / "trends.csv").read_text()
-    run_in_process(SCRIPT, [*FLAGS, "--output_dir", experiment])
-    assert [os.path.getmtime(p) for p in kept] == before
-    assert (experiment / "trends.csv").read_text() == old_csv
+    assert_a_rerun_keeps(SCRIPT, FLAGS, experiment, kept)
 
 
 @pytest.mark.parametrize("flags, message", [
